@@ -1,0 +1,162 @@
+"""Writing WebDataset shards (plain tar files) and their JSON index, plus the skip counter.
+
+A shard is a tar of ``KEY.ext`` members; ``{prefix}.json`` next to the shards records which shards exist,
+how many samples each holds, and free-form ``meta`` (e.g. which autoencoder made latent shards).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+
+log = logging.getLogger(__name__)
+
+
+class SkipCounter:
+    """Counts skipped samples per reason; warns the first time each reason appears."""
+
+    def __init__(self, name: str = "data") -> None:
+        self.name = name
+        self.counts: dict[str, int] = {}
+        self._warned: set[str] = set()
+
+    def add(self, reason: str, n: int = 1, detail: str = "") -> None:
+        if n <= 0:
+            return
+        self.counts[reason] = self.counts.get(reason, 0) + n
+        if reason not in self._warned:
+            self._warned.add(reason)
+            log.warning("%s: skipping sample(s), reason=%s %s(further ones are counted)", self.name, reason, detail)
+
+    def merge(self, other: SkipCounter | dict[str, int]) -> None:
+        counts = other.as_dict() if isinstance(other, SkipCounter) else other
+        for reason, n in counts.items():
+            self.add(reason, n)
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.counts)
+
+    def pop(self) -> dict[str, int]:
+        """Returns the counts so far and resets them (the warn-once memory is kept)."""
+        counts, self.counts = self.counts, {}
+        return counts
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def __repr__(self) -> str:
+        return f"SkipCounter({self.name!r}, {self.counts})"
+
+
+def _encode(key: str, value: Any) -> tuple[str, bytes]:
+    """Maps one sample field to (tar extension, bytes). Numpy arrays become ``.npy``."""
+    if isinstance(value, np.ndarray):
+        buf = io.BytesIO()
+        np.save(buf, value, allow_pickle=False)
+        return (key if key.endswith(".npy") else f"{key}.npy"), buf.getvalue()
+    if isinstance(value, bytes | bytearray):
+        return key, bytes(value)
+    if isinstance(value, str):
+        return key, value.encode("utf-8")
+    if isinstance(value, bool | int | np.integer):
+        return key, str(int(value)).encode("utf-8")
+    if isinstance(value, dict | list):
+        return key, json.dumps(value).encode("utf-8")
+    raise TypeError(f"Cannot store field '{key}' of type {type(value).__name__}: pass bytes, str, int, dict or ndarray")
+
+
+def _encode_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    if "__key__" not in sample:
+        raise ValueError("Every sample needs a '__key__' (a unique id such as '00042')")
+    key = str(sample["__key__"])
+    if "." in key or "/" in key:
+        raise ValueError(f"Sample key '{key}' must not contain '.' or '/': use e.g. '00042' or 'a_00042'")
+    out: dict[str, Any] = {"__key__": key}
+    for name, value in sample.items():
+        if name.startswith("__"):
+            continue
+        ext, data = _encode(name, value)
+        out[ext] = data
+    return out
+
+
+class _ShardSink:
+    """Writes one shard to ``name.tmp`` and renames it on close, so a crash never leaves a half shard."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = path.with_name(path.name + ".tmp")
+        self.stream = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()
+        self.writer = wds.TarWriter(self.stream, encoder=False, mtime=0.0)
+        self.count = 0
+
+    def write(self, sample: dict[str, Any]) -> None:
+        self.writer.write(sample)
+        self.count += 1
+
+    def close(self) -> None:
+        self.writer.close()
+        if not self.stream.closed:
+            self.stream.close()
+        os.replace(self.tmp, self.path)
+
+
+def write_shards(
+    samples: Iterable[dict],
+    out_dir: str,
+    prefix: str = "train",
+    max_per_shard: int = 1000,
+    meta: dict | None = None,
+) -> list[str]:
+    """Writes ``{prefix}-000000.tar, ...`` and the index ``{prefix}.json``; returns the shard paths."""
+    if max_per_shard < 1:
+        raise ValueError(f"max_per_shard must be >= 1, got {max_per_shard}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: list[str] = []
+    counts: list[int] = []
+    sink: _ShardSink | None = None
+    for sample in samples:
+        if sink is None:
+            sink = _ShardSink(out / f"{prefix}-{len(paths):06d}.tar")
+        sink.write(_encode_sample(sample))
+        if sink.count >= max_per_shard:
+            sink.close()
+            paths.append(str(sink.path))
+            counts.append(sink.count)
+            sink = None
+    if sink is not None:
+        sink.close()
+        paths.append(str(sink.path))
+        counts.append(sink.count)
+    index = {"shards": [Path(p).name for p in paths], "counts": counts, "total": sum(counts), "meta": meta or {}}
+    index_path = out / f"{prefix}.json"
+    tmp = index_path.with_name(index_path.name + ".tmp")
+    tmp.write_text(json.dumps(index, indent=1))
+    os.replace(tmp, index_path)
+    log.info("wrote %d samples in %d shards to %s", index["total"], len(paths), out)
+    return paths
+
+
+def read_index(json_path: str) -> dict:
+    """Loads ``{prefix}.json``; adds ``paths`` (shard paths resolved next to the index)."""
+    path = Path(json_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No shard index at '{json_path}': write shards with ldm.data.write_shards first")
+    index = json.loads(path.read_text())
+    missing = {"shards", "counts", "total"} - set(index)
+    if missing:
+        raise ValueError(f"Shard index '{json_path}' lacks {sorted(missing)}: rewrite it with write_shards")
+    if len(index["shards"]) != len(index["counts"]):
+        raise ValueError(f"Shard index '{json_path}' has {len(index['shards'])} shards but {len(index['counts'])} counts")
+    index.setdefault("meta", {})
+    index["paths"] = [str(path.parent / name) for name in index["shards"]]
+    return index

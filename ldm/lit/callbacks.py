@@ -1,0 +1,168 @@
+"""Training callbacks: sample grids for fixed prompts, throughput, RNG state, the resolved config in checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from ldm.lit.ema import EMA
+from ldm.pipeline import generate, make_grid, to_pil
+from ldm.sampling.sigmas import get_sigmas_discrete
+
+log = logging.getLogger(__name__)
+
+
+class SampleGrid(L.Callback):
+    """Every ``every_n_steps`` (and at the end of training) sample a grid for fixed prompts with the EMA weights.
+
+    The grid is written to ``<run dir>/samples/step_XXXXXX.png`` and sent to the wandb / TensorBoard loggers.
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        image_size: int,
+        sampler: Callable[..., torch.Tensor],
+        steps: int = 25,
+        spacing: str = "leading",
+        cfg_scale: float = 5.0,
+        seed: int = 0,
+        every_n_steps: int = 500,
+        out_dir: str = "samples",
+        use_ema: bool = True,
+    ) -> None:
+        self.prompts = list(prompts)
+        self.image_size = image_size
+        self.sampler = sampler
+        self.steps = steps
+        self.spacing = spacing
+        self.cfg_scale = cfg_scale
+        self.seed = seed
+        self.every_n_steps = every_n_steps
+        self.out_dir = Path(out_dir)
+        self.use_ema = use_ema
+        self.last_path: Path | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step % self.every_n_steps == 0:
+            self.sample(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.sample(trainer, pl_module)
+
+    @rank_zero_only
+    def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.autoencoder is None:
+            return
+        latent_size = self.image_size // pl_module.autoencoder.downsample_factor
+        ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
+        swap = ema.swapped_in(pl_module) if (self.use_ema and ema is not None) else nullcontext()
+        was_training = pl_module.training
+        pl_module.eval()
+        with swap:
+            images = generate(
+                pl_module.denoiser,
+                pl_module.conditioner,
+                pl_module.autoencoder.decode,
+                self.prompts,
+                sampler=self.sampler,
+                sigmas=get_sigmas_discrete(pl_module.loss_fn.schedule, self.steps, spacing=self.spacing),
+                latent_shape=(pl_module.net.in_channels, latent_size, latent_size),
+                seeds=[self.seed + i for i in range(len(self.prompts))],
+                cfg_scale=self.cfg_scale,
+            )
+        pl_module.train(was_training)
+        grid = make_grid(to_pil(images), ncols=min(8, len(self.prompts)))
+        path = self.out_dir / f"step_{trainer.global_step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        self.last_path = path
+        log.info("sample grid written to %s", path)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image("samples", [str(path)], step=trainer.global_step, caption=[" | ".join(self.prompts)])
+            elif isinstance(logger, TensorBoardLogger):
+                arr = np.asarray(grid).transpose(2, 0, 1)  # (3, H, W) uint8
+                logger.experiment.add_image("samples", arr, global_step=trainer.global_step)
+            elif isinstance(logger, CSVLogger):
+                pass  # the PNG in the run directory is the record
+
+
+class Throughput(L.Callback):
+    """Logs training samples/s (per rank, times world size) averaged over ``window`` steps."""
+
+    def __init__(self, window: int = 20) -> None:
+        self.window = window
+        self.t0: float | None = None
+        self.samples = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.t0 is None:
+            self.t0 = time.perf_counter()
+            self.samples = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        key = "latent" if "latent" in batch else "image"
+        self.samples += int(batch[key].shape[0])
+        if trainer.global_step % self.window == 0 and self.t0 is not None:
+            elapsed = time.perf_counter() - self.t0
+            rate = self.samples / max(elapsed, 1e-9) * trainer.world_size
+            pl_module.log("train/samples_per_sec", rate, prog_bar=True)
+            pl_module.log("train/steps_per_sec", self.samples / max(elapsed, 1e-9) / int(batch[key].shape[0]))
+            self.t0, self.samples = time.perf_counter(), 0
+
+
+class RNGState(L.Callback):
+    """Saves and restores the global RNG states (torch CPU and accelerator, numpy, python) with the checkpoint."""
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        np_state = np.random.get_state()
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "accelerator": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+            "python": _python_state_to_tensor(random.getstate()),
+        }
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if states is None:
+            log.warning("checkpoint has no RNG state: global random streams will not continue exactly")
+            return
+        torch.set_rng_state(states["torch"])
+        if states["accelerator"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["accelerator"])
+        name, keys, pos, has_gauss, gauss = states["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), gauss))
+        random.setstate(_python_state_from_tensor(states["python"]))
+
+
+def _python_state_to_tensor(state: tuple) -> dict[str, Any]:
+    version, internal, gauss = state
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+
+
+def _python_state_from_tensor(state: dict[str, Any]) -> tuple:
+    return (state["version"], tuple(int(v) for v in state["internal"].tolist()), state["gauss"])
+
+
+class ConfigInCheckpoint(L.Callback):
+    """Stores the resolved run config (a plain dict) in every checkpoint, so a checkpoint alone can be sampled."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint["ldm_config"] = self.config

@@ -1,0 +1,72 @@
+"""Exponential moving average of the denoiser's weights, as a Lightning callback.
+
+The EMA weights travel in the checkpoint under ``ema_state_dict`` (keys of ``denoiser.net``) and are restored on
+resume; ``sample.py`` loads them by default. Decay warms up as min(decay, (1 + n) / (10 + n)) so that short runs
+are not dominated by the random initialisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+EMA_KEY = "ema_state_dict"
+
+
+class EMA(L.Callback):
+    def __init__(self, decay: float = 0.999, update_every: int = 1) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}: set callbacks.ema.decay=0.999")
+        self.decay = decay
+        self.update_every = update_every
+        self.num_updates = 0
+        self.shadow: dict[str, Tensor] = {}
+
+    @staticmethod
+    def target(pl_module: L.LightningModule) -> nn.Module:
+        return pl_module.net
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        net = self.target(pl_module)
+        if not self.shadow:
+            self.shadow = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        self.shadow = {k: v.to(pl_module.device) for k, v in self.shadow.items()}
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step % self.update_every:
+            return
+        self.num_updates += 1
+        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        for name, value in self.target(pl_module).state_dict().items():
+            ema = self.shadow[name]
+            if value.dtype.is_floating_point:
+                ema.lerp_(value.detach().to(ema.dtype), 1.0 - decay)  # ema <- decay*ema + (1-decay)*value
+            else:
+                ema.copy_(value)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[EMA_KEY] = {k: v.detach().cpu().clone() for k, v in self.shadow.items()}
+        checkpoint["ema_num_updates"] = self.num_updates
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if EMA_KEY not in checkpoint:
+            raise KeyError("checkpoint has no EMA weights: resume without callbacks.ema or from an EMA run")
+        self.shadow = {k: v.clone() for k, v in checkpoint[EMA_KEY].items()}
+        self.num_updates = int(checkpoint.get("ema_num_updates", 0))
+
+    @contextmanager
+    def swapped_in(self, pl_module: L.LightningModule) -> Iterator[None]:
+        """Temporarily load the EMA weights into the network (for sampling during training)."""
+        net = self.target(pl_module)
+        backup = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        net.load_state_dict(self.shadow)
+        try:
+            yield
+        finally:
+            net.load_state_dict(backup)

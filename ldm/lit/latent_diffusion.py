@@ -1,0 +1,164 @@
+"""LatentDiffusion: thin Lightning glue around a denoiser, an objective, a conditioner and a frozen autoencoder.
+
+The maths lives in ``ldm.diffusion`` (schedule, denoiser, loss); this module only moves batches through it,
+logs, and builds the optimiser. Latents come from latent shards (``batch["latent"]``, already scaled by the
+autoencoder that wrote them) or are encoded on the fly from ``batch["image"]`` by the frozen autoencoder.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from ldm.autoencoder.frozen import FrozenAutoencoder
+from ldm.diffusion.denoiser import Denoiser
+from ldm.diffusion.loss import DiffusionLoss
+
+log = logging.getLogger(__name__)
+
+
+def check_compatible(net: nn.Module, conditioner: nn.Module, autoencoder: FrozenAutoencoder | None) -> None:
+    """Fail early, with the fix in the message, when the parts of a model cannot work together."""
+    if autoencoder is not None and autoencoder.latent_channels != net.in_channels:
+        raise ValueError(
+            f"autoencoder has {autoencoder.latent_channels} latent channels but the network takes "
+            f"{net.in_channels}: set net.in_channels={autoencoder.latent_channels}"
+        )
+    context_dim = getattr(net, "context_dim", None)
+    if context_dim is not None and context_dim != conditioner.output_dim:
+        raise ValueError(
+            f"conditioner gives {conditioner.output_dim}-d context but net.context_dim={context_dim}: "
+            f"set net.context_dim={conditioner.output_dim}"
+        )
+
+
+class LatentDiffusion(L.LightningModule):
+    """Conditional latent diffusion (Rombach et al. 2022): loss = E ||target - net(z_t, t, c)||^2."""
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        loss: DiffusionLoss,
+        conditioner: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        autoencoder: FrozenAutoencoder | None = None,
+        lr_schedule: Callable[..., Any] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        check_compatible(denoiser.net, conditioner, autoencoder)
+        self.denoiser = denoiser
+        self.loss_fn = loss
+        self.conditioner = conditioner
+        self.autoencoder = autoencoder
+        self.optimizer_factory = optimizer
+        self.lr_schedule_factory = lr_schedule
+        self.seed = seed
+        self.skipped: Counter[str] = Counter()
+
+    @property
+    def net(self) -> nn.Module:
+        return self.denoiser.net
+
+    # ------------------------------------------------------------------ data → latents
+    def latents(self, batch: dict[str, Any]) -> Tensor:
+        """(B, C, h, w) scaled latents from a latent batch, or encoded from an image batch."""
+        if "latent" in batch:
+            z = batch["latent"]
+        elif self.autoencoder is not None:
+            z = self.autoencoder.encode(batch["image"])
+        else:
+            raise ValueError("batch has images but no autoencoder is configured: set autoencoder=... or use latent shards")
+        if z.shape[1] != self.net.in_channels:
+            raise ValueError(
+                f"latents have {z.shape[1]} channels but the network takes {self.net.in_channels}: "
+                f"set net.in_channels={z.shape[1]} or re-encode the shards with the configured autoencoder"
+            )
+        return z
+
+    def step_generator(self, device: torch.device, step: int, stream: int) -> torch.Generator:
+        """Noise, timesteps and caption dropout are a pure function of (seed, step, rank, stream).
+
+        This makes a resumed run draw exactly what the uninterrupted run would have drawn.
+        """
+        g = torch.Generator(device=device)
+        g.manual_seed(((self.seed * 1_000_003 + step) * 1_009 + self.global_rank) * 7 + stream)
+        return g
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        z = self.latents(batch)  # (B, C, h, w)
+        g = self.step_generator(z.device, self.global_step, stream=0)
+        inputs = self.conditioner.drop(batch[self.conditioner.batch_key], generator=g)
+        cond = self.conditioner(inputs)
+        loss = self.loss_fn(self.net, z, generator=g, **cond)
+        self.log("train/loss", loss, prog_bar=True, batch_size=z.shape[0])
+        self.count_skipped(batch)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        z = self.latents(batch)
+        g = self.step_generator(z.device, batch_idx, stream=1)  # the same noise every validation run
+        cond = self.conditioner(batch[self.conditioner.batch_key])
+        loss = self.loss_fn(self.net, z, generator=g, **cond)
+        self.log("val/loss", loss, prog_bar=True, batch_size=z.shape[0], sync_dist=True)
+        return loss
+
+    def count_skipped(self, batch: dict[str, Any]) -> None:
+        """Samples the loader dropped (per reason) arrive with each batch; log the running totals."""
+        for reason, n in batch.get("skipped", {}).items():
+            if n:
+                self.skipped[reason] += int(n)
+                log.warning("skipped %d sample(s) in the loader: %s (total %d)", n, reason, self.skipped[reason])
+        for reason, total in self.skipped.items():
+            self.log(f"data/skipped_{reason}", float(total), reduce_fx="sum", sync_dist=True)
+
+    # ------------------------------------------------------------------ optimisation
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The denoiser's and any trainable conditioner parameters; never the frozen autoencoder's."""
+        params = [p for p in self.denoiser.parameters() if p.requires_grad]
+        params += [p for p in self.conditioner.parameters() if p.requires_grad]
+        return params
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.trainable_parameters())
+        if self.lr_schedule_factory is None:
+            return optimizer
+        scheduler = self.lr_schedule_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def frozen_prefixes(self) -> tuple[str, ...]:
+        """Sub-modules rebuilt from their own pretrained weights: kept out of checkpoints (MiniLM alone is 90 MB)."""
+        prefixes = ["autoencoder."] if self.autoencoder is not None else []
+        if not any(p.requires_grad for p in self.conditioner.parameters()):
+            prefixes.append("conditioner.")
+        return tuple(prefixes)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        frozen = self.frozen_prefixes()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        frozen = self.frozen_prefixes()
+        own = {k: v for k, v in self.state_dict().items() if k.startswith(frozen)}
+        checkpoint["state_dict"] = {**checkpoint["state_dict"], **own}
+
+
+def check_latent_source(shard_meta: dict[str, Any] | None, autoencoder: FrozenAutoencoder | None) -> None:
+    """Refuse latent shards written by another autoencoder than the configured one (shows both identities)."""
+    if not shard_meta or "autoencoder" not in shard_meta or autoencoder is None:
+        return
+    made_by, configured = shard_meta["autoencoder"], autoencoder.identity
+    keys = ("sha256", "scale_factor", "shift_factor", "latent_channels")
+    if any(made_by.get(k) != configured.get(k) for k in keys):
+        show = lambda d: {k: d.get(k) for k in ("name", *keys)}  # noqa: E731
+        raise ValueError(
+            f"latent shards were made by autoencoder {show(made_by)} but the configured one is {show(configured)}: "
+            "re-encode the shards with `python prepare.py latents ...` or set autoencoder= to the one that made them"
+        )

@@ -1,0 +1,188 @@
+"""Building blocks of the latent-diffusion UNet (Rombach et al. 2022, "High-Resolution Image Synthesis
+with Latent Diffusion Models", appendix G / Stable Diffusion).
+
+Timestep embedding (Vaswani et al. 2017; Ho et al. 2020), residual blocks conditioned on the embedding
+(Ho et al. 2020; Dhariwal & Nichol 2021), spatial transformers with self- and cross-attention and a GEGLU
+feed-forward (Shazeer 2020), strided-conv downsampling and nearest+conv upsampling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, ``[cos, sin]`` order.
+
+    Matches diffusers' ``get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0)``:
+    ``freq_i = max_period ** (-i / half)``, ``emb = [cos(t * freq), sin(t * freq)]`` (zero-padded if odd).
+    """
+    if t.ndim != 1:
+        raise ValueError(f"timesteps must be 1-D (B,), got shape {tuple(t.shape)}; pass one value per sample")
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    angles = t.float()[:, None] * torch.exp(exponent)[None, :]  # (B, half)
+    emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # (B, 2 * half)
+    if dim % 2 == 1:
+        emb = F.pad(emb, (0, 1))  # (B, dim)
+    return emb
+
+
+def group_norm(channels: int, norm_groups: int, eps: float = 1e-5) -> nn.GroupNorm:
+    """GroupNorm with the largest group count <= ``norm_groups`` that divides ``channels``."""
+    return nn.GroupNorm(math.gcd(norm_groups, channels), channels, eps=eps)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero every parameter so the module starts as a no-op on its residual branch."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """Residual block conditioned on the timestep embedding by a per-channel shift (Ho et al. 2020)."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, emb_dim: int, dropout: float, norm_groups: int
+    ) -> None:
+        super().__init__()
+        self.norm1 = group_norm(in_channels, norm_groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, out_channels)
+        self.norm2 = group_norm(out_channels, norm_groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
+        h = h + self.emb_proj(F.silu(emb))[:, :, None, None]  # (B, C_out, 1, 1) broadcast
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))  # (B, C_out, H, W)
+        return self.skip(x) + h
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3x3 convolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)  # (B, C, H/2, W/2)
+
+
+class Upsample(nn.Module):
+    """Double H and W by nearest-neighbour interpolation followed by a 3x3 convolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
+
+
+class Attention(nn.Module):
+    """Multi-head scaled dot-product attention (Vaswani et al. 2017), self- or cross-.
+
+    ``mask`` (B, L) bool, True = real token: masked keys get zero attention weight. A sample whose
+    mask is all False attends to nothing, so its output is the output-projection bias only (no NaN).
+    """
+
+    def __init__(self, query_dim: int, context_dim: int | None, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        if query_dim % num_heads != 0:
+            raise ValueError(
+                f"attention width {query_dim} is not divisible by num_heads={num_heads}; "
+                "choose num_heads dividing model_channels * every channel_mult"
+            )
+        kv_dim = query_dim if context_dim is None else context_dim
+        self.num_heads = num_heads
+        self.to_q = nn.Linear(query_dim, query_dim, bias=False)
+        self.to_k = nn.Linear(kv_dim, query_dim, bias=False)
+        self.to_v = nn.Linear(kv_dim, query_dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(query_dim, query_dim), nn.Dropout(dropout))
+
+    def _heads(self, t: Tensor) -> Tensor:
+        b, n, c = t.shape
+        return t.view(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)  # (B, h, N, d)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        ctx = x if context is None else context  # (B, L, D)
+        q, k, v = self._heads(self.to_q(x)), self._heads(self.to_k(ctx)), self._heads(self.to_v(ctx))
+        attn_mask = None
+        empty = None
+        if mask is not None:
+            empty = ~mask.any(dim=1)  # (B,) samples with no real token
+            # attend to every key in empty rows (avoids NaN), their output is zeroed below
+            attn_mask = (mask | empty[:, None])[:, None, None, :]  # (B, 1, 1, L)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, d)
+        if empty is not None:
+            out = out.masked_fill(empty[:, None, None, None], 0.0)
+        b, _, n, _ = out.shape
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))  # (B, N, C)
+
+
+class GEGLUFeedForward(nn.Module):
+    """Transformer MLP with a GELU-gated linear unit (Shazeer 2020, "GLU Variants Improve Transformer")."""
+
+    def __init__(self, dim: int, dropout: float, mult: int = 4) -> None:
+        super().__init__()
+        inner = dim * mult
+        self.proj_in = nn.Linear(dim, inner * 2)
+        self.dropout = nn.Dropout(dropout)
+        self.proj_out = nn.Linear(inner, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        value, gate = self.proj_in(x).chunk(2, dim=-1)  # 2 x (B, N, inner)
+        return self.proj_out(self.dropout(value * F.gelu(gate)))  # (B, N, C)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: self-attention, cross-attention to the context (if any), GEGLU feed-forward."""
+
+    def __init__(self, dim: int, context_dim: int | None, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, None, num_heads, dropout)
+        self.norm2: nn.LayerNorm | None = None
+        self.attn2: Attention | None = None
+        if context_dim is not None:
+            self.norm2 = nn.LayerNorm(dim)
+            self.attn2 = Attention(dim, context_dim, num_heads, dropout)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = GEGLUFeedForward(dim, dropout)
+
+    def forward(self, x: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
+        x = x + self.attn1(self.norm1(x))  # (B, N, C)
+        if self.attn2 is not None and self.norm2 is not None:
+            x = x + self.attn2(self.norm2(x), context, mask)  # (B, N, C)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the H*W positions of a feature map (Rombach et al. 2022, Sec. 3.3):
+    GroupNorm, 1x1 proj in, transformer block, zero-initialised 1x1 proj out, residual."""
+
+    def __init__(
+        self, channels: int, context_dim: int | None, num_heads: int, dropout: float, norm_groups: int
+    ) -> None:
+        super().__init__()
+        self.norm = group_norm(channels, norm_groups, eps=1e-6)
+        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.block = TransformerBlock(channels, context_dim, num_heads, dropout)
+        self.proj_out = zero_module(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
+        b, c, h, w = x.shape
+        t = self.proj_in(self.norm(x))  # (B, C, H, W)
+        t = t.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        t = self.block(t, context, mask)  # (B, H*W, C)
+        t = t.transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
+        return x + self.proj_out(t)

@@ -1,0 +1,189 @@
+"""Conditional UNet of latent diffusion (Rombach et al. 2022, Sec. 3.3 and appendix G; the Stable
+Diffusion backbone): an encoder/middle/decoder of timestep-conditioned ResBlocks with skip connections
+(Ronneberger et al. 2015; Ho et al. 2020), spatial transformers with cross-attention to a text context at
+the chosen resolutions, zero-initialised output convolution.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ldm.nets.layers import (
+    Downsample,
+    ResBlock,
+    SpatialTransformer,
+    Upsample,
+    group_norm,
+    timestep_embedding,
+    zero_module,
+)
+
+log = logging.getLogger(__name__)
+
+
+class UNet(nn.Module):
+    """``forward(x, c_noise, context, context_mask) -> Tensor`` of the shape of ``x`` with ``out_channels``.
+
+    ``attention_resolutions`` lists downsampling factors (1 = input resolution, 2 = after one
+    downsample, ...) whose levels get a spatial transformer after each ResBlock; the middle block
+    always has one. ``context_dim=None`` builds an unconditional UNet (self-attention only).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 4,
+        out_channels: int = 4,
+        model_channels: int = 64,
+        channel_mult: Sequence[int] = (1, 2),
+        num_res_blocks: int = 1,
+        attention_resolutions: Sequence[int] = (1, 2),
+        num_heads: int = 4,
+        context_dim: int | None = 384,
+        dropout: float = 0.0,
+        gradient_checkpointing: bool = False,
+        norm_groups: int = 32,
+    ) -> None:
+        super().__init__()
+        if len(channel_mult) == 0 or num_res_blocks < 1:
+            raise ValueError("channel_mult must be non-empty and num_res_blocks >= 1")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.model_channels = model_channels
+        self.channel_mult = tuple(channel_mult)
+        self.context_dim = context_dim
+        self.gradient_checkpointing = gradient_checkpointing
+        emb_dim = 4 * model_channels
+        # (B, model_channels) sinusoid -> (B, 4 * model_channels)
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+
+        def res(c_in: int, c_out: int) -> ResBlock:
+            return ResBlock(c_in, c_out, emb_dim, dropout, norm_groups)
+
+        def attn(c: int) -> SpatialTransformer:
+            return SpatialTransformer(c, context_dim, num_heads, dropout, norm_groups)
+
+        ch = model_channels
+        skip_channels = [ch]
+        self.input_blocks = nn.ModuleList([nn.ModuleList([nn.Conv2d(in_channels, ch, 3, padding=1)])])
+        for level, mult in enumerate(self.channel_mult):
+            ds = 2**level
+            for _ in range(num_res_blocks):
+                layers: list[nn.Module] = [res(ch, mult * model_channels)]
+                ch = mult * model_channels
+                if ds in attention_resolutions:
+                    layers.append(attn(ch))
+                self.input_blocks.append(nn.ModuleList(layers))
+                skip_channels.append(ch)
+            if level != len(self.channel_mult) - 1:
+                self.input_blocks.append(nn.ModuleList([Downsample(ch)]))
+                skip_channels.append(ch)
+
+        self.middle_block = nn.ModuleList([res(ch, ch), attn(ch), res(ch, ch)])
+
+        self.output_blocks = nn.ModuleList()
+        for level in reversed(range(len(self.channel_mult))):
+            mult = self.channel_mult[level]
+            for i in range(num_res_blocks + 1):
+                layers = [res(ch + skip_channels.pop(), mult * model_channels)]
+                ch = mult * model_channels
+                if 2**level in attention_resolutions:
+                    layers.append(attn(ch))
+                if level != 0 and i == num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(nn.ModuleList(layers))
+
+        self.out = nn.Sequential(
+            group_norm(ch, norm_groups), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1))
+        )
+        log.debug("UNet built: %.2fM parameters", sum(p.numel() for p in self.parameters()) / 1e6)
+
+    # ------------------------------------------------------------------ checks
+    def _check_inputs(
+        self, x: Tensor, c_noise: Tensor, context: Tensor | None, context_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        if x.ndim != 4:
+            raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"x has {x.shape[1]} channels but the UNet expects in_channels={self.in_channels}; "
+                "set net.in_channels to the autoencoder's latent channels"
+            )
+        factor = 2 ** (len(self.channel_mult) - 1)
+        if x.shape[2] % factor or x.shape[3] % factor:
+            raise ValueError(
+                f"latent size {tuple(x.shape[2:])} is not divisible by {factor} (2**(len(channel_mult)-1)); "
+                f"use an image/latent size that is a multiple of {factor} or fewer channel_mult levels"
+            )
+        b = x.shape[0]
+        c_noise = c_noise.reshape(-1)
+        if c_noise.numel() == 1:
+            c_noise = c_noise.expand(b)
+        if c_noise.numel() != b:
+            raise ValueError(f"c_noise must have shape (B,) = ({b},), got {c_noise.numel()} values")
+        if self.context_dim is None:
+            if context is not None:
+                raise ValueError(
+                    "context given to an unconditional UNet; set net.context_dim to the conditioner's "
+                    "output dim or do not pass context"
+                )
+            return c_noise, None
+        if context is None:
+            raise ValueError(f"UNet has context_dim={self.context_dim} but no context was passed")
+        if context.ndim != 3 or context.shape[0] != b:
+            raise ValueError(f"context must be (B={b}, L, D), got shape {tuple(context.shape)}")
+        if context.shape[-1] != self.context_dim:
+            raise ValueError(
+                f"context last dim is {context.shape[-1]} but the UNet has context_dim={self.context_dim}; "
+                "set net.context_dim to the conditioner's output dim"
+            )
+        if context_mask is None:
+            return c_noise, None
+        if context_mask.shape != context.shape[:2]:
+            raise ValueError(
+                f"context_mask must be (B, L) = {tuple(context.shape[:2])}, got {tuple(context_mask.shape)}"
+            )
+        if context_mask.is_floating_point():
+            raise ValueError("context_mask must be bool (True = real token) or integer 1/0, not float")
+        return c_noise, context_mask.bool()
+
+    # ------------------------------------------------------------------ forward
+    def _run_layer(
+        self, layer: nn.Module, h: Tensor, emb: Tensor, ctx: Tensor | None, mask: Tensor | None
+    ) -> Tensor:
+        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if isinstance(layer, ResBlock):
+            args: tuple = (h, emb)
+        elif isinstance(layer, SpatialTransformer):
+            args = (h, ctx, mask)
+        else:
+            return layer(h)
+        if use_ckpt:
+            return checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
+
+    def forward(
+        self, x: Tensor, c_noise: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None
+    ) -> Tensor:
+        """x (B, C, H, W); c_noise (B,) timestep; context (B, L, D); context_mask (B, L) bool."""
+        c_noise, mask = self._check_inputs(x, c_noise, context, context_mask)
+        emb = self.time_embed(timestep_embedding(c_noise, self.model_channels).to(x.dtype))  # (B, 4*mc)
+        h = x
+        skips: list[Tensor] = []
+        for block in self.input_blocks:
+            for layer in block:
+                h = self._run_layer(layer, h, emb, context, mask)
+            skips.append(h)  # (B, C_l, H_l, W_l)
+        for layer in self.middle_block:
+            h = self._run_layer(layer, h, emb, context, mask)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H_l, W_l)
+            for layer in block:
+                h = self._run_layer(layer, h, emb, context, mask)
+        return self.out(h)  # (B, out_channels, H, W)

@@ -1,0 +1,82 @@
+"""Text-to-image generation: conditioner -> CFG denoiser -> sampler over a sigma schedule -> decoder.
+
+Used by ``sample.py``, the training-time sample grid and the notebook, so all three produce the same images for
+the same settings. Knows no Lightning and no concrete classes: any conditioner with ``forward``/``null_inputs``,
+any autoencoder with ``decode`` and any ``sample_*`` function work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from ldm.sampling.guidance import CFGDenoiser
+from ldm.sampling.sigmas import init_noise_scale
+
+
+def initial_noise(seeds: Sequence[int], shape: Sequence[int], device: torch.device) -> Tensor:
+    """(B, C, h, w) standard normal noise, image i drawn from its own CPU generator seeded with seeds[i].
+
+    Drawing on the CPU makes a seed give the same noise on every device and in every batch composition.
+    """
+    noise = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.stack(noise).to(device)
+
+
+@torch.no_grad()
+def generate(
+    denoiser: nn.Module,
+    conditioner: nn.Module,
+    decoder: Callable[[Tensor], Tensor],
+    prompts: Sequence[Any],
+    *,
+    sampler: Callable[..., Tensor],
+    sigmas: Tensor,
+    latent_shape: Sequence[int],
+    seeds: Sequence[int],
+    cfg_scale: float = 5.0,
+    negative_prompt: Sequence[Any] | None = None,
+    callback: Callable[[dict], None] | None = None,
+) -> Tensor:
+    """Returns images (B, 3, H, W) in [0, 1].
+
+    ``negative_prompt`` (one per prompt) replaces the unconditional input of classifier-free guidance; by default
+    the conditioner's null input (the empty caption the model saw under caption dropout) is used.
+    """
+    if len(seeds) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
+    device = next(denoiser.parameters()).device
+    negatives = list(negative_prompt) if negative_prompt is not None else conditioner.null_inputs(len(prompts))
+    cond = conditioner(list(prompts))
+    uncond = conditioner(negatives)
+    guided = CFGDenoiser(denoiser, cond=cond, uncond=uncond, scale=cfg_scale)
+    sigmas = sigmas.to(device)
+    x = initial_noise(seeds, latent_shape, device) * init_noise_scale(float(sigmas[0]))  # (B, C, h, w)
+    generator = torch.Generator().manual_seed(int(seeds[0]))  # noise injected by stochastic samplers
+    z = sampler(guided, x, sigmas, callback=callback, generator=generator)
+    images = decoder(z)  # (B, 3, H, W) in about [-1, 1]
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [0, 1] -> PIL images (8-bit, rounded the same way every time)."""
+    arr = (images.detach().cpu().permute(0, 2, 3, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
+
+
+def make_grid(images: Sequence[Image.Image], ncols: int | None = None, pad: int = 2) -> Image.Image:
+    """Tile equally sized PIL images into one grid image with a white border."""
+    n = len(images)
+    ncols = ncols or int(np.ceil(np.sqrt(n)))
+    nrows = int(np.ceil(n / ncols))
+    w, h = images[0].size
+    grid = Image.new("RGB", (ncols * (w + pad) + pad, nrows * (h + pad) + pad), (255, 255, 255))
+    for i, im in enumerate(images):
+        r, c = divmod(i, ncols)
+        grid.paste(im, (pad + c * (w + pad), pad + r * (h + pad)))
+    return grid

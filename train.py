@@ -1,0 +1,73 @@
+"""Train a model: `python train.py [experiment=...] [group=option] [key=value]` (see README and configs/train.yaml).
+
+Composes the config, instantiates data, model, callbacks, loggers and trainer, then fits. No maths here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.lit.callbacks import ConfigInCheckpoint
+from ldm.lit.checkpoint_io import AtomicCheckpointIO
+from ldm.lit.latent_diffusion import LatentDiffusion, check_latent_source
+
+log = logging.getLogger("train")
+
+
+def build_list(node: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a group that holds several named objects (callbacks, loggers)."""
+    if not node:
+        return []
+    return [instantiate(v) for v in node.values() if v is not None and "_target_" in v]
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(resolved), output_dir / "config_resolved.yaml")
+
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    if isinstance(model, LatentDiffusion):
+        check_latent_source(datamodule.index_meta, model.autoencoder)
+    callbacks = build_list(cfg.get("callbacks")) + [ConfigInCheckpoint(resolved)]
+    loggers = build_list(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
+
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    wall = time.perf_counter() - start
+    summary = {
+        "output_dir": str(output_dir),
+        "global_step": trainer.global_step,
+        "fit_wall_s": round(wall, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_accelerator_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+    }
+    if trainer.is_global_zero:
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        log.info("run summary: %s", json.dumps(summary))
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
