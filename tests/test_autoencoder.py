@@ -149,16 +149,18 @@ def test_loss_l2_and_bad_name(tiny_ae: KLAutoencoder) -> None:
 def test_loss_decreases_when_training() -> None:
     torch.manual_seed(0)
     ae = KLAutoencoder(base_channels=8, channel_mult=(1, 2), norm_groups=4, mid_attention=False)
-    x, loss_fn = _images(4, 16), KLAutoencoderLoss()
-    opt = torch.optim.Adam(ae.parameters(), lr=2e-3)
+    coarse = _images(4, 4)  # smooth images: 4x4 noise upsampled to 16x16
+    x = torch.nn.functional.interpolate(coarse, size=16, mode="bilinear", align_corners=False)
+    loss_fn = KLAutoencoderLoss()
+    opt = torch.optim.Adam(ae.parameters(), lr=3e-3)
     first = None
-    for _ in range(40):
+    for _ in range(60):
         loss, logs = loss_fn(x, *ae(x))
         opt.zero_grad()
         loss.backward()
         opt.step()
         first = logs["rec"].item() if first is None else first
-    assert logs["rec"].item() < 0.7 * first
+    assert logs["rec"].item() < 0.5 * first
 
 
 # --- save / load -----------------------------------------------------------------------------------
@@ -292,8 +294,10 @@ def test_latent_stats(tiny_ae: KLAutoencoder) -> None:
     with torch.no_grad():
         z = torch.cat([tiny_ae.encode(b).mode() for b in batches]).double()  # (6, 4, 8, 8)
     assert stats["count"] == z.numel()
-    torch.testing.assert_close(torch.tensor(stats["channel_mean"]), z.mean((0, 2, 3)))
-    torch.testing.assert_close(torch.tensor(stats["channel_std"]), z.transpose(0, 1).flatten(1).std(1))
+    torch.testing.assert_close(torch.tensor(stats["channel_mean"], dtype=torch.float64), z.mean((0, 2, 3)))
+    torch.testing.assert_close(
+        torch.tensor(stats["channel_std"], dtype=torch.float64), z.transpose(0, 1).flatten(1).std(1)
+    )
     assert stats["std"] == pytest.approx(z.std().item(), rel=1e-9)
     assert stats["scale_factor"] == pytest.approx(1 / z.std().item(), rel=1e-9)
     with pytest.raises(ValueError, match="at least one"):

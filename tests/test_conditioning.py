@@ -91,7 +91,9 @@ def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _reference(tokenizer: object, model: nn.Module, captions: list[str], max_length: int) -> tuple:
-    tokens = tokenizer(captions, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    tokens = tokenizer(
+        captions, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    )
     with torch.no_grad():
         hidden = model(**tokens).last_hidden_state
     return hidden, tokens["attention_mask"].bool()

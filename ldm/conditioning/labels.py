@@ -17,7 +17,9 @@ from torch import Tensor, nn
 def check_dropout_prob(dropout_prob: float) -> float:
     """Return ``dropout_prob`` as a float, or raise if it is not a probability."""
     if not 0.0 <= float(dropout_prob) <= 1.0:
-        raise ValueError(f"dropout_prob={dropout_prob} is not a probability: set conditioner.dropout_prob in [0, 1]")
+        raise ValueError(
+            f"dropout_prob={dropout_prob} is not a probability: set conditioner.dropout_prob in [0, 1]"
+        )
     return float(dropout_prob)
 
 
@@ -62,9 +64,13 @@ class ClassConditioner(nn.Module):
         device = self.embedding.weight.device
         labels = torch.as_tensor(inputs, device=device)
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise TypeError(f"class labels must be integers, got dtype {labels.dtype}: pass a torch.long tensor")
+            raise TypeError(
+                f"class labels must be integers, got dtype {labels.dtype}: pass a torch.long tensor"
+            )
         if labels.ndim != 1:
-            raise ValueError(f"class labels must have shape (B,), got {tuple(labels.shape)}: flatten the batch field")
+            raise ValueError(
+                f"class labels must have shape (B,), got {tuple(labels.shape)}: flatten the batch field"
+            )
         labels = labels.long()
         top = self.num_classes if allow_null else self.num_classes - 1
         if labels.numel() > 0 and (int(labels.min()) < 0 or int(labels.max()) > top):

