@@ -67,7 +67,7 @@ class ShardDataModule(L.LightningDataModule):
         self.val_dataset: ShardDataset | None = None
 
     def _rank_world(self) -> tuple[int, int]:
-        trainer = self._trainer
+        trainer = self.trainer
         if trainer is None:
             return resolve_rank(None, None)  # torch.distributed when initialised, else 0 / 1
         return trainer.global_rank, trainer.world_size
@@ -97,7 +97,7 @@ class ShardDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        if self._trainer is not None:  # a resumed run starts at its own epoch's order
+        if self.trainer is not None:  # a resumed run starts at its own epoch's order
             self.train_dataset.set_epoch(self.trainer.current_epoch)
         return self._loader(self.train_dataset)
 

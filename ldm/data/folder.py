@@ -39,7 +39,9 @@ def folder_samples(root: str, counter: SkipCounter) -> Iterator[dict]:
     """
     base = Path(root)
     if not base.is_dir():
-        raise FileNotFoundError(f"Image folder '{root}' does not exist: pass a directory of images + .txt captions")
+        raise FileNotFoundError(
+            f"Image folder '{root}' does not exist: pass a directory of images + .txt captions"
+        )
     paths = sorted(p for p in base.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         log.warning("no images (%s) under %s", ", ".join(IMAGE_SUFFIXES), root)

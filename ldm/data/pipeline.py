@@ -31,7 +31,7 @@ KINDS = ("images", "latents")
 
 
 def _is_remote(url: str) -> bool:
-    return url.startswith("pipe:") or "://" in url and not url.startswith("file://")
+    return url.startswith("pipe:") or ("://" in url and not url.startswith("file://"))
 
 
 def _split_top_level_commas(pattern: str) -> list[str]:
@@ -120,7 +120,9 @@ class ShardDataset(IterableDataset):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got '{kind}'")
         if not urls:
-            raise ValueError("ShardDataset got no shard urls: pass expand_urls('data/train-{000000..000009}.tar')")
+            raise ValueError(
+                "ShardDataset got no shard urls: pass expand_urls('data/train-{000000..000009}.tar')"
+            )
         if batch_size < 1 or num_batches < 0:
             raise ValueError(f"need batch_size >= 1 and num_batches >= 0, got {batch_size}, {num_batches}")
         self.urls = list(urls)
@@ -149,9 +151,12 @@ class ShardDataset(IterableDataset):
         """This worker's share of the rank's ``num_batches`` (the DataLoader interleaves workers)."""
         return self.num_batches // num_workers + int(worker < self.num_batches % num_workers)
 
-    def _passes(self, rng: random.Random, consumer: int, consumers: int) -> Iterator[tuple[list[str], int | None]]:
+    def _passes(
+        self, rng: random.Random, consumer: int, consumers: int
+    ) -> Iterator[tuple[list[str], int | None]]:
         """Endless passes over this consumer's shards: (shard order, sample stride filter or None)."""
-        by_shard = len(self.urls) >= consumers  # else every consumer reads all shards, keeps every n-th sample
+        # Fewer shards than consumers: every consumer reads all shards and keeps every n-th sample.
+        by_shard = len(self.urls) >= consumers
         shared_rng = random.Random(_seed(self.seed, self.epoch))  # same order on every consumer
         while True:
             if by_shard:
@@ -205,7 +210,7 @@ class ShardDataset(IterableDataset):
             return None
         try:
             latent = decode_latent(raw["latent.npy"])
-        except (OSError, ValueError):
+        except (OSError, ValueError, EOFError):
             latent = None
         if latent is None:
             counter.add("bad_latent", detail=f"(key {raw['__key__']}: need a finite fp16 (C, h, w) array) ")
@@ -213,8 +218,10 @@ class ShardDataset(IterableDataset):
         sample["latent"] = latent
         return sample
 
-    def _samples(self, rng: random.Random, consumer: int, consumers: int, counter: SkipCounter) -> Iterator[dict]:
-        """Endless decoded samples for this consumer (cycling its shards), before the shuffle buffer."""
+    def _samples(
+        self, rng: random.Random, consumer: int, consumers: int, counter: SkipCounter
+    ) -> Iterator[dict | None]:
+        """Endless decoded samples for this consumer (cycling its shards); None marks the end of a pass."""
         shape: torch.Size | None = None
         for urls, stride_id in self._passes(rng, consumer, consumers):
             produced = 0
@@ -227,7 +234,9 @@ class ShardDataset(IterableDataset):
                 if self.kind == "latents":
                     shape = shape or sample["latent"].shape
                     if sample["latent"].shape != shape:
-                        counter.add("bad_latent", detail=f"(shape {tuple(sample['latent'].shape)} != {tuple(shape)}) ")
+                        counter.add(
+                            "bad_latent", detail=f"(shape {tuple(sample['latent'].shape)} != {tuple(shape)}) "
+                        )
                         continue
                 produced += 1
                 yield sample
@@ -236,13 +245,20 @@ class ShardDataset(IterableDataset):
                     f"rank {self.rank} consumer {consumer} read no valid sample from {urls} (skipped "
                     f"{counter.as_dict()}): check the shards, or use fewer dataloader workers"
                 )
+            yield None
 
-    def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
-        if not self.shuffle or self.shuffle_buffer <= 1:
-            yield from samples
-            return
+    def _shuffled(self, samples: Iterator[dict | None], rng: random.Random) -> Iterator[dict]:
+        """Buffer shuffle, flushed at the end of every pass: each sample comes once per pass over the shards."""
         buffer: list[dict] = []
         for sample in samples:
+            if sample is None:  # end of a pass
+                rng.shuffle(buffer)
+                yield from buffer
+                buffer = []
+                continue
+            if not self.shuffle or self.shuffle_buffer <= 1:
+                yield sample
+                continue
             if len(buffer) < self.shuffle_buffer:
                 buffer.append(sample)
                 continue
@@ -283,7 +299,9 @@ class ShardDataset(IterableDataset):
                 pending = []
                 quota -= 1
                 if quota == 0:
-                    return
+                    break
+        if counter.total():
+            log.info("%s: skipped after the last batch of the epoch: %s", counter.name, counter.as_dict())
 
 
 _SHARD_NAME = re.compile(r"^(?P<prefix>.+)-\d+\.tar$")

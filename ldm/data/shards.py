@@ -34,7 +34,9 @@ class SkipCounter:
         self.counts[reason] = self.counts.get(reason, 0) + n
         if reason not in self._warned:
             self._warned.add(reason)
-            log.warning("%s: skipping sample(s), reason=%s %s(further ones are counted)", self.name, reason, detail)
+            log.warning(
+                "%s: skipping sample(s), reason=%s %s(further ones are counted)", self.name, reason, detail
+            )
 
     def merge(self, other: SkipCounter | dict[str, int]) -> None:
         counts = other.as_dict() if isinstance(other, SkipCounter) else other
@@ -70,7 +72,9 @@ def _encode(key: str, value: Any) -> tuple[str, bytes]:
         return key, str(int(value)).encode("utf-8")
     if isinstance(value, dict | list):
         return key, json.dumps(value).encode("utf-8")
-    raise TypeError(f"Cannot store field '{key}' of type {type(value).__name__}: pass bytes, str, int, dict or ndarray")
+    raise TypeError(
+        f"Cannot store field '{key}' of type {type(value).__name__}: pass bytes, str, int, dict or ndarray"
+    )
 
 
 def _encode_sample(sample: dict[str, Any]) -> dict[str, Any]:
@@ -137,7 +141,12 @@ def write_shards(
         sink.close()
         paths.append(str(sink.path))
         counts.append(sink.count)
-    index = {"shards": [Path(p).name for p in paths], "counts": counts, "total": sum(counts), "meta": meta or {}}
+    index = {
+        "shards": [Path(p).name for p in paths],
+        "counts": counts,
+        "total": sum(counts),
+        "meta": meta or {},
+    }
     index_path = out / f"{prefix}.json"
     tmp = index_path.with_name(index_path.name + ".tmp")
     tmp.write_text(json.dumps(index, indent=1))
@@ -150,13 +159,17 @@ def read_index(json_path: str) -> dict:
     """Loads ``{prefix}.json``; adds ``paths`` (shard paths resolved next to the index)."""
     path = Path(json_path)
     if not path.is_file():
-        raise FileNotFoundError(f"No shard index at '{json_path}': write shards with ldm.data.write_shards first")
+        raise FileNotFoundError(
+            f"No shard index at '{json_path}': write shards with ldm.data.write_shards first"
+        )
     index = json.loads(path.read_text())
     missing = {"shards", "counts", "total"} - set(index)
     if missing:
         raise ValueError(f"Shard index '{json_path}' lacks {sorted(missing)}: rewrite it with write_shards")
     if len(index["shards"]) != len(index["counts"]):
-        raise ValueError(f"Shard index '{json_path}' has {len(index['shards'])} shards but {len(index['counts'])} counts")
+        raise ValueError(
+            f"Shard index '{json_path}' has {len(index['shards'])} shards but {len(index['counts'])} counts"
+        )
     index.setdefault("meta", {})
     index["paths"] = [str(path.parent / name) for name in index["shards"]]
     return index

@@ -97,10 +97,11 @@ class DiscreteSchedule:
         """
         work = _work_dtype(t.device)
         t_work = t.to(work).clamp(0.0, self.num_timesteps - 1)  # (...)
-        low = t_work.floor().to(torch.int64).clamp(max=self.num_timesteps - 2)  # (...)
-        w = t_work - low.to(work)  # (...) in [0, 1]
+        low = t_work.floor().to(torch.int64)  # (...)
+        high = (low + 1).clamp(max=self.num_timesteps - 1)  # (...)
+        w = t_work - low.to(work)  # (...) in [0, 1), exactly 0 on the grid
         sigmas = self.sigmas.to(device=t.device, dtype=work)  # (T,)
         log_sigmas = self.log_sigmas.to(device=t.device, dtype=work)  # (T,)
         # sigma_low * exp(w * (log sigma_high - log sigma_low)) == exp of the interpolated log-sigma
-        sigma = sigmas[low] * torch.exp(w * (log_sigmas[low + 1] - log_sigmas[low]))
+        sigma = sigmas[low] * torch.exp(w * (log_sigmas[high] - log_sigmas[low]))
         return sigma.to(_float_dtype(t))

@@ -32,7 +32,9 @@ def _batched_pair(cond: dict[str, Tensor], uncond: dict[str, Tensor]) -> dict[st
     batch = cond["context"].shape[0]
     length = max(cond["context"].shape[1], uncond["context"].shape[1])
     if cond["context"].shape[1] != uncond["context"].shape[1] and "context_mask" not in cond:
-        raise ValueError("cond and uncond contexts differ in length; pass context_mask so the shorter is padded.")
+        raise ValueError(
+            "cond and uncond contexts differ in length; pass context_mask so the shorter is padded."
+        )
     out: dict[str, Tensor] = {}
     for key in cond:
         c, u = _pad_tokens(cond[key], length), _pad_tokens(uncond[key], length)  # (B, L, ...), (1|B, L, ...)
@@ -62,13 +64,19 @@ class CFGDenoiser:
     def __call__(self, x: Tensor, sigma: Tensor, **kwargs) -> Tensor:
         """x (B, ...); sigma scalar or (B,); kwargs go to the wrapped denoiser. Returns the guided x0 (B, ...)."""
         if x.shape[0] != self.batch:
-            raise ValueError(f"x has batch {x.shape[0]} but cond has batch {self.batch}; build one CFGDenoiser per batch.")
+            raise ValueError(
+                f"x has batch {x.shape[0]} but cond has batch {self.batch}; build one CFGDenoiser per batch."
+            )
         if set(kwargs) & set(CONTEXT_KEYS):
-            raise ValueError("context/context_mask are held by CFGDenoiser; do not pass them again in extra_args.")
+            raise ValueError(
+                "context/context_mask are held by CFGDenoiser; do not pass them again in extra_args."
+            )
         if self.scale == 1.0:  # guidance is the identity: skip the unconditional branch
             return self.denoiser(x, sigma, **self.cond, **kwargs)
         sigma = torch.as_tensor(sigma, device=x.device)
         sigma_in = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma  # (B,)
-        out = self.denoiser(torch.cat([x, x]), torch.cat([sigma_in, sigma_in]), **self.pair, **kwargs)  # (2B, ...)
+        out = self.denoiser(
+            torch.cat([x, x]), torch.cat([sigma_in, sigma_in]), **self.pair, **kwargs
+        )  # (2B, ...)
         uncond, cond = out.chunk(2)  # (B, ...) each
         return uncond + self.scale * (cond - uncond)  # Ho & Salimans 2022, eq. 6

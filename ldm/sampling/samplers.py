@@ -23,11 +23,13 @@ Denoiser = Callable[..., Tensor]
 Callback = Callable[[dict], None]
 
 
-def _check_sigmas(x: Tensor, sigmas: Tensor) -> list[float]:
+def _check_sigmas(sigmas: Tensor) -> list[float]:
     """Validate a 1-D descending schedule and return it as Python floats (float64 coefficient maths)."""
     if sigmas.ndim != 1 or sigmas.numel() < 2:
-        raise ValueError(f"sigmas must be 1-D with >= 2 entries, got shape {tuple(sigmas.shape)}; "
-                         "use ldm.sampling.sigmas.get_sigmas_discrete.")
+        raise ValueError(
+            f"sigmas must be 1-D with >= 2 entries, got shape {tuple(sigmas.shape)}; "
+            "use ldm.sampling.sigmas.get_sigmas_discrete."
+        )
     values = sigmas.detach().double().cpu().tolist()
     if any(b >= a for a, b in zip(values[:-1], values[1:], strict=True)) or values[-1] < 0:
         raise ValueError("sigmas must be strictly descending and >= 0; use get_sigmas_discrete (ends in 0).")
@@ -48,9 +50,7 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, 
     return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
 
 
-def _denoise(
-    denoiser: Denoiser, x: Tensor, sigma: Tensor, extra_args: dict | None
-) -> Tensor:
+def _denoise(denoiser: Denoiser, x: Tensor, sigma: Tensor, extra_args: dict | None) -> Tensor:
     """One denoiser call with sigma broadcast to the batch: (B, ...) -> x0 estimate (B, ...)."""
     sigma_batch = sigma.expand(x.shape[0])  # (B,)
     return denoiser(x, sigma_batch, **(extra_args or {}))
@@ -70,7 +70,7 @@ def sample_ddim(
     """DDIM (Song et al. 2021, eq. 12); eta = 0 is deterministic, eta = 1 matches DDPM. x (B, ...)."""
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM), got {eta}.")
-    values = _check_sigmas(x, sigmas)
+    values = _check_sigmas(sigmas)
     sigmas_dev = sigmas.to(x.device)  # (N+1,)
     for i in range(len(values) - 1):
         sigma, sigma_next = values[i], values[i + 1]
@@ -100,7 +100,7 @@ def sample_ddpm(
     In VE form with r = sigma'^2 / sigma^2: mean = r x + (1 - r) x0_hat, variance = sigma'^2 (1 - r). On a strided
     grid this uses beta_t = 1 - abar_t / abar_t' like diffusers' DDPMScheduler ("fixed_small" variance).
     """
-    values = _check_sigmas(x, sigmas)
+    values = _check_sigmas(sigmas)
     sigmas_dev = sigmas.to(x.device)  # (N+1,)
     for i in range(len(values) - 1):
         sigma, sigma_next = values[i], values[i + 1]

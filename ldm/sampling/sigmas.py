@@ -19,7 +19,9 @@ from ldm.diffusion.schedules import DiscreteSchedule
 SPACINGS = ("leading", "trailing", "linspace")
 
 
-def get_timesteps_discrete(num_timesteps: int, steps: int, spacing: str = "leading", steps_offset: int = 1) -> Tensor:
+def get_timesteps_discrete(
+    num_timesteps: int, steps: int, spacing: str = "leading", steps_offset: int = 1
+) -> Tensor:
     """(steps,) descending int64 training timesteps picked from 0..num_timesteps-1."""
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}.")
