@@ -33,8 +33,8 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ae = KLAutoencoder(base_channels=8, channel_mult=(1, 2, 2), z_channels=4, norm_groups=8, mid_attention=False)
     save_kl_autoencoder(ae, str(root / "ae" / "tiny_ae"), scale_factor=1.0)
     frozen = load_kl_autoencoder(str(root / "ae" / "tiny_ae.safetensors"))
-    for prefix in ("train", "val"):
-        encode_shards(str(root / "images" / f"{prefix}-{{000000..000009}}.tar"), str(root / "latents"), prefix,
+    for prefix, last in (("train", 2), ("val", 0)):
+        encode_shards(str(root / "images" / f"{prefix}-{{000000..{last:06d}}}.tar"), str(root / "latents"), prefix,
                       frozen, image_size=32, batch_size=64, max_per_shard=40, device=torch.device("cpu"))  # fmt: skip
     return {"root": root, "images": root / "images", "latents": root / "latents",
             "ae": root / "ae" / "tiny_ae.safetensors", "counts": counts}  # fmt: skip
@@ -46,7 +46,7 @@ def tiny_overrides(data: dict[str, Path], out_dir: Path, *extra: str) -> list[st
         "net=unet_tiny",
         "autoencoder=kl",
         f"autoencoder.path={data['ae']}",
-        f"data.train_shards={data['latents']}/train-{{000000..000002}}.tar",
+        f"data.train_shards='{data['latents']}/train-{{000000..000002}}.tar'",
         f"data.val_shards={data['latents']}/val-000000.tar",
         "data.batch_size=16",
         "trainer=cpu",

@@ -82,9 +82,16 @@ class ShardDataModule(L.LightningDataModule):
         )  # fmt: skip
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_dataset is None:
+        """Builds the datasets for this rank (again if the rank changed, e.g. set up before DDP started)."""
+        placement = self._rank_world()
+        if (
+            self.train_dataset is None
+            or (self.train_dataset.rank, self.train_dataset.world_size) != placement
+        ):
             self.train_dataset = self._dataset(self.train_urls, int(self.train_samples), shuffle=True)
-        if self.val_urls and self.val_dataset is None:
+        if self.val_urls and (
+            self.val_dataset is None or (self.val_dataset.rank, self.val_dataset.world_size) != placement
+        ):
             self.val_dataset = self._dataset(self.val_urls, int(self.val_samples), shuffle=False)
 
     def set_epoch(self, epoch: int) -> None:

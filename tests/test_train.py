@@ -1,0 +1,120 @@
+"""End-to-end: shards -> train -> checkpoint (EMA, config, no frozen weights) -> resume -> sample."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_overrides
+from hydra_utils import compose_config
+
+import sample
+import train
+from ldm.lit.checkpoint_io import load_checkpoint_file
+
+
+def read_losses(run_dir: Path) -> dict[int, float]:
+    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_data: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "run"
+    cfg = compose_config("train", tiny_overrides(tiny_data, out, "callbacks.sample_grid.every_n_steps=3"))
+    summary = train.run(cfg)
+    assert summary["global_step"] == 6
+    return out
+
+
+def test_checkpoint_contents(trained_run: Path) -> None:
+    ckpt = load_checkpoint_file(trained_run / "checkpoints" / "last.ckpt")  # weights_only=True
+    assert ckpt["global_step"] == 6
+    assert ckpt["ldm_config"]["model"]["denoiser"]["net"]["_target_"] == "ldm.nets.unet.UNet"
+    ema, state = ckpt["ema_state_dict"], ckpt["state_dict"]
+    net_keys = {k.removeprefix("denoiser.net.") for k in state if k.startswith("denoiser.net.")}
+    assert set(ema) == net_keys
+    # the frozen text encoder and autoencoder are rebuilt from their own weights, not stored in every checkpoint
+    assert not any(k.startswith(("autoencoder.", "conditioner.")) for k in state)
+    # EMA lags the trained weights: close but not equal after a few steps
+    diffs = [(ema[k] - state["denoiser.net." + k]).abs().max().item() for k in ema if ema[k].is_floating_point()]
+    assert max(diffs) > 0
+    assert "optimizer_states" in ckpt and "lr_schedulers" in ckpt and "rng_states" in ckpt
+    assert not list((trained_run / "checkpoints").glob("*.tmp")), "atomic writes leave no temporary files"
+
+
+def test_run_directory(trained_run: Path) -> None:
+    assert (trained_run / "config_resolved.yaml").is_file()
+    assert sorted(p.name for p in (trained_run / "samples").glob("*.png")) == ["step_000003.png", "step_000006.png"]
+    losses = read_losses(trained_run)
+    assert len(losses) == 6 and all(v > 0 for v in losses.values())
+    header = open(trained_run / "csv" / "metrics.csv").readline()
+    assert "train/samples_per_sec" in header and "lr-AdamW" in header
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert summary["global_step"] == 6
+
+
+def sample_cfg(ckpt: Path, out_dir: Path, *extra: str):
+    return compose_config("sample", [f"ckpt={ckpt}", f"out_dir={out_dir}", "prompt=red apple", "num_images=3",
+                                     "steps=5", "cfg_scale=3", "seed=7", "negative_prompt=blurry", *extra])  # fmt: skip
+
+
+def test_sample_writes_images_grid_metadata_and_is_deterministic(trained_run: Path, tmp_path: Path) -> None:
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    records = sample.run(sample_cfg(ckpt, tmp_path / "a"))
+    sample.run(sample_cfg(ckpt, tmp_path / "b"))
+    assert [r["seed"] for r in records] == [7, 8, 9]
+    for r in records:
+        a, b = (tmp_path / d / r["file"] for d in "ab")
+        assert a.read_bytes() == b.read_bytes()  # same seed -> byte-identical PNG
+        assert r["prompt"] == "red apple" and r["negative_prompt"] == "blurry" and r["steps"] == 5
+        assert r["cfg_scale"] == 3 and r["sampler"]["_target_"].endswith("sample_ddim") and r["use_ema"] is True
+        assert r["checkpoint"] == str(ckpt.resolve())
+    meta = json.loads((tmp_path / "a" / "metadata.json").read_text())
+    assert meta["images"] == records
+    assert (tmp_path / "a" / "grid.png").is_file()
+    # a different seed gives different images; the raw (non-EMA) weights give different images
+    other = sample.run(sample_cfg(ckpt, tmp_path / "c", "seed=100"))
+    assert (tmp_path / "c" / other[0]["file"]).read_bytes() != (tmp_path / "a" / records[0]["file"]).read_bytes()
+    raw = sample.run(sample_cfg(ckpt, tmp_path / "d", "use_ema=false"))
+    assert (tmp_path / "d" / raw[0]["file"]).read_bytes() != (tmp_path / "a" / records[0]["file"]).read_bytes()
+
+
+def test_prompts_file_and_ddpm_sampler(trained_run: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("red apple\n\nblue heart\n")
+    cfg = compose_config("sample", [f"ckpt={trained_run / 'checkpoints' / 'last.ckpt'}", f"out_dir={tmp_path / 'o'}",
+                                    f"prompts_file={prompts}", "num_images=2", "steps=4", "sampler=ddpm"])  # fmt: skip
+    records = sample.run(cfg)
+    assert [r["prompt"] for r in records] == ["red apple", "red apple", "blue heart", "blue heart"]
+
+
+def test_missing_checkpoint_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*pass ckpt=PATH"):
+        sample.run(sample_cfg(tmp_path / "nope.ckpt", tmp_path / "o"))
+
+
+def test_resume_continues_the_loss_curve(tiny_data: dict, tmp_path: Path) -> None:
+    """Two epochs in one go == one epoch, checkpoint, resume for the second (same losses, same weights)."""
+    base = ["trainer.max_steps=-1", "data.train_samples=64", "trainer.check_val_every_n_epoch=100"]
+    full = compose_config("train", tiny_overrides(tiny_data, tmp_path / "full", *base, "trainer.max_epochs=2"))
+    train.run(full)
+    first = compose_config("train", tiny_overrides(tiny_data, tmp_path / "first", *base, "trainer.max_epochs=1"))
+    train.run(first)
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    resumed = compose_config("train", tiny_overrides(tiny_data, tmp_path / "resumed", *base, "trainer.max_epochs=2",
+                                                     f"ckpt_path={ckpt}"))  # fmt: skip
+    train.run(resumed)
+    full_losses, resumed_losses = read_losses(tmp_path / "full"), read_losses(tmp_path / "resumed")
+    assert sorted(resumed_losses) == [5, 6, 7, 8] and sorted(full_losses) == list(range(1, 9))
+    for step, loss in resumed_losses.items():
+        assert loss == pytest.approx(full_losses[step], rel=1e-5, abs=1e-7)
+    a = load_checkpoint_file(tmp_path / "full" / "checkpoints" / "last.ckpt")
+    b = load_checkpoint_file(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, rtol=1e-5, atol=1e-6)
+    for k, v in a["ema_state_dict"].items():
+        torch.testing.assert_close(b["ema_state_dict"][k], v, rtol=1e-5, atol=1e-6)
