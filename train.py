@@ -50,6 +50,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     wall = time.perf_counter() - start
+    if not trainer.interrupted and not cfg.trainer.get("fast_dev_run"):
+        # the end state, whatever the checkpoint interval: resumable, with EMA weights and config
+        trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
     summary = {
         "output_dir": str(output_dir),
         "global_step": trainer.global_step,
