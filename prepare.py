@@ -30,6 +30,7 @@ from ldm.autoencoder.loaders import (
     load_kl_autoencoder,
     save_kl_autoencoder,
 )
+from ldm.conditioning.text import TextConditioner
 from ldm.data.emoji import emoji_samples, is_validation_key
 from ldm.data.folder import folder_samples
 from ldm.data.pipeline import IMAGE_EXTS, decode_image, expand_urls
@@ -61,7 +62,9 @@ def cmd_images(args: argparse.Namespace) -> None:
 def load_autoencoder(spec: str, subfolder: str | None, scale_factor: float | None) -> FrozenAutoencoder:
     """``emoji-kl-f4`` | PATH.safetensors (our stage-1 export) | ``diffusers:<hub id or local dir>``."""
     if spec.startswith("diffusers:"):
-        return load_diffusers_autoencoder(spec.removeprefix("diffusers:"), subfolder=subfolder, scale_factor=scale_factor)
+        return load_diffusers_autoencoder(
+            spec.removeprefix("diffusers:"), subfolder=subfolder, scale_factor=scale_factor
+        )
     return load_kl_autoencoder(spec, scale_factor=scale_factor)
 
 
@@ -115,30 +118,75 @@ class LatentStats:
         return {"mean": mean.tolist(), "std": std.tolist()}
 
 
-def encode_shards(pattern: str, out_dir: str, prefix: str, ae: FrozenAutoencoder, image_size: int,
-                  batch_size: int, max_per_shard: int, device: torch.device) -> dict[str, Any]:
+def caption_embeddings(text: TextConditioner, captions: list[str]) -> list[np.ndarray]:
+    """The frozen encoder's output for each caption, real tokens only: [(L_i, D) fp16]."""
+    out = text(captions)
+    lengths = out["context_mask"].sum(dim=1).tolist()
+    context = out["context"].float().cpu().numpy().astype(np.float16)  # (B, L, D)
+    return [context[i, : int(n)] for i, n in enumerate(lengths)]
+
+
+def encode_shards(
+    pattern: str,
+    out_dir: str,
+    prefix: str,
+    ae: FrozenAutoencoder,
+    image_size: int,
+    batch_size: int,
+    max_per_shard: int,
+    device: torch.device,
+    text: TextConditioner | None = None,
+) -> dict[str, Any]:
+    """Image shards -> latent shards (fp16 scaled latents, caption, [frozen text embeddings]) + index with identity."""
     counter = SkipCounter("encode")
     stats = LatentStats()
     ae = ae.to(device)
+    text = text.to(device) if text is not None else None
 
     def samples() -> Iterator[dict]:
         for batch in image_batches(expand_urls(pattern), image_size, batch_size, counter):
             z = ae.encode(torch.stack([s["image"] for s in batch]).to(device)).float()  # (B, C, h, w), scaled
             stats.update(z)
-            for s, zi in zip(batch, z.cpu().numpy().astype(np.float16), strict=True):
-                yield {"__key__": s["__key__"], "latent.npy": zi, "txt": s["txt"], **{k: s[k] for k in ("json", "cls") if k in s}}
+            embs = (
+                caption_embeddings(text, [s["txt"] for s in batch])
+                if text is not None
+                else [None] * len(batch)
+            )
+            for s, zi, emb in zip(batch, z.cpu().numpy().astype(np.float16), embs, strict=True):
+                extra = {k: s[k] for k in ("json", "cls") if k in s}
+                if emb is not None:
+                    extra["emb.npy"] = emb
+                yield {"__key__": s["__key__"], "latent.npy": zi, "txt": s["txt"], **extra}
 
     write_shards(samples(), out_dir, prefix=prefix, max_per_shard=max_per_shard)
-    meta = {"autoencoder": ae.identity, "image_size": image_size, "source": pattern,
-            "latent_shape": [ae.latent_channels, image_size // ae.downsample_factor, image_size // ae.downsample_factor],
-            "latent_stats": stats.as_dict(), "skipped": counter.as_dict()}
+    meta = {
+        "autoencoder": ae.identity,
+        "image_size": image_size,
+        "source": pattern,
+        "text_encoder": {"pretrained": text.pretrained, "max_length": text.max_length}
+        if text is not None
+        else None,
+        "latent_shape": [
+            ae.latent_channels,
+            image_size // ae.downsample_factor,
+            image_size // ae.downsample_factor,
+        ],
+        "latent_stats": stats.as_dict(),
+        "skipped": counter.as_dict(),
+    }
     index_path = Path(out_dir) / f"{prefix}.json"
     index = json.loads(index_path.read_text())
     index["meta"] = meta
     tmp = index_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(index, indent=1))
     os.replace(tmp, index_path)
-    log.info("latents %s: %d samples, skipped %s, stats %s", prefix, index["total"], counter.as_dict(), meta["latent_stats"])
+    log.info(
+        "latents %s: %d samples, skipped %s, stats %s",
+        prefix,
+        index["total"],
+        counter.as_dict(),
+        meta["latent_stats"],
+    )
     return meta
 
 
@@ -146,20 +194,50 @@ def device_of(name: str) -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
+def text_encoder(name: str | None, max_length: int) -> TextConditioner | None:
+    """The frozen text encoder whose output is stored with the latents (``none`` to store captions only)."""
+    if name in (None, "", "none"):
+        return None
+    return TextConditioner(pretrained=name, max_length=max_length, dropout_prob=0.0)
+
+
 def cmd_latents(args: argparse.Namespace) -> None:
     ae = load_autoencoder(args.autoencoder, args.subfolder, args.scale_factor)
-    encode_shards(args.shards, args.out, args.prefix, ae, args.image_size, args.batch_size, args.max_per_shard, device_of(args.device))
+    encode_shards(
+        args.shards,
+        args.out,
+        args.prefix,
+        ae,
+        args.image_size,
+        args.batch_size,
+        args.max_per_shard,
+        device_of(args.device),
+        text_encoder(args.text_encoder, args.max_length),
+    )
 
 
 def cmd_emoji(args: argparse.Namespace) -> None:
     root = Path(args.out)
-    counts = split_samples(emoji_samples(size=args.size, limit=args.limit), str(root / "images"), args.max_per_shard)
+    counts = split_samples(
+        emoji_samples(size=args.size, limit=args.limit), str(root / "images"), args.max_per_shard
+    )
     log.info("emoji image shards: %s", counts)
     ae = load_autoencoder(args.autoencoder, None, None)
+    text = text_encoder(args.text_encoder, args.max_length)
     for prefix in ("train", "val"):
         index = read_index(str(root / "images" / f"{prefix}.json"))
         pattern = ",".join(index["paths"])
-        encode_shards(pattern, str(root / "latents"), prefix, ae, args.size, 256, args.max_per_shard, device_of(args.device))
+        encode_shards(
+            pattern,
+            str(root / "latents"),
+            prefix,
+            ae,
+            args.size,
+            128,
+            args.max_per_shard,
+            device_of(args.device),
+            text,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -168,26 +246,48 @@ def cmd_export(args: argparse.Namespace) -> None:
     """Stage-1 Lightning checkpoint -> PATH.safetensors + PATH.json, with scale_factor = 1 / std of the latents."""
     model = kl_autoencoder_from_checkpoint(args.ckpt).eval()
     counter = SkipCounter("export")
-    zs = [model.encode(torch.stack([s["image"] for s in b])).mode() for b in image_batches(expand_urls(args.shards), args.image_size, 256, counter)]
+    zs = [
+        model.encode(torch.stack([s["image"] for s in b])).mode()
+        for b in image_batches(expand_urls(args.shards), args.image_size, 256, counter)
+    ]
     z = torch.cat(zs)  # (N, C, h, w)
     scale = float(1.0 / z.float().std())  # Rombach et al. 2022, sec. 4.3.2: unit-variance latents
-    extra = {"recipe": args.recipe, "source_checkpoint": Path(args.ckpt).name, "latent_channel_mean": z.mean(dim=(0, 2, 3)).tolist(),
-             "latent_channel_std": z.std(dim=(0, 2, 3)).tolist(), "num_images": int(z.shape[0])}
+    extra = {
+        "recipe": args.recipe,
+        "source_checkpoint": Path(args.ckpt).name,
+        "latent_channel_mean": z.mean(dim=(0, 2, 3)).tolist(),
+        "latent_channel_std": z.std(dim=(0, 2, 3)).tolist(),
+        "num_images": int(z.shape[0]),
+    }
     save_kl_autoencoder(model, args.out, scale_factor=scale, extra=extra)
-    log.info("exported %s(.safetensors|.json) with scale_factor %.5f from %d images", args.out, scale, z.shape[0])
+    log.info(
+        "exported %s(.safetensors|.json) with scale_factor %.5f from %d images", args.out, scale, z.shape[0]
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("emoji", help="render the built-in emoji dataset and encode it with the shipped autoencoder")
+    p = sub.add_parser(
+        "emoji", help="render the built-in emoji dataset and encode it with the shipped autoencoder"
+    )
     p.add_argument("--out", default="data/emoji32")
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--limit", type=int, default=None, help="only the first N emoji (tests)")
     p.add_argument("--max-per-shard", type=int, default=500)
     p.add_argument("--autoencoder", default=SHIPPED_AUTOENCODER)
+    p.add_argument(
+        "--text-encoder",
+        default="minilm",
+        help="store this frozen encoder's caption embeddings (minilm | dir | hub id | none)",
+    )
+    p.add_argument(
+        "--max-length", type=int, default=32, help="tokenizer max length (as conditioner.max_length)"
+    )
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_emoji)
 
@@ -202,16 +302,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shards", required=True, help="e.g. '/data/part-{00000..00099}.tar'")
     p.add_argument("--out", required=True)
     p.add_argument("--prefix", default="train")
-    p.add_argument("--autoencoder", default=SHIPPED_AUTOENCODER, help="emoji-kl-f4 | PATH.safetensors | diffusers:<hub id or dir>")
+    p.add_argument(
+        "--autoencoder",
+        default=SHIPPED_AUTOENCODER,
+        help="emoji-kl-f4 | PATH.safetensors | diffusers:<hub id or dir>",
+    )
     p.add_argument("--subfolder", default=None, help="diffusers subfolder, e.g. vae")
     p.add_argument("--scale-factor", type=float, default=None, help="override the autoencoder's latent scale")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-per-shard", type=int, default=1000)
+    p.add_argument(
+        "--text-encoder",
+        default="none",
+        help="store this frozen encoder's caption embeddings (minilm | dir | hub id | none)",
+    )
+    p.add_argument(
+        "--max-length", type=int, default=32, help="tokenizer max length (as conditioner.max_length)"
+    )
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_latents)
 
-    p = sub.add_parser("export-autoencoder", help="stage-1 checkpoint -> safetensors + json with its latent scale")
+    p = sub.add_parser(
+        "export-autoencoder", help="stage-1 checkpoint -> safetensors + json with its latent scale"
+    )
     p.add_argument("--ckpt", required=True)
     p.add_argument("--shards", required=True, help="training image shards, to measure the latent std")
     p.add_argument("--out", required=True, help="output path without extension")

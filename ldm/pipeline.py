@@ -51,7 +51,9 @@ def generate(
     if len(seeds) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
     device = next(denoiser.parameters()).device
-    negatives = list(negative_prompt) if negative_prompt is not None else conditioner.null_inputs(len(prompts))
+    negatives = (
+        list(negative_prompt) if negative_prompt is not None else conditioner.null_inputs(len(prompts))
+    )
     cond = conditioner(list(prompts))
     uncond = conditioner(negatives)
     guided = CFGDenoiser(denoiser, cond=cond, uncond=uncond, scale=cfg_scale)

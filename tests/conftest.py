@@ -24,18 +24,23 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """120 emoji -> image shards (train 3 shards, val 1) -> latent shards by a random tiny KL autoencoder."""
     from ldm.autoencoder.kl import KLAutoencoder
     from ldm.autoencoder.loaders import load_kl_autoencoder, save_kl_autoencoder
+    from ldm.conditioning.text import TextConditioner
     from ldm.data.emoji import emoji_samples
     from prepare import encode_shards, split_samples
 
     root = tmp_path_factory.mktemp("tiny_data")
     counts = split_samples(emoji_samples(size=32, limit=120), str(root / "images"), max_per_shard=40)
     torch.manual_seed(0)
-    ae = KLAutoencoder(base_channels=8, channel_mult=(1, 2, 2), z_channels=4, norm_groups=8, mid_attention=False)
+    ae = KLAutoencoder(
+        base_channels=8, channel_mult=(1, 2, 2), z_channels=4, norm_groups=8, mid_attention=False
+    )
     save_kl_autoencoder(ae, str(root / "ae" / "tiny_ae"), scale_factor=1.0)
     frozen = load_kl_autoencoder(str(root / "ae" / "tiny_ae.safetensors"))
-    for prefix, last in (("train", 2), ("val", 0)):
+    text = TextConditioner(max_length=32, dropout_prob=0.0)
+    # train latents carry the frozen MiniLM embeddings (the encoder is skipped in training); val latents do not
+    for prefix, last, encoder in (("train", 2, text), ("val", 0, None)):
         encode_shards(str(root / "images" / f"{prefix}-{{000000..{last:06d}}}.tar"), str(root / "latents"), prefix,
-                      frozen, image_size=32, batch_size=64, max_per_shard=40, device=torch.device("cpu"))  # fmt: skip
+                      frozen, image_size=32, batch_size=64, max_per_shard=40, device=torch.device("cpu"), text=encoder)  # fmt: skip
     return {"root": root, "images": root / "images", "latents": root / "latents",
             "ae": root / "ae" / "tiny_ae.safetensors", "counts": counts}  # fmt: skip
 

@@ -16,14 +16,21 @@ import train
 
 
 def test_shard_pattern_matching_nothing(tiny_data: dict, tmp_path: Path) -> None:
-    cfg = compose_config("train", tiny_overrides(tiny_data, tmp_path / "r", "data.train_shards='/nowhere/train-{000000..000003}.tar'"))
-    with pytest.raises(FileNotFoundError, match=r"No shard matches '/nowhere/train-\{000000..000003\}.tar': check the path"):
+    cfg = compose_config(
+        "train",
+        tiny_overrides(tiny_data, tmp_path / "r", "data.train_shards='/nowhere/train-{000000..000003}.tar'"),
+    )
+    with pytest.raises(
+        FileNotFoundError, match=r"No shard matches '/nowhere/train-\{000000..000003\}.tar': check the path"
+    ):
         train.run(cfg)
 
 
 def test_channel_mismatch_between_autoencoder_and_net(tiny_data: dict, tmp_path: Path) -> None:
     cfg = compose_config("train", tiny_overrides(tiny_data, tmp_path / "r", "net.in_channels=3"))
-    with pytest.raises(ValueError, match=r"autoencoder has 4 latent channels but the network takes 3: set net.in_channels=4"):
+    with pytest.raises(
+        ValueError, match=r"autoencoder has 4 latent channels but the network takes 3: set net.in_channels=4"
+    ):
         instantiate(cfg.model)
 
 
@@ -34,7 +41,9 @@ def test_context_dim_mismatch(tiny_data: dict, tmp_path: Path) -> None:
 
 
 def test_resume_from_missing_checkpoint(tiny_data: dict, tmp_path: Path) -> None:
-    cfg = compose_config("train", tiny_overrides(tiny_data, tmp_path / "r", f"ckpt_path={tmp_path / 'missing.ckpt'}"))
+    cfg = compose_config(
+        "train", tiny_overrides(tiny_data, tmp_path / "r", f"ckpt_path={tmp_path / 'missing.ckpt'}")
+    )
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
         train.run(cfg)
 
@@ -46,8 +55,13 @@ def test_latent_shards_from_another_autoencoder_are_refused(tiny_data: dict, tmp
     other = tmp_path / "other_ae"
     save_kl_autoencoder(KLAutoencoder(base_channels=8, channel_mult=(1, 2, 2), norm_groups=8, mid_attention=False),
                         str(other), scale_factor=1.0)  # fmt: skip
-    cfg = compose_config("train", tiny_overrides(tiny_data, tmp_path / "r", f"autoencoder.path={other}.safetensors"))
-    with pytest.raises(ValueError, match="latent shards were made by autoencoder .*tiny_ae.* but the configured one is .*other_ae"):
+    cfg = compose_config(
+        "train", tiny_overrides(tiny_data, tmp_path / "r", f"autoencoder.path={other}.safetensors")
+    )
+    with pytest.raises(
+        ValueError,
+        match="latent shards were made by autoencoder .*tiny_ae.* but the configured one is .*other_ae",
+    ):
         train.run(cfg)
 
 

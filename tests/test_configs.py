@@ -62,7 +62,9 @@ def test_experiments_are_override_only() -> None:
         base = compose_config("train", [])
         for key in node:
             if key != "defaults":
-                assert key in base, f"experiment {option} sets '{key}', which the default config does not have"
+                assert key in base, (
+                    f"experiment {option} sets '{key}', which the default config does not have"
+                )
 
 
 def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -80,4 +82,6 @@ def test_override_that_names_no_option_fails_with_the_fix() -> None:
     out = run_cli("train.py", "optim.lrr=1e-4")
     assert out.returncode != 0 and "Could not override 'optim.lrr'" in out.stderr
     out = run_cli("train.py", "net=unet_huge")
-    assert out.returncode != 0 and "Could not find 'net/unet_huge'" in out.stderr and "unet_small" in out.stderr
+    assert (
+        out.returncode != 0 and "Could not find 'net/unet_huge'" in out.stderr and "unet_small" in out.stderr
+    )

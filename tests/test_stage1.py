@@ -18,7 +18,11 @@ from ldm.autoencoder.loss import psnr
 def test_autoencoder_experiment_trains_reports_psnr_and_exports(tiny_data: dict, tmp_path: Path) -> None:
     out = tmp_path / "ae_run"
     images = tiny_data["images"]
-    overrides = [o for o in tiny_overrides(tiny_data, out) if not o.startswith(("callbacks.", "data.", "net", "autoencoder"))]
+    overrides = [
+        o
+        for o in tiny_overrides(tiny_data, out)
+        if not o.startswith(("callbacks.", "data.", "net", "autoencoder"))
+    ]
     cfg = compose_config("train", ["experiment=autoencoder_emoji", *overrides,
                                    f"data.train_shards='{images}/train-{{000000..000002}}.tar'",
                                    f"data.val_shards={images}/val-000000.tar", "data.batch_size=16",
@@ -51,7 +55,9 @@ def test_shipped_autoencoder_reconstructs_held_out_emoji() -> None:
 
     ae = load_kl_autoencoder()  # strict load of ldm/autoencoder/weights/emoji_kl_f4.safetensors
     assert ae.latent_channels == 4 and ae.downsample_factor == 4
-    x = torch.stack([decode_image(s["png"], 32) for s in emoji_samples(size=32) if is_validation_key(s["__key__"])])
+    x = torch.stack(
+        [decode_image(s["png"], 32) for s in emoji_samples(size=32) if is_validation_key(s["__key__"])]
+    )
     assert len(x) > 150  # the fixed held-out split: every 20th emoji, never seen in training
     with torch.no_grad():
         z = ae.encode(x)

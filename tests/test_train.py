@@ -40,7 +40,9 @@ def test_checkpoint_contents(trained_run: Path) -> None:
     # the frozen text encoder and autoencoder are rebuilt from their own weights, not stored in every checkpoint
     assert not any(k.startswith(("autoencoder.", "conditioner.")) for k in state)
     # EMA lags the trained weights: close but not equal after a few steps
-    diffs = [(ema[k] - state["denoiser.net." + k]).abs().max().item() for k in ema if ema[k].is_floating_point()]
+    diffs = [
+        (ema[k] - state["denoiser.net." + k]).abs().max().item() for k in ema if ema[k].is_floating_point()
+    ]
     assert max(diffs) > 0
     assert "optimizer_states" in ckpt and "lr_schedulers" in ckpt and "rng_states" in ckpt
     assert not list((trained_run / "checkpoints").glob("*.tmp")), "atomic writes leave no temporary files"
@@ -48,7 +50,10 @@ def test_checkpoint_contents(trained_run: Path) -> None:
 
 def test_run_directory(trained_run: Path) -> None:
     assert (trained_run / "config_resolved.yaml").is_file()
-    assert sorted(p.name for p in (trained_run / "samples").glob("*.png")) == ["step_000003.png", "step_000006.png"]
+    assert sorted(p.name for p in (trained_run / "samples").glob("*.png")) == [
+        "step_000003.png",
+        "step_000006.png",
+    ]
     losses = read_losses(trained_run)
     assert sorted(losses) == list(range(6)) and all(v > 0 for v in losses.values())
     header = open(trained_run / "csv" / "metrics.csv").readline()
@@ -71,16 +76,22 @@ def test_sample_writes_images_grid_metadata_and_is_deterministic(trained_run: Pa
         a, b = (tmp_path / d / r["file"] for d in "ab")
         assert a.read_bytes() == b.read_bytes()  # same seed -> byte-identical PNG
         assert r["prompt"] == "red apple" and r["negative_prompt"] == "blurry" and r["steps"] == 5
-        assert r["cfg_scale"] == 3 and r["sampler"]["_target_"].endswith("sample_ddim") and r["use_ema"] is True
+        assert (
+            r["cfg_scale"] == 3 and r["sampler"]["_target_"].endswith("sample_ddim") and r["use_ema"] is True
+        )
         assert r["checkpoint"] == str(ckpt.resolve())
     meta = json.loads((tmp_path / "a" / "metadata.json").read_text())
     assert meta["images"] == records
     assert (tmp_path / "a" / "grid.png").is_file()
     # a different seed gives different images; the raw (non-EMA) weights give different images
     other = sample.run(sample_cfg(ckpt, tmp_path / "c", "seed=100"))
-    assert (tmp_path / "c" / other[0]["file"]).read_bytes() != (tmp_path / "a" / records[0]["file"]).read_bytes()
+    assert (tmp_path / "c" / other[0]["file"]).read_bytes() != (
+        tmp_path / "a" / records[0]["file"]
+    ).read_bytes()
     raw = sample.run(sample_cfg(ckpt, tmp_path / "d", "use_ema=false"))
-    assert (tmp_path / "d" / raw[0]["file"]).read_bytes() != (tmp_path / "a" / records[0]["file"]).read_bytes()
+    assert (tmp_path / "d" / raw[0]["file"]).read_bytes() != (
+        tmp_path / "a" / records[0]["file"]
+    ).read_bytes()
 
 
 def test_prompts_file_and_ddpm_sampler(trained_run: Path, tmp_path: Path) -> None:
@@ -100,9 +111,13 @@ def test_missing_checkpoint_error(tmp_path: Path) -> None:
 def test_resume_continues_the_loss_curve(tiny_data: dict, tmp_path: Path) -> None:
     """Two epochs in one go == one epoch, checkpoint, resume for the second (same losses, same weights)."""
     base = ["trainer.max_steps=-1", "data.train_samples=64", "trainer.check_val_every_n_epoch=100"]
-    full = compose_config("train", tiny_overrides(tiny_data, tmp_path / "full", *base, "trainer.max_epochs=2"))
+    full = compose_config(
+        "train", tiny_overrides(tiny_data, tmp_path / "full", *base, "trainer.max_epochs=2")
+    )
     train.run(full)
-    first = compose_config("train", tiny_overrides(tiny_data, tmp_path / "first", *base, "trainer.max_epochs=1"))
+    first = compose_config(
+        "train", tiny_overrides(tiny_data, tmp_path / "first", *base, "trainer.max_epochs=1")
+    )
     train.run(first)
     ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
     resumed = compose_config("train", tiny_overrides(tiny_data, tmp_path / "resumed", *base, "trainer.max_epochs=2",

@@ -6,6 +6,7 @@ and ``null_inputs(n)``.
 """
 
 from ldm.conditioning.labels import ClassConditioner, dropout_mask
+from ldm.conditioning.precomputed import replace_rows
 from ldm.conditioning.text import TextConditioner, minilm_path
 
-__all__ = ["ClassConditioner", "TextConditioner", "dropout_mask", "minilm_path"]
+__all__ = ["ClassConditioner", "TextConditioner", "dropout_mask", "minilm_path", "replace_rows"]

@@ -100,6 +100,26 @@ def decode_latent(data: bytes) -> torch.Tensor | None:
     return tensor if bool(torch.isfinite(tensor).all()) else None
 
 
+def decode_embedding(data: bytes) -> torch.Tensor | None:
+    """``.npy`` bytes -> (L, D) float32 token embeddings; None if not a finite non-empty 2-d float array."""
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    if array.ndim != 2 or array.shape[0] == 0 or array.dtype not in (np.float16, np.float32):
+        return None
+    tensor = torch.from_numpy(array.astype(np.float32))
+    return tensor if bool(torch.isfinite(tensor).all()) else None
+
+
+def pad_embeddings(embs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[(L_i, D)] -> context (B, L_max, D) zero-padded and context_mask (B, L_max), True on real tokens."""
+    length = max(e.shape[0] for e in embs)
+    context = torch.zeros(len(embs), length, embs[0].shape[1])
+    mask = torch.zeros(len(embs), length, dtype=torch.bool)
+    for i, e in enumerate(embs):
+        context[i, : e.shape[0]] = e
+        mask[i, : e.shape[0]] = True
+    return context, mask
+
+
 class ShardDataset(IterableDataset):
     """Yields ready batches: {"image" (B, 3, S, S) | "latent" (B, C, h, w), "txt", "__key__", "skipped"[, "cls"]}."""
 
@@ -216,6 +236,16 @@ class ShardDataset(IterableDataset):
             counter.add("bad_latent", detail=f"(key {raw['__key__']}: need a finite fp16 (C, h, w) array) ")
             return None
         sample["latent"] = latent
+        if (
+            "emb.npy" in raw
+        ):  # precomputed frozen text-encoder output for the caption: (L_i, D), real tokens only
+            emb = decode_embedding(raw["emb.npy"])
+            if emb is None:
+                counter.add(
+                    "bad_embedding", detail=f"(key {raw['__key__']}: need a finite fp16 (L, D) array) "
+                )
+                return None
+            sample["emb"] = emb
         return sample
 
     def _samples(
@@ -274,6 +304,13 @@ class ShardDataset(IterableDataset):
             "__key__": [s["__key__"] for s in samples],
             "skipped": skipped,
         }
+        embedded = sum("emb" in s for s in samples)
+        if embedded == len(samples):
+            batch["context"], batch["context_mask"] = pad_embeddings([s["emb"] for s in samples])
+        elif embedded:
+            log.warning(
+                "batch mixes samples with and without precomputed embeddings: embeddings dropped for this batch"
+            )
         labelled = sum("cls" in s for s in samples)
         if labelled == len(samples):
             batch["cls"] = torch.tensor([s["cls"] for s in samples], dtype=torch.long)  # (B,)

@@ -92,7 +92,9 @@ class SampleGrid(L.Callback):
         log.info("sample grid written to %s", path)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image("samples", [str(path)], step=trainer.global_step, caption=[" | ".join(self.prompts)])
+                logger.log_image(
+                    "samples", [str(path)], step=trainer.global_step, caption=[" | ".join(self.prompts)]
+                )
             elif isinstance(logger, TensorBoardLogger):
                 arr = np.asarray(grid).transpose(2, 0, 1)  # (3, H, W) uint8
                 logger.experiment.add_image("samples", arr, global_step=trainer.global_step)
@@ -108,12 +110,16 @@ class Throughput(L.Callback):
         self.t0: float | None = None
         self.samples = 0
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.t0 is None:
             self.t0 = time.perf_counter()
             self.samples = 0
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         key = "latent" if "latent" in batch else "image"
         self.samples += int(batch[key].shape[0])
         if trainer.global_step % self.window == 0 and self.t0 is not None:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm.autoencoder.frozen import FrozenAutoencoder
+from ldm.conditioning import dropout_mask, replace_rows
 from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.loss import DiffusionLoss
 
@@ -74,7 +75,9 @@ class LatentDiffusion(L.LightningModule):
         elif self.autoencoder is not None:
             z = self.autoencoder.encode(batch["image"])
         else:
-            raise ValueError("batch has images but no autoencoder is configured: set autoencoder=... or use latent shards")
+            raise ValueError(
+                "batch has images but no autoencoder is configured: set autoencoder=... or use latent shards"
+            )
         if z.shape[1] != self.net.in_channels:
             raise ValueError(
                 f"latents have {z.shape[1]} channels but the network takes {self.net.in_channels}: "
@@ -94,8 +97,7 @@ class LatentDiffusion(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         z = self.latents(batch)  # (B, C, h, w)
         g = self.step_generator(z.device, self.global_step, stream=0)
-        inputs = self.conditioner.drop(batch[self.conditioner.batch_key], generator=g)
-        cond = self.conditioner(inputs)
+        cond = self.conditioning(batch, generator=g)
         loss = self.loss_fn(self.net, z, generator=g, **cond)
         self.log("train/loss", loss, prog_bar=True, batch_size=z.shape[0])
         self.count_skipped(batch)
@@ -104,17 +106,38 @@ class LatentDiffusion(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         z = self.latents(batch)
         g = self.step_generator(z.device, batch_idx, stream=1)  # the same noise every validation run
-        cond = self.conditioner(batch[self.conditioner.batch_key])
+        cond = self.conditioning(batch, generator=None)
         loss = self.loss_fn(self.net, z, generator=g, **cond)
         self.log("val/loss", loss, prog_bar=True, batch_size=z.shape[0], sync_dist=True)
         return loss
+
+    def conditioning(self, batch: dict[str, Any], generator: torch.Generator | None) -> dict[str, Tensor]:
+        """Cross-attention context for a batch; with a generator (training) some inputs become the null input.
+
+        Latent shards may carry the frozen text encoder's output ("context"/"context_mask"): then the encoder is
+        skipped and dropped rows get the null input's embedding.
+        """
+        if "context" not in batch:
+            inputs = batch[self.conditioner.batch_key]
+            if generator is not None:
+                inputs = self.conditioner.drop(inputs, generator=generator)
+            return self.conditioner(inputs)
+        context, mask = batch["context"], batch["context_mask"]  # (B, L, D), (B, L)
+        if generator is None:
+            return {"context": context, "context_mask": mask}
+        drop = dropout_mask(context.shape[0], self.conditioner.dropout_prob, generator)  # (B,)
+        null = self.conditioner(self.conditioner.null_inputs(1))
+        context, mask = replace_rows(context, mask, null["context"], null["context_mask"], drop)
+        return {"context": context, "context_mask": mask}
 
     def count_skipped(self, batch: dict[str, Any]) -> None:
         """Samples the loader dropped (per reason) arrive with each batch; log the running totals."""
         for reason, n in batch.get("skipped", {}).items():
             if n:
                 self.skipped[reason] += int(n)
-                log.warning("skipped %d sample(s) in the loader: %s (total %d)", n, reason, self.skipped[reason])
+                log.warning(
+                    "skipped %d sample(s) in the loader: %s (total %d)", n, reason, self.skipped[reason]
+                )
         for reason, total in self.skipped.items():
             self.log(f"data/skipped_{reason}", float(total), reduce_fx="sum", sync_dist=True)
 
@@ -142,7 +165,9 @@ class LatentDiffusion(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         frozen = self.frozen_prefixes()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         frozen = self.frozen_prefixes()
@@ -150,10 +175,21 @@ class LatentDiffusion(L.LightningModule):
         checkpoint["state_dict"] = {**checkpoint["state_dict"], **own}
 
 
-def check_latent_source(shard_meta: dict[str, Any] | None, autoencoder: FrozenAutoencoder | None) -> None:
-    """Refuse latent shards written by another autoencoder than the configured one (shows both identities)."""
+def check_latent_source(
+    shard_meta: dict[str, Any] | None,
+    autoencoder: FrozenAutoencoder | None,
+    conditioner: nn.Module | None = None,
+) -> None:
+    """Refuse latent shards written by another autoencoder (or text encoder) than the configured one."""
     if not shard_meta or "autoencoder" not in shard_meta or autoencoder is None:
         return
+    text = shard_meta.get("text_encoder")
+    configured_text = getattr(conditioner, "pretrained", None)
+    if text and text.get("pretrained") != configured_text:
+        raise ValueError(
+            f"latent shards carry embeddings of text encoder '{text.get('pretrained')}' but the configured conditioner is "
+            f"'{configured_text}': re-encode with `python prepare.py latents --text-encoder ...` or set conditioner="
+        )
     made_by, configured = shard_meta["autoencoder"], autoencoder.identity
     keys = ("sha256", "scale_factor", "shift_factor", "latent_channels")
     if any(made_by.get(k) != configured.get(k) for k in keys):

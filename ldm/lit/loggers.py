@@ -34,4 +34,6 @@ def wandb_logger(
     """
     mode = mode or os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    return WandbLogger(project=project, name=name, save_dir=save_dir, offline=mode == "offline", mode=mode, tags=list(tags))
+    return WandbLogger(
+        project=project, name=name, save_dir=save_dir, offline=mode == "offline", mode=mode, tags=list(tags)
+    )

@@ -13,7 +13,9 @@ def warmup_constant(optimizer: Optimizer, warmup_steps: int = 0) -> LambdaLR:
     return LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
 
 
-def warmup_cosine(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, final_ratio: float = 0.1) -> LambdaLR:
+def warmup_cosine(
+    optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, final_ratio: float = 0.1
+) -> LambdaLR:
     """Linear warm-up, then cosine decay to ``final_ratio`` of the base rate at ``total_steps``."""
 
     def factor(step: int) -> float:
