@@ -67,4 +67,4 @@ def test_shipped_autoencoder_reconstructs_held_out_emoji() -> None:
     assert float(psnr(x, recon).mean()) > PSNR_FLOOR
 
 
-PSNR_FLOOR = 20.0  # measured on the shipped weights: see README (autoencoder section)
+PSNR_FLOOR = 27.0  # the shipped weights measure 28.2 dB on this split (README, "Train the autoencoder")

@@ -133,3 +133,30 @@ def test_resume_continues_the_loss_curve(tiny_data: dict, tmp_path: Path) -> Non
         torch.testing.assert_close(b["state_dict"][k], v, rtol=1e-5, atol=1e-6)
     for k, v in a["ema_state_dict"].items():
         torch.testing.assert_close(b["ema_state_dict"][k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_wandb_offline_and_tensorboard_loggers(tiny_data: dict, tmp_path: Path, monkeypatch) -> None:
+    """Not logged in -> wandb runs offline into a real run directory; TensorBoard gets scalars and the sample grid."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
+    out = tmp_path / "r"
+    cfg = compose_config("train", tiny_overrides(tiny_data, out, "logger=[wandb,tensorboard]", "trainer.max_steps=2",
+                                                 "callbacks.sample_grid.every_n_steps=2"))  # fmt: skip
+    train.run(cfg)
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    events = list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert "train/loss" in acc.Tags()["scalars"] and "samples" in acc.Tags()["images"]
+
+
+def test_fast_dev_run(tiny_data: dict, tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    summary = train.run(compose_config("train", tiny_overrides(tiny_data, out, "debug=fast_dev_run")))
+    assert summary["global_step"] == 1
+    assert not (out / "checkpoints").exists()
