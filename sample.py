@@ -14,9 +14,9 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.instantiate import build
 from ldm.lit.checkpoint_io import load_checkpoint_file
 from ldm.lit.ema import EMA_KEY
 from ldm.pipeline import generate, make_grid, to_pil
@@ -63,9 +63,9 @@ def load_model(ckpt_path: Path, use_ema: bool, device: torch.device) -> tuple[An
             f"'{ckpt_path}' is not a latent-diffusion checkpoint written by train.py (no ldm_config.model.denoiser)"
         )
     model_cfg = OmegaConf.create(config["model"])
-    denoiser = instantiate(model_cfg.denoiser)
-    conditioner = instantiate(model_cfg.conditioner)
-    autoencoder = instantiate(model_cfg.autoencoder)
+    denoiser = build(model_cfg.denoiser)
+    conditioner = build(model_cfg.conditioner)
+    autoencoder = build(model_cfg.autoencoder)
     state = checkpoint["state_dict"]
     if use_ema:
         if EMA_KEY not in checkpoint:
@@ -104,7 +104,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         image_size // autoencoder.downsample_factor,
     )
     sigmas = get_sigmas_discrete(denoiser.schedule, cfg.steps, spacing=cfg.spacing)
-    sampler = instantiate(cfg.sampler)
+    sampler = build(cfg.sampler)
     sampler_settings = {
         "sampler": OmegaConf.to_container(cfg.sampler),
         "steps": cfg.steps,

@@ -15,9 +15,9 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.instantiate import build
 from ldm.lit.callbacks import ConfigInCheckpoint
 from ldm.lit.checkpoint_io import AtomicCheckpointIO
 from ldm.lit.latent_diffusion import LatentDiffusion, check_latent_source
@@ -29,7 +29,7 @@ def build_list(node: DictConfig | None) -> list[Any]:
     """Instantiate every entry of a group that holds several named objects (callbacks, loggers)."""
     if not node:
         return []
-    return [instantiate(v) for v in node.values() if v is not None and "_target_" in v]
+    return [build(v) for v in node.values() if v is not None and "_target_" in v]
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -39,13 +39,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(resolved), output_dir / "config_resolved.yaml")
 
-    datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
+    datamodule = build(cfg.data)
+    model = build(cfg.model)
     if isinstance(model, LatentDiffusion):
         check_latent_source(datamodule.index_meta, model.autoencoder, model.conditioner)
     callbacks = build_list(cfg.get("callbacks")) + [ConfigInCheckpoint(resolved)]
     loggers = build_list(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(
+    trainer: L.Trainer = build(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_overrides
-from hydra.utils import instantiate
 from hydra_utils import compose_config
 
 import train
+from ldm.instantiate import build as instantiate
 
 
 def test_shard_pattern_matching_nothing(tiny_data: dict, tmp_path: Path) -> None:
