@@ -91,3 +91,6 @@ def test_corrupt_image_and_missing_caption_are_counted_and_logged(tiny_data: dic
     last = {k: v for r in rows for k, v in r.items() if v}
     assert float(last["data/skipped_decode_error"]) == 1.0
     assert float(last["data/skipped_missing_caption"]) == 1.0
+    import json
+
+    assert json.loads((out / "data_skipped_rank0.json").read_text()) == {"decode_error": 1, "missing_caption": 1}

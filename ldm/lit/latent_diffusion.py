@@ -7,9 +7,11 @@ autoencoder that wrote them) or are encoded on the fly from ``batch["image"]`` b
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -139,7 +141,14 @@ class LatentDiffusion(L.LightningModule):
                     "skipped %d sample(s) in the loader: %s (total %d)", n, reason, self.skipped[reason]
                 )
         for reason, total in self.skipped.items():
-            self.log(f"data/skipped_{reason}", float(total), reduce_fx="sum", sync_dist=True)
+            # per rank, no sync: ranks may have seen different reasons, and a collective over different keys hangs
+            self.log(f"data/skipped_{reason}", float(total), rank_zero_only=False)
+
+    def on_fit_end(self) -> None:
+        """The skipped-sample counts per reason, per rank, also go to the run directory."""
+        path = Path(self.trainer.default_root_dir) / f"data_skipped_rank{self.global_rank}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dict(self.skipped), indent=1))
 
     # ------------------------------------------------------------------ optimisation
     def trainable_parameters(self) -> list[nn.Parameter]:
