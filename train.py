@@ -17,6 +17,7 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.instantiate import build
@@ -47,6 +48,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         check_latent_source(datamodule.index_meta, model.autoencoder, model.conditioner)
     callbacks = build_list(cfg.get("callbacks")) + [ConfigInCheckpoint(resolved)]
     loggers = build_list(cfg.get("logger"))
+    if not loggers:  # LearningRateMonitor refuses to run without a logger
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = build(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
@@ -58,7 +61,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     wall = time.perf_counter() - start
-    if not trainer.interrupted and not cfg.trainer.get("fast_dev_run"):
+    if not trainer.interrupted and not trainer.fast_dev_run:
         # the end state, whatever the checkpoint interval: resumable, with EMA weights and config
         trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
     summary = {

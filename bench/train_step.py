@@ -21,7 +21,12 @@ from hydra_utils import compose_config  # noqa: E402
 
 from ldm.lit.latent_diffusion import LatentDiffusion  # noqa: E402
 
-CAPTIONS = ["woman detective: medium-dark skin tone", "red apple", "family: man, woman, girl, boy", "blue heart"]
+CAPTIONS = [
+    "woman detective: medium-dark skin tone",
+    "red apple",
+    "family: man, woman, girl, boy",
+    "blue heart",
+]
 
 
 def timed_steps(module: LatentDiffusion, batch: dict, steps: int) -> float:
@@ -54,7 +59,10 @@ def main() -> None:
     precomputed = {"latent": latent, "txt": captions, "context": live["context"][:, :n_real].half().float(),
                    "context_mask": live["context_mask"][:, :n_real]}  # fmt: skip
     rows = []
-    for name, batch in (("live MiniLM encoder", {"latent": latent, "txt": captions}), ("precomputed embeddings", precomputed)):
+    for name, batch in (
+        ("live MiniLM encoder", {"latent": latent, "txt": captions}),
+        ("precomputed embeddings", precomputed),
+    ):
         seconds = timed_steps(module, batch, args.steps)
         rows.append((name, 1.0 / seconds, args.batch / seconds))
     params = sum(p.numel() for p in module.net.parameters()) / 1e6

@@ -93,4 +93,7 @@ def test_corrupt_image_and_missing_caption_are_counted_and_logged(tiny_data: dic
     assert float(last["data/skipped_missing_caption"]) == 1.0
     import json
 
-    assert json.loads((out / "data_skipped_rank0.json").read_text()) == {"decode_error": 1, "missing_caption": 1}
+    assert json.loads((out / "data_skipped_rank0.json").read_text()) == {
+        "decode_error": 1,
+        "missing_caption": 1,
+    }

@@ -114,12 +114,12 @@ def test_ema_update_follows_the_warmup_formula() -> None:
     holder = Holder()
     ema = EMA(decay=0.9)
     ema.shadow = {k: v.clone() for k, v in holder.net.state_dict().items()}
-    trainer = type("T", (), {"global_step": 1})()
+    trainer = type("T", (), {"global_step": 1, "accumulate_grad_batches": 1})()
     expected = holder.net.weight.detach().clone()
     for n in range(1, 6):
         with torch.no_grad():
             holder.net.weight.add_(1.0)
-        ema.on_train_batch_end(trainer, holder)
+        ema.on_train_batch_end(trainer, holder, None, None, 0)
         decay = min(0.9, (1 + n) / (10 + n))
         expected = decay * expected + (1 - decay) * holder.net.weight.detach()
     torch.testing.assert_close(ema.shadow["weight"], expected)

@@ -61,6 +61,10 @@ class ShardDataModule(L.LightningDataModule):
         self.index_meta: dict = {}
         if train_samples is None:
             self.train_samples, self.index_meta = _count_from_index(self.train_urls, "train_samples")
+        elif (index_file := index_path_for(self.train_urls[0])) is not None and index_file.is_file():
+            self.index_meta = read_index(str(index_file))[
+                "meta"
+            ]  # who made the shards, even with a given count
         if self.val_urls and val_samples is None:
             self.val_samples, _ = _count_from_index(self.val_urls, "val_samples")
         self.train_dataset: ShardDataset | None = None

@@ -93,7 +93,10 @@ class SampleGrid(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(
-                    "samples", [str(path)], step=trainer.global_step, caption=[" | ".join(self.prompts)]
+                    "samples",
+                    [str(path)],
+                    step=trainer.global_step,
+                    caption=[" | ".join(map(str, self.prompts))],
                 )
             elif isinstance(logger, TensorBoardLogger):
                 arr = np.asarray(grid).transpose(2, 0, 1)  # (3, H, W) uint8

@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 
 EMA_KEY = "ema_state_dict"
@@ -32,13 +33,21 @@ class EMA(L.Callback):
         return pl_module.net
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if isinstance(trainer.strategy, FSDPStrategy):
+            raise ValueError(
+                "the EMA callback does not gather FSDP-sharded weights yet: add callbacks.ema=null callbacks.sample_grid=null, or use trainer=ddp"
+            )
         net = self.target(pl_module)
         if not self.shadow:
             self.shadow = {k: v.detach().clone() for k, v in net.state_dict().items()}
         self.shadow = {k: v.to(pl_module.device) for k, v in self.shadow.items()}
 
     @torch.no_grad()
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # not an optimizer step yet (gradient accumulation)
         if trainer.global_step % self.update_every:
             return
         self.num_updates += 1

@@ -87,18 +87,23 @@ class LatentDiffusion(L.LightningModule):
             )
         return z
 
-    def step_generator(self, device: torch.device, step: int, stream: int) -> torch.Generator:
-        """Noise, timesteps and caption dropout are a pure function of (seed, step, rank, stream).
+    def step_generator(self, device: torch.device, step: int, stream: int, micro: int = 0) -> torch.Generator:
+        """Noise, timesteps and caption dropout are a pure function of (seed, step, micro-batch, rank, stream).
 
         This makes a resumed run draw exactly what the uninterrupted run would have drawn.
         """
         g = torch.Generator(device=device)
-        g.manual_seed(((self.seed * 1_000_003 + step) * 1_009 + self.global_rank) * 7 + stream)
+        g.manual_seed(
+            (((self.seed * 1_000_003 + step) * 1_013 + micro) * 1_009 + self.global_rank) * 7 + stream
+        )
         return g
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         z = self.latents(batch)  # (B, C, h, w)
-        g = self.step_generator(z.device, self.global_step, stream=0)
+        micro = (
+            batch_idx % self.trainer.accumulate_grad_batches
+        )  # distinct draws for accumulated micro-batches
+        g = self.step_generator(z.device, self.global_step, stream=0, micro=micro)
         cond = self.conditioning(batch, generator=g)
         loss = self.loss_fn(self.net, z, generator=g, **cond)
         self.log("train/loss", loss, prog_bar=True, batch_size=z.shape[0])
