@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 
 from ldm.autoencoder.frozen import FrozenAutoencoder
 from ldm.autoencoder.loaders import (
@@ -33,7 +32,7 @@ from ldm.autoencoder.loaders import (
 from ldm.conditioning.text import TextConditioner
 from ldm.data.emoji import emoji_samples, is_validation_key
 from ldm.data.folder import folder_samples
-from ldm.data.pipeline import IMAGE_EXTS, decode_image, expand_urls
+from ldm.data.pipeline import IMAGE_EXTS, decode_image, expand_urls, raw_samples
 from ldm.data.shards import SkipCounter, read_index, write_shards
 
 log = logging.getLogger("prepare")
@@ -66,14 +65,6 @@ def load_autoencoder(spec: str, subfolder: str | None, scale_factor: float | Non
             spec.removeprefix("diffusers:"), subfolder=subfolder, scale_factor=scale_factor
         )
     return load_kl_autoencoder(spec, scale_factor=scale_factor)
-
-
-def raw_samples(urls: list[str], counter: SkipCounter) -> Iterator[dict[str, Any]]:
-    def handler(exn: Exception) -> bool:
-        counter.add("read_error", detail=f"({type(exn).__name__}: {exn}) ")
-        return True
-
-    yield from wds.tariterators.tarfile_samples([{"url": u} for u in urls], handler=handler)
 
 
 def image_batches(urls: list[str], size: int, batch_size: int, counter: SkipCounter) -> Iterator[list[dict]]:
@@ -222,6 +213,8 @@ def cmd_emoji(args: argparse.Namespace) -> None:
         emoji_samples(size=args.size, limit=args.limit), str(root / "images"), args.max_per_shard
     )
     log.info("emoji image shards: %s", counts)
+    if args.images_only:
+        return
     ae = load_autoencoder(args.autoencoder, None, None)
     text = text_encoder(args.text_encoder, args.max_length)
     for prefix in ("train", "val"):
@@ -278,6 +271,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="data/emoji32")
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--limit", type=int, default=None, help="only the first N emoji (tests)")
+    p.add_argument(
+        "--images-only",
+        action="store_true",
+        help="write the image shards only (e.g. to train the autoencoder)",
+    )
     p.add_argument("--max-per-shard", type=int, default=500)
     p.add_argument("--autoencoder", default=SHIPPED_AUTOENCODER)
     p.add_argument(

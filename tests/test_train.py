@@ -160,3 +160,15 @@ def test_fast_dev_run(tiny_data: dict, tmp_path: Path) -> None:
     summary = train.run(compose_config("train", tiny_overrides(tiny_data, out, "debug=fast_dev_run")))
     assert summary["global_step"] == 1
     assert not (out / "csv").exists()  # fast_dev_run switches the loggers off
+
+
+@pytest.mark.slow
+def test_overfits_a_small_subset(tiny_data: dict, tmp_path: Path) -> None:
+    """debug=overfit: 64 samples, 300 steps; the training loss must fall well below where it started."""
+    out = tmp_path / "r"
+    train.run(
+        compose_config("train", tiny_overrides(tiny_data, out, "debug=overfit", "trainer.max_steps=300"))
+    )
+    losses = read_losses(out)
+    first, last = sum(losses[s] for s in range(10)) / 10, sum(losses[s] for s in range(290, 300)) / 10
+    assert last < 0.6 * first, (first, last)

@@ -100,6 +100,16 @@ def decode_latent(data: bytes) -> torch.Tensor | None:
     return tensor if bool(torch.isfinite(tensor).all()) else None
 
 
+def raw_samples(urls: list[str], counter: SkipCounter) -> Iterator[dict[str, Any]]:
+    """Undecoded samples ({"__key__", ext: bytes}) of the shards in order; unreadable tar members are counted."""
+
+    def handler(exn: Exception) -> bool:
+        counter.add("read_error", detail=f"({type(exn).__name__}: {exn}) ")
+        return True
+
+    yield from wds.tariterators.tarfile_samples([{"url": u} for u in urls], handler=handler)
+
+
 def decode_embedding(data: bytes) -> torch.Tensor | None:
     """``.npy`` bytes -> (L, D) float32 token embeddings; None if not a finite non-empty 2-d float array."""
     array = np.load(io.BytesIO(data), allow_pickle=False)
@@ -193,11 +203,7 @@ class ShardDataset(IterableDataset):
 
     # ---------------------------------------------------------------- samples
     def _raw_samples(self, urls: list[str], counter: SkipCounter) -> Iterator[dict[str, Any]]:
-        def handler(exn: Exception) -> bool:
-            counter.add("read_error", detail=f"({type(exn).__name__}: {exn}) ")
-            return True
-
-        yield from wds.tariterators.tarfile_samples([{"url": u} for u in urls], handler=handler)
+        yield from raw_samples(urls, counter)
 
     def _decode(self, raw: dict[str, Any], counter: SkipCounter) -> dict[str, Any] | None:
         if "txt" not in raw:

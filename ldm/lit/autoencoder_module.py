@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ldm.autoencoder.kl import KLAutoencoder
 from ldm.autoencoder.loss import KLAutoencoderLoss, psnr
+from ldm.lit.lr_schedules import optimizers_config
 
 
 class AutoencoderModule(L.LightningModule):
@@ -50,8 +51,4 @@ class AutoencoderModule(L.LightningModule):
         return value
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.model.parameters())
-        if self.lr_schedule_factory is None:
-            return optimizer
-        scheduler = self.lr_schedule_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizers_config(self.model.parameters(), self.optimizer_factory, self.lr_schedule_factory)

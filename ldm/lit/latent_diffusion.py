@@ -22,6 +22,7 @@ from ldm.autoencoder.frozen import FrozenAutoencoder
 from ldm.conditioning import dropout_mask, replace_rows
 from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.loss import DiffusionLoss
+from ldm.lit.lr_schedules import optimizers_config
 
 log = logging.getLogger(__name__)
 
@@ -163,11 +164,9 @@ class LatentDiffusion(L.LightningModule):
         return params
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.trainable_parameters())
-        if self.lr_schedule_factory is None:
-            return optimizer
-        scheduler = self.lr_schedule_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizers_config(
+            self.trainable_parameters(), self.optimizer_factory, self.lr_schedule_factory
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def frozen_prefixes(self) -> tuple[str, ...]:

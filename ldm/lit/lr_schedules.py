@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
+from typing import Any
 
+from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -25,3 +28,15 @@ def warmup_cosine(
         return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return LambdaLR(optimizer, factor)
+
+
+def optimizers_config(
+    params: Iterable[nn.Parameter],
+    optimizer: Callable[..., Optimizer],
+    lr_schedule: Callable[[Optimizer], Any] | None,
+) -> Any:
+    """What ``configure_optimizers`` returns: the optimizer, and its schedule stepped every optimizer step."""
+    opt = optimizer(params)
+    if lr_schedule is None:
+        return opt
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": lr_schedule(opt), "interval": "step"}}
