@@ -140,7 +140,7 @@ class RNGState(L.Callback):
         np_state = np.random.get_state()
         checkpoint["rng_states"] = {
             "torch": torch.get_rng_state(),
-            "accelerator": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "accelerator": _device_module(pl_module).get_rng_state_all() if _device_module(pl_module) else [],
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
             "python": _python_state_to_tensor(random.getstate()),
         }
@@ -151,11 +151,17 @@ class RNGState(L.Callback):
             log.warning("checkpoint has no RNG state: global random streams will not continue exactly")
             return
         torch.set_rng_state(states["torch"])
-        if states["accelerator"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(states["accelerator"])
+        if states["accelerator"] and _device_module(pl_module):
+            _device_module(pl_module).set_rng_state_all(states["accelerator"])
         name, keys, pos, has_gauss, gauss = states["numpy"]
         np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), gauss))
         random.setstate(_python_state_from_tensor(states["python"]))
+
+
+def _device_module(pl_module: L.LightningModule) -> Any:
+    """torch.<device type> of the module's accelerator (for its RNG states), None on the CPU."""
+    kind = pl_module.device.type
+    return None if kind == "cpu" else torch.get_device_module(kind)
 
 
 def _python_state_to_tensor(state: tuple) -> dict[str, Any]:
