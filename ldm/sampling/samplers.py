@@ -100,15 +100,6 @@ def sample_ddpm(
     In VE form with r = sigma'^2 / sigma^2: mean = r x + (1 - r) x0_hat, variance = sigma'^2 (1 - r). On a strided
     grid this uses beta_t = 1 - abar_t / abar_t' like diffusers' DDPMScheduler ("fixed_small" variance).
     """
-    values = _check_sigmas(sigmas)
-    sigmas_dev = sigmas.to(x.device)  # (N+1,)
-    for i in range(len(values) - 1):
-        sigma, sigma_next = values[i], values[i + 1]
-        denoised = _denoise(denoiser, x, sigmas_dev[i], extra_args)  # (B, ...)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigmas_dev[i], "denoised": denoised})
-        r = sigma_next**2 / sigma**2
-        x = r * x + (1.0 - r) * denoised  # (B, ...) posterior mean, Ho et al. eq. 7
-        if sigma_next > 0.0:
-            x = x + math.sqrt(sigma_next**2 * (1.0 - r)) * _noise_like(x, generator)
-    return x
+    # With eta = 1 the DDIM step x' = x0 + sigma_down * eps + sigma_up * z has mean r x + (1 - r) x0 and variance
+    # sigma'^2 (1 - r): exactly this posterior, so one loop serves both samplers.
+    return sample_ddim(denoiser, x, sigmas, eta=1.0, extra_args=extra_args, callback=callback, generator=generator)
