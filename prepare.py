@@ -24,6 +24,7 @@ import torch
 from ldm.autoencoder.frozen import FrozenAutoencoder
 from ldm.autoencoder.loaders import (
     SHIPPED_AUTOENCODER,
+    LatentMoments,
     kl_autoencoder_from_checkpoint,
     load_diffusers_autoencoder,
     load_kl_autoencoder,
@@ -52,9 +53,8 @@ def split_samples(samples: Iterator[dict], out_dir: str, max_per_shard: int) -> 
 def cmd_images(args: argparse.Namespace) -> None:
     counter = SkipCounter("folder")
     samples = ({**s, "__key__": f"{i:06d}"} for i, s in enumerate(folder_samples(args.input, counter)))
-    train = list(samples)
-    write_shards(train, args.out, prefix=args.prefix, max_per_shard=args.max_per_shard)
-    log.info("images: %d samples written, skipped %s", len(train), counter.as_dict())
+    write_shards(samples, args.out, prefix=args.prefix, max_per_shard=args.max_per_shard)  # streamed
+    log.info("images: skipped %s", counter.as_dict())
 
 
 # ---------------------------------------------------------------------------------------------- latent shards
@@ -91,24 +91,6 @@ def image_batches(urls: list[str], size: int, batch_size: int, counter: SkipCoun
         yield batch
 
 
-class LatentStats:
-    """Running per-channel mean and std of the (scaled) latents written."""
-
-    def __init__(self) -> None:
-        self.n, self.s1, self.s2 = 0, 0.0, 0.0
-
-    def update(self, z: torch.Tensor) -> None:  # (B, C, h, w)
-        z = z.double()
-        self.n += z.shape[0] * z.shape[2] * z.shape[3]
-        self.s1 = self.s1 + z.sum(dim=(0, 2, 3))
-        self.s2 = self.s2 + (z * z).sum(dim=(0, 2, 3))
-
-    def as_dict(self) -> dict[str, list[float]]:
-        mean = self.s1 / self.n
-        std = (self.s2 / self.n - mean**2).clamp_min(0).sqrt()
-        return {"mean": mean.tolist(), "std": std.tolist()}
-
-
 def caption_embeddings(text: TextConditioner, captions: list[str]) -> list[np.ndarray]:
     """The frozen encoder's output for each caption, real tokens only: [(L_i, D) fp16]."""
     out = text(captions)
@@ -130,14 +112,14 @@ def encode_shards(
 ) -> dict[str, Any]:
     """Image shards -> latent shards (fp16 scaled latents, caption, [frozen text embeddings]) + index with identity."""
     counter = SkipCounter("encode")
-    stats = LatentStats()
+    moments = LatentMoments()  # of the scaled latents written
     ae = ae.to(device)
     text = text.to(device) if text is not None else None
 
     def samples() -> Iterator[dict]:
         for batch in image_batches(expand_urls(pattern), image_size, batch_size, counter):
             z = ae.encode(torch.stack([s["image"] for s in batch]).to(device)).float()  # (B, C, h, w), scaled
-            stats.update(z)
+            moments.update(z)
             embs = (
                 caption_embeddings(text, [s["txt"] for s in batch])
                 if text is not None
@@ -162,7 +144,7 @@ def encode_shards(
             image_size // ae.downsample_factor,
             image_size // ae.downsample_factor,
         ],
-        "latent_stats": stats.as_dict(),
+        "latent_stats": moments.result(),
         "skipped": counter.as_dict(),
     }
     index_path = Path(out_dir) / f"{prefix}.json"
@@ -239,22 +221,33 @@ def cmd_export(args: argparse.Namespace) -> None:
     """Stage-1 Lightning checkpoint -> PATH.safetensors + PATH.json, with scale_factor = 1 / std of the latents."""
     model = kl_autoencoder_from_checkpoint(args.ckpt).eval()
     counter = SkipCounter("export")
-    zs = [
-        model.encode(torch.stack([s["image"] for s in b])).mode()
-        for b in image_batches(expand_urls(args.shards), args.image_size, 256, counter)
-    ]
-    z = torch.cat(zs)  # (N, C, h, w)
-    scale = float(1.0 / z.float().std())  # Rombach et al. 2022, sec. 4.3.2: unit-variance latents
+    moments, num_images = LatentMoments(), 0  # streamed: memory stays flat however many shards
+    for batch in image_batches(expand_urls(args.shards), args.image_size, 256, counter):
+        moments.update(model.encode(torch.stack([s["image"] for s in batch])).mode())  # (B, C, h, w)
+        num_images += len(batch)
+    stats = moments.result()
+    scale = 1.0 / stats["std"]  # Rombach et al. 2022, sec. 4.3.2: unit-variance latents
     extra = {
         "recipe": args.recipe,
         "source_checkpoint": Path(args.ckpt).name,
-        "latent_channel_mean": z.mean(dim=(0, 2, 3)).tolist(),
-        "latent_channel_std": z.std(dim=(0, 2, 3)).tolist(),
-        "num_images": int(z.shape[0]),
+        "latent_channel_mean": stats["channel_mean"],
+        "latent_channel_std": stats["channel_std"],
+        "num_images": num_images,
     }
     save_kl_autoencoder(model, args.out, scale_factor=scale, extra=extra)
     log.info(
-        "exported %s(.safetensors|.json) with scale_factor %.5f from %d images", args.out, scale, z.shape[0]
+        "exported %s(.safetensors|.json) with scale_factor %.5f from %d images", args.out, scale, num_images
+    )
+
+
+def add_text_encoder_args(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument(
+        "--text-encoder",
+        default=default,
+        help="store this frozen encoder's caption embeddings (minilm | dir | hub id | none)",
+    )
+    p.add_argument(
+        "--max-length", type=int, default=32, help="tokenizer max length (as conditioner.max_length)"
     )
 
 
@@ -278,14 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--max-per-shard", type=int, default=500)
     p.add_argument("--autoencoder", default=SHIPPED_AUTOENCODER)
-    p.add_argument(
-        "--text-encoder",
-        default="minilm",
-        help="store this frozen encoder's caption embeddings (minilm | dir | hub id | none)",
-    )
-    p.add_argument(
-        "--max-length", type=int, default=32, help="tokenizer max length (as conditioner.max_length)"
-    )
+    add_text_encoder_args(p, default="minilm")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_emoji)
 
@@ -310,14 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-per-shard", type=int, default=1000)
-    p.add_argument(
-        "--text-encoder",
-        default="none",
-        help="store this frozen encoder's caption embeddings (minilm | dir | hub id | none)",
-    )
-    p.add_argument(
-        "--max-length", type=int, default=32, help="tokenizer max length (as conditioner.max_length)"
-    )
+    add_text_encoder_args(p, default="none")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_latents)
 

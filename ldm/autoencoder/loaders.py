@@ -182,36 +182,49 @@ def load_diffusers_autoencoder(
 
 
 @torch.no_grad()
+class LatentMoments:
+    """Running per-channel first and second moments of latents (B, C, h, w), in float64."""
+
+    def __init__(self) -> None:
+        self.total: Tensor | None = None
+        self.total_sq: Tensor | None = None
+        self.count = 0
+
+    def update(self, z: Tensor) -> None:
+        flat = z.detach().double().transpose(0, 1).flatten(1)  # (C, B h w)
+        s, sq = flat.sum(1).cpu(), flat.pow(2).sum(1).cpu()
+        self.total = s if self.total is None else self.total + s
+        self.total_sq = sq if self.total_sq is None else self.total_sq + sq
+        self.count += flat.shape[1]
+
+    def result(self) -> dict:
+        """Per-channel "channel_mean"/"channel_std", overall "mean"/"std" (unbiased), "count" (latent elements)."""
+        if self.total is None or self.total_sq is None or self.count < 2:
+            raise ValueError("latent statistics need at least one non-empty batch of images")
+        count = self.count
+        ch_mean = self.total / count  # (C,)
+        ch_var = (self.total_sq / count - ch_mean.pow(2)) * count / (count - 1)  # unbiased, (C,)
+        n_all = count * ch_mean.numel()
+        mean = self.total.sum() / n_all
+        var = (self.total_sq.sum() / n_all - mean.pow(2)) * n_all / (n_all - 1)
+        return {
+            "channel_mean": ch_mean.tolist(),
+            "channel_std": ch_var.clamp_min(0).sqrt().tolist(),
+            "mean": float(mean),
+            "std": float(var.clamp_min(0).sqrt()),
+            "count": int(n_all),
+        }
+
+
 def latent_stats(autoencoder: FrozenAutoencoder, images: Iterable[Tensor]) -> dict:
     """Statistics of the unscaled latents (posterior modes) over image batches (B, 3, H, W) in [-1, 1].
 
-    Returns per-channel "channel_mean"/"channel_std", overall "mean"/"std", "count" (latent elements)
-    and the suggested "scale_factor" = 1 / std (Rombach et al. 2022, sec. 4.3.2) and "shift_factor" = mean
-    (only SD3/Flux-style autoencoders use a shift; keep 0.0 to follow Rombach et al.).
+    Returns LatentMoments' fields plus the suggested "scale_factor" = 1 / std (Rombach et al. 2022, sec. 4.3.2)
+    and "shift_factor" = mean (only SD3/Flux-style autoencoders use a shift; keep 0.0 to follow Rombach et al.).
     """
     device = next(autoencoder.parameters()).device
-    total = total_sq = count = None
+    moments = LatentMoments()
     for x in images:
-        z = autoencoder.encode_unscaled(x.to(device)).double()  # (B, C, h, w)
-        flat = z.transpose(0, 1).flatten(1)  # (C, B h w)
-        s, sq, n = flat.sum(1), flat.pow(2).sum(1), flat.shape[1]
-        total = s if total is None else total + s
-        total_sq = sq if total_sq is None else total_sq + sq
-        count = n if count is None else count + n
-    if total is None or total_sq is None or count is None or count < 2:
-        raise ValueError("latent_stats needs at least one non-empty batch of images")
-    ch_mean = total / count  # (C,)
-    ch_var = (total_sq / count - ch_mean.pow(2)) * count / (count - 1)  # unbiased, (C,)
-    n_all = count * ch_mean.numel()
-    mean = total.sum() / n_all
-    var = (total_sq.sum() / n_all - mean.pow(2)) * n_all / (n_all - 1)
-    std = float(var.clamp_min(0).sqrt())
-    return {
-        "channel_mean": ch_mean.tolist(),
-        "channel_std": ch_var.clamp_min(0).sqrt().tolist(),
-        "mean": float(mean),
-        "std": std,
-        "count": int(n_all),
-        "scale_factor": 1.0 / std,
-        "shift_factor": float(mean),
-    }
+        moments.update(autoencoder.encode_unscaled(x.to(device)))  # (B, C, h, w)
+    stats = moments.result()
+    return {**stats, "scale_factor": 1.0 / stats["std"], "shift_factor": stats["mean"]}

@@ -102,4 +102,6 @@ def sample_ddpm(
     """
     # With eta = 1 the DDIM step x' = x0 + sigma_down * eps + sigma_up * z has mean r x + (1 - r) x0 and variance
     # sigma'^2 (1 - r): exactly this posterior, so one loop serves both samplers.
-    return sample_ddim(denoiser, x, sigmas, eta=1.0, extra_args=extra_args, callback=callback, generator=generator)
+    return sample_ddim(
+        denoiser, x, sigmas, eta=1.0, extra_args=extra_args, callback=callback, generator=generator
+    )
