@@ -17,26 +17,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.instantiate import build
-from ldm.lit.checkpoint_io import load_checkpoint_file
-from ldm.lit.ema import EMA_KEY
+from ldm.lit.loading import load_for_sampling, resolve_checkpoint
 from ldm.pipeline import generate, make_grid, to_pil
 from ldm.sampling.sigmas import get_sigmas_discrete
 
 log = logging.getLogger("sample")
-
-
-def resolve_checkpoint(ckpt: str, log_dir: str) -> Path:
-    """``latest`` -> the newest logs/train/runs/*/checkpoints/last.ckpt; anything else is a path."""
-    if ckpt != "latest":
-        return Path(ckpt)
-    candidates = sorted(
-        Path(log_dir).glob("train/runs/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime
-    )
-    if not candidates:
-        raise FileNotFoundError(
-            f"ckpt=latest found no {log_dir}/train/runs/*/checkpoints/last.ckpt: run train.py first or pass ckpt=PATH"
-        )
-    return candidates[-1]
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
@@ -54,38 +39,6 @@ def read_prompts(cfg: DictConfig) -> list[str]:
     return [p for p in base for _ in range(cfg.num_images)]
 
 
-def load_model(ckpt_path: Path, use_ema: bool, device: torch.device) -> tuple[Any, Any, Any, dict]:
-    """Rebuild denoiser, conditioner and autoencoder from the config stored in the checkpoint; load (EMA) weights."""
-    checkpoint = load_checkpoint_file(ckpt_path)
-    config = checkpoint.get("ldm_config")
-    if config is None or "denoiser" not in config.get("model", {}):
-        raise ValueError(
-            f"'{ckpt_path}' is not a latent-diffusion checkpoint written by train.py (no ldm_config.model.denoiser)"
-        )
-    model_cfg = OmegaConf.create(config["model"])
-    denoiser = build(model_cfg.denoiser)
-    conditioner = build(model_cfg.conditioner)
-    autoencoder = build(model_cfg.autoencoder)
-    state = checkpoint["state_dict"]
-    if use_ema:
-        if EMA_KEY not in checkpoint:
-            raise KeyError(f"'{ckpt_path}' has no EMA weights: pass use_ema=false")
-        denoiser.net.load_state_dict(checkpoint[EMA_KEY], strict=True)
-    else:
-        prefix = "denoiser.net."
-        denoiser.net.load_state_dict(
-            {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=True
-        )
-    cond_state = {k[len("conditioner.") :]: v for k, v in state.items() if k.startswith("conditioner.")}
-    if (
-        cond_state
-    ):  # trainable conditioners (class labels) are in the checkpoint; frozen text encoders are not
-        conditioner.load_state_dict(cond_state, strict=True)
-    for module in (denoiser, conditioner, autoencoder):
-        module.to(device).eval()
-    return denoiser, conditioner, autoencoder, config
-
-
 def slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n] or "empty"
 
@@ -95,15 +48,9 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
     ckpt_path = resolve_checkpoint(str(cfg.ckpt), cfg.log_dir)
-    denoiser, conditioner, autoencoder, config = load_model(ckpt_path, cfg.use_ema, device)
+    model = load_for_sampling(ckpt_path, cfg.use_ema, device)
     prompts = read_prompts(cfg)
-    image_size = int(config.get("image_size", 32))
-    latent_shape = (
-        denoiser.net.in_channels,
-        image_size // autoencoder.downsample_factor,
-        image_size // autoencoder.downsample_factor,
-    )
-    sigmas = get_sigmas_discrete(denoiser.schedule, cfg.steps, spacing=cfg.spacing)
+    sigmas = get_sigmas_discrete(model.denoiser.schedule, cfg.steps, spacing=cfg.spacing)
     sampler = build(cfg.sampler)
     sampler_settings = {
         "sampler": OmegaConf.to_container(cfg.sampler),
@@ -119,13 +66,13 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         batch = prompts[start : start + cfg.batch_size]
         seeds = [cfg.seed + start + i for i in range(len(batch))]
         images = generate(
-            denoiser,
-            conditioner,
-            autoencoder.decode,
+            model.denoiser,
+            model.conditioner,
+            model.autoencoder.decode,
             batch,
             sampler=sampler,
             sigmas=sigmas,
-            latent_shape=latent_shape,
+            latent_shape=model.latent_shape,
             seeds=seeds,
             cfg_scale=cfg.cfg_scale,
             negative_prompt=[cfg.negative_prompt] * len(batch),

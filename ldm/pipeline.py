@@ -19,6 +19,12 @@ from ldm.sampling.guidance import CFGDenoiser
 from ldm.sampling.sigmas import init_noise_scale
 
 
+def latent_shape(net: nn.Module, autoencoder: nn.Module, image_size: int) -> tuple[int, int, int]:
+    """(C, h, w) of the latents the network denoises for images of ``image_size`` pixels."""
+    side = image_size // autoencoder.downsample_factor
+    return (net.in_channels, side, side)
+
+
 def initial_noise(seeds: Sequence[int], shape: Sequence[int], device: torch.device) -> Tensor:
     """(B, C, h, w) standard normal noise, image i drawn from its own CPU generator seeded with seeds[i].
 

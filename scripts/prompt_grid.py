@@ -6,18 +6,15 @@ python scripts/prompt_grid.py --ckpt latest --out docs/images/default_samples.pn
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import sample  # noqa: E402
-from ldm.instantiate import build  # noqa: E402
-from ldm.pipeline import generate, to_pil  # noqa: E402
-from ldm.sampling.sigmas import get_sigmas_discrete  # noqa: E402
+from ldm.lit.loading import load_for_sampling, resolve_checkpoint
+from ldm.pipeline import generate, to_pil
+from ldm.sampling.samplers import sample_ddim
+from ldm.sampling.sigmas import get_sigmas_discrete
 
 PROMPTS = [
     "red apple",
@@ -40,20 +37,11 @@ def main() -> None:
     parser.add_argument("--cfg-scale", type=float, default=5.0)
     parser.add_argument("--zoom", type=int, default=3)
     args = parser.parse_args()
-    ckpt = sample.resolve_checkpoint(args.ckpt, "logs")
-    denoiser, conditioner, autoencoder, config = sample.load_model(
-        ckpt, use_ema=True, device=torch.device("cpu")
-    )
-    size = int(config["image_size"])
-    shape = (
-        denoiser.net.in_channels,
-        size // autoencoder.downsample_factor,
-        size // autoencoder.downsample_factor,
-    )
-    sampler = build(OmegaConf.create({"_target_": "ldm.sampling.samplers.sample_ddim", "_partial_": True}))
+    model = load_for_sampling(resolve_checkpoint(args.ckpt, "logs"), use_ema=True, device=torch.device("cpu"))
+    size = int(model.config["image_size"])
     prompts = [p for p in PROMPTS for _ in range(args.seeds)]
-    images = generate(denoiser, conditioner, autoencoder.decode, prompts, sampler=sampler,
-                      sigmas=get_sigmas_discrete(denoiser.schedule, args.steps), latent_shape=shape,
+    images = generate(model.denoiser, model.conditioner, model.autoencoder.decode, prompts, sampler=sample_ddim,
+                      sigmas=get_sigmas_discrete(model.denoiser.schedule, args.steps), latent_shape=model.latent_shape,
                       seeds=list(range(args.seeds)) * len(PROMPTS), cfg_scale=args.cfg_scale)  # fmt: skip
     tile, label_w = size * args.zoom, 110
     canvas = Image.new("RGB", (label_w + args.seeds * (tile + 2), len(PROMPTS) * (tile + 2)), "white")
@@ -68,7 +56,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     canvas.save(args.out)
     print(
-        f"wrote {args.out} from {ckpt} ({args.steps} DDIM steps, cfg {args.cfg_scale}, seeds 0..{args.seeds - 1})"
+        f"wrote {args.out} from {model.checkpoint} ({args.steps} DDIM steps, cfg {args.cfg_scale}, seeds 0..{args.seeds - 1})"
     )
 
 

@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from ldm.lit.ema import EMA
-from ldm.pipeline import generate, make_grid, to_pil
+from ldm.pipeline import generate, latent_shape, make_grid, to_pil
 from ldm.sampling.sigmas import get_sigmas_discrete
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,6 @@ class SampleGrid(L.Callback):
     def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if pl_module.autoencoder is None:
             return
-        latent_size = self.image_size // pl_module.autoencoder.downsample_factor
         ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
         swap = ema.swapped_in(pl_module) if (self.use_ema and ema is not None) else nullcontext()
         was_training = pl_module.training
@@ -79,7 +78,7 @@ class SampleGrid(L.Callback):
                 self.prompts,
                 sampler=self.sampler,
                 sigmas=get_sigmas_discrete(pl_module.loss_fn.schedule, self.steps, spacing=self.spacing),
-                latent_shape=(pl_module.net.in_channels, latent_size, latent_size),
+                latent_shape=latent_shape(pl_module.net, pl_module.autoencoder, self.image_size),
                 seeds=[self.seed + i for i in range(len(self.prompts))],
                 cfg_scale=self.cfg_scale,
             )
