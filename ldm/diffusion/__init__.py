@@ -1,7 +1,28 @@
-"""Torch-only diffusion maths: noise schedules, the preconditioned denoiser and the training objective."""
+"""Torch-only diffusion maths: noise schedules, parameterisations, the preconditioned denoiser and the objective."""
 
+from ldm.diffusion.continuous import EDMSchedule, FlowSchedule
 from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.loss import DiffusionLoss
 from ldm.diffusion.schedules import DiscreteSchedule
+from ldm.diffusion.weighting import (
+    EDMWeighting,
+    LogitNormalTimesteps,
+    LogNormalSigmas,
+    MinSNRWeighting,
+    UniformTimesteps,
+    UniformWeighting,
+)
 
-__all__ = ["DiffusionLoss", "Denoiser", "DiscreteSchedule"]
+__all__ = [
+    "Denoiser",
+    "DiffusionLoss",
+    "DiscreteSchedule",
+    "EDMSchedule",
+    "EDMWeighting",
+    "FlowSchedule",
+    "LogNormalSigmas",
+    "LogitNormalTimesteps",
+    "MinSNRWeighting",
+    "UniformTimesteps",
+    "UniformWeighting",
+]

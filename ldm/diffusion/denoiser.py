@@ -1,14 +1,11 @@
-"""Preconditioned denoiser D(x; sigma) around a discrete-time eps- or v-prediction network.
+"""Preconditioned denoiser D(x, sigma) -> x0 estimate around a network, for any schedule and parameterisation.
 
-Convention of Karras et al. 2022 ("EDM", eq. 7 and Table 1, "VP" column) and k-diffusion: the state is
-x = x0 + sigma * eps (VE coordinates) and D returns the x0 estimate. The network itself is the usual DDPM network
-trained on VP inputs x_t = sqrt(abar) x0 + sqrt(1 - abar) eps at integer t, so
-    c_in = 1 / sqrt(sigma^2 + 1)   (x * c_in is exactly the VP x_t, since abar = 1 / (1 + sigma^2))
-    c_noise = t(sigma)             (continuous timestep, ``DiscreteSchedule.sigma_to_t``)
-and the output F is turned into x0 by the parameterisation:
-    eps (Ho et al. 2020):           x0 = x - sigma * F
-    v   (Salimans & Ho 2022, eq. in Sec. 4 / App. D):
-                                    x0 = x / (sigma^2 + 1) - sigma / sqrt(sigma^2 + 1) * F
+Convention of Karras et al. 2022 ("EDM", eq. 7) and k-diffusion: samplers hold the state x in the schedule's own
+coordinates (``schedule.space``: "ve" x = x0 + sigma eps for discrete VP and EDM schedules; "flow"
+x = (1 - t) x0 + t eps for rectified flow, where the sigma argument is t) and D returns the x0 estimate.
+The schedule gives (a, alpha, s) with a * x = alpha * x0 + s * eps: the net sees x_in = a * x (for VP: exactly the
+DDPM input x_t, a = c_in = 1/sqrt(sigma^2 + 1), EDM Table 1) and c_noise (the training timestep t(sigma) for VP);
+``ldm.diffusion.parameterization`` turns its output F into x0 (eps, v, x0, flow velocity or EDM's F).
 """
 
 from __future__ import annotations
@@ -16,16 +13,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ldm.diffusion.schedules import DiscreteSchedule
+from ldm.diffusion import parameterization as param
+from ldm.diffusion.parameterization import PREDICTIONS, check_prediction
 
-PREDICTIONS = ("eps", "v")
-
-
-def check_prediction(prediction: str) -> str:
-    """Validate a parameterisation name ("eps" | "v")."""
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}.")
-    return prediction
+__all__ = ["PREDICTIONS", "Denoiser", "append_dims", "check_prediction"]
 
 
 def append_dims(v: Tensor, ndim: int) -> Tensor:
@@ -36,7 +27,7 @@ def append_dims(v: Tensor, ndim: int) -> Tensor:
 class Denoiser(nn.Module):
     """D(x, sigma) -> x0 estimate, wrapping ``net(x_t, c_noise, context=..., context_mask=...)``."""
 
-    def __init__(self, net: nn.Module, schedule: DiscreteSchedule, prediction: str = "eps") -> None:
+    def __init__(self, net: nn.Module, schedule, prediction: str = "eps") -> None:
         super().__init__()
         self.net = net
         self.schedule = schedule
@@ -56,22 +47,34 @@ class Denoiser(nn.Module):
             )
         return sigma
 
+    def _coefficients(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(a, alpha, s) as (B, 1, ..., 1) in x's dtype."""
+        return tuple(append_dims(c, x.ndim).to(x.dtype) for c in self.schedule.coefficients(sigma))
+
     def forward(
         self, x: Tensor, sigma: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None
     ) -> Tensor:
-        """x (B, ...) noisy sample in VE coordinates; sigma scalar or (B,). Returns x0 estimate (B, ...)."""
+        """x (B, ...) noisy sample in the schedule's coordinates; sigma scalar or (B,). Returns x0 estimate (B, ...)."""
         sigma = self._batch_sigma(x, sigma)  # (B,)
-        s = append_dims(sigma, x.ndim)  # (B, 1, ..., 1)
-        c_in = (s**2 + 1).rsqrt()  # (B, 1, ..., 1) EDM Table 1 VP: 1/sqrt(sigma^2 + 1)
-        c_noise = self.schedule.sigma_to_t(sigma)  # (B,)
-        out = self.net((x * c_in).to(x.dtype), c_noise, context=context, context_mask=context_mask)
+        a, alpha, s = self._coefficients(x, sigma)  # (B, 1, ..., 1) each
+        x_in = (x * a).to(x.dtype)  # (B, ...) what the net was trained on
+        out = self.net(x_in, self.schedule.c_noise(sigma), context=context, context_mask=context_mask)
         if out.shape != x.shape:
             raise ValueError(
                 f"net output {tuple(out.shape)} must match its input {tuple(x.shape)}; "
                 "set the net's out_channels to the latent channels."
             )
-        if self.prediction == "eps":
-            x0 = x - s * out  # eps: x = x0 + sigma * eps
-        else:
-            x0 = x * c_in**2 - s * c_in * out  # v: x0 = sqrt(abar) x_t - sqrt(1 - abar) v
+        x0 = param.to_x0(self.prediction, out.to(x.dtype), x_in, alpha, s, self.schedule.sigma_data)
         return x0.to(x.dtype)
+
+    def prediction_from_x0(self, x: Tensor, sigma: Tensor, x0: Tensor) -> Tensor:
+        """The net output that gives ``x0`` at (x, sigma): the model's own prediction space (guidance rescale)."""
+        sigma = self._batch_sigma(x, sigma)
+        a, alpha, s = self._coefficients(x, sigma)
+        return param.from_x0(self.prediction, x0, x * a, alpha, s, self.schedule.sigma_data)
+
+    def x0_from_prediction(self, x: Tensor, sigma: Tensor, out: Tensor) -> Tensor:
+        """Inverse of ``prediction_from_x0``."""
+        sigma = self._batch_sigma(x, sigma)
+        a, alpha, s = self._coefficients(x, sigma)
+        return param.to_x0(self.prediction, out, x * a, alpha, s, self.schedule.sigma_data)

@@ -1,55 +1,93 @@
-"""The conditional latent-diffusion objective (Rombach et al. 2022, eq. 2).
+"""The conditional latent-diffusion objective (Rombach et al. 2022, eq. 2), for any schedule and parameterisation.
 
-L = E_{x0, c, t ~ U{0..T-1}, eps ~ N(0, I)} || target - net(x_t, t, c) ||^2 with
-x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (Ho et al. 2020, eq. 4) and target
-eps (Ho et al. 2020, eq. 14, "L_simple") or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans & Ho 2022, Sec. 4).
+L = E_{x0, c, sigma ~ p(sigma), eps ~ N(0, I)} w(sigma) || F_theta(x_in, c_noise(sigma), c) - F(x0, eps) ||^2 with
+x_in = alpha(sigma) x0 + s(sigma) eps from the schedule (Ho et al. 2020, eq. 4 for VP; EDM eq. 2; SD3 eq. 3), the
+target F of the parameterisation, p(sigma) a noise-level sampler and w a weighting (``ldm.diffusion.weighting``).
+The default (uniform t, uniform weight, eps) is DDPM's L_simple (Ho et al. 2020, eq. 14).
+
+Two noise tricks, both off by default:
+- offset noise (Guttenberg 2023): eps += offset * n_c with n_c ~ N(0, 1) per (sample, channel), so the model can
+  change an image's mean brightness; the target is the offset noise itself.
+- input perturbation (Ning et al. 2023, eq. 9): the net sees alpha x0 + s (eps + gamma xi) while the target is
+  built from eps, which reduces the exposure bias between training and sampling.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldm.diffusion import parameterization as param
 from ldm.diffusion.denoiser import append_dims, check_prediction
-from ldm.diffusion.schedules import DiscreteSchedule
+from ldm.diffusion.weighting import UniformTimesteps, UniformWeighting
 
 
 class DiffusionLoss:
-    """Draws (t, eps), noises x0 at t and returns the MSE of the net's eps or v prediction."""
+    """Draws (sigma, eps), noises x0 and returns the weighted MSE of the net's prediction."""
 
-    def __init__(self, schedule: DiscreteSchedule, prediction: str = "eps") -> None:
+    def __init__(
+        self,
+        schedule,
+        prediction: str = "eps",
+        timesteps: Callable[..., Tensor] | None = None,
+        weighting: Callable[..., Tensor] | None = None,
+        offset_noise: float = 0.0,
+        input_perturbation: float = 0.0,
+    ) -> None:
+        if offset_noise < 0 or input_perturbation < 0:
+            raise ValueError(
+                f"offset_noise and input_perturbation must be >= 0 (0 = off; typical 0.05-0.1), got "
+                f"{offset_noise} and {input_perturbation}."
+            )
         self.schedule = schedule
         self.prediction = check_prediction(prediction)
+        self.timesteps = timesteps if timesteps is not None else UniformTimesteps()
+        self.weighting = weighting if weighting is not None else UniformWeighting()
+        self.offset_noise = float(offset_noise)
+        self.input_perturbation = float(input_perturbation)
 
     def __repr__(self) -> str:
-        return f"DiffusionLoss(schedule={self.schedule!r}, prediction={self.prediction!r})"
+        return (
+            f"DiffusionLoss(schedule={self.schedule!r}, prediction={self.prediction!r}, timesteps={self.timesteps!r}, "
+            f"weighting={self.weighting!r}, offset_noise={self.offset_noise}, "
+            f"input_perturbation={self.input_perturbation})"
+        )
 
-    def _coefficients(self, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """sqrt(abar_t), sqrt(1 - abar_t) as (B, 1, ..., 1) in x0's dtype and device."""
-        abar = self.schedule.alphas_cumprod.to(x0.device)[t.to(x0.device)]  # (B,) float64
-        sqrt_abar = append_dims(abar.sqrt(), x0.ndim).to(x0.dtype)  # (B, 1, ..., 1)
-        sqrt_one_minus = append_dims((1.0 - abar).sqrt(), x0.ndim).to(x0.dtype)  # (B, 1, ..., 1)
-        return sqrt_abar, sqrt_one_minus
+    def coefficients(self, x0: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """alpha, s as (B, 1, ..., 1) in x0's dtype and device, for noise levels sigma (B,)."""
+        _, alpha, s = self.schedule.coefficients(sigma.to(x0.device))
+        return append_dims(alpha, x0.ndim).to(x0.dtype), append_dims(s, x0.ndim).to(x0.dtype)
 
-    def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (Ho et al. 2020, eq. 4). x0, eps (B, ...); t (B,) int."""
-        sqrt_abar, sqrt_one_minus = self._coefficients(x0, t)
-        return sqrt_abar * x0 + sqrt_one_minus * eps  # (B, ...)
+    def q_sample(self, x0: Tensor, sigma: Tensor, eps: Tensor) -> Tensor:
+        """x_in = alpha x0 + s eps (VP: Ho et al. 2020, eq. 4). x0, eps (B, ...); sigma (B,)."""
+        alpha, s = self.coefficients(x0, sigma)
+        return alpha * x0 + s * eps  # (B, ...)
 
-    def target(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        """The regression target: eps, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans & Ho 2022)."""
-        if self.prediction == "eps":
-            return eps
-        sqrt_abar, sqrt_one_minus = self._coefficients(x0, t)
-        return sqrt_abar * eps - sqrt_one_minus * x0  # (B, ...)
+    def target(self, x0: Tensor, sigma: Tensor, eps: Tensor) -> Tensor:
+        """The regression target of the parameterisation (eps, v = alpha eps - s x0, x0, eps - x0, EDM's F)."""
+        alpha, s = self.coefficients(x0, sigma)
+        return param.target(self.prediction, x0, eps, alpha, s, self.schedule.sigma_data)
 
-    def sample_t_eps(self, x0: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """t ~ U{0..T-1} (B,) int64 and eps ~ N(0, I) like x0, drawn on the generator's device then moved."""
+    def draw(self, x0: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """sigma (B,) float64, eps (B, ...) (with offset noise) and the input noise (with perturbation).
+
+        Drawn on the generator's device (reproducible across devices), then moved to x0's device.
+        """
         device = generator.device if generator is not None else x0.device
-        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), generator=generator, device=device)
-        eps = torch.randn(x0.shape, generator=generator, device=device)
-        return t.to(x0.device), eps.to(x0)
+        batch = x0.shape[0]
+        sigma = self.timesteps(self.schedule, batch, generator, device)  # (B,)
+        eps = torch.randn(x0.shape, generator=generator, device=device)  # (B, C, H, W)
+        if self.offset_noise > 0:
+            per_channel = (batch, x0.shape[1]) + (1,) * (x0.ndim - 2)  # (B, C, 1, 1)
+            eps = eps + self.offset_noise * torch.randn(per_channel, generator=generator, device=device)
+        noise_in = eps
+        if self.input_perturbation > 0:
+            noise_in = eps + self.input_perturbation * torch.randn(
+                x0.shape, generator=generator, device=device
+            )
+        return {"sigma": sigma.to(x0.device), "eps": eps.to(x0), "noise_in": noise_in.to(x0)}
 
     def __call__(
         self,
@@ -60,13 +98,20 @@ class DiffusionLoss:
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """x0 (B, C, H, W) clean latents; context (B, L, D); context_mask (B, L). Returns the scalar loss."""
-        t, eps = self.sample_t_eps(x0, generator)  # (B,), (B, C, H, W)
-        x_t = self.q_sample(x0, t, eps)  # (B, C, H, W)
-        pred = net(x_t, t.float(), context=context, context_mask=context_mask)  # (B, C, H, W)
+        draw = self.draw(x0, generator)
+        sigma = draw["sigma"]  # (B,)
+        x_in = self.q_sample(x0, sigma, draw["noise_in"])  # (B, C, H, W)
+        c_noise = self.schedule.c_noise(sigma).float()  # (B,)
+        pred = net(x_in, c_noise, context=context, context_mask=context_mask)  # (B, C, H, W)
         if pred.shape != x0.shape:
             raise ValueError(
                 f"net output {tuple(pred.shape)} must match the latents {tuple(x0.shape)}; "
                 "set the net's out_channels to the latent channels."
             )
         dtype = torch.promote_types(pred.dtype, torch.float32)  # fp16/bf16 nets: reduce in float32
-        return F.mse_loss(pred.to(dtype), self.target(x0, t, eps).to(dtype))
+        tgt = self.target(x0, sigma, draw["eps"]).to(dtype)
+        per_sample = (pred.to(dtype) - tgt).pow(2).flatten(1).mean(1)  # (B,)
+        _, alpha, s = self.schedule.coefficients(sigma)  # (B,) float64
+        k = param.error_scale(self.prediction, alpha, s, self.schedule.sigma_data)
+        weight = self.weighting(alpha, s, k, self.schedule.sigma_data).to(dtype)  # (B,)
+        return (weight * per_sample).mean()
