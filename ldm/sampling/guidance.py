@@ -2,7 +2,14 @@
 
 D_cfg(x, sigma) = D(x, sigma, uncond) + scale * (D(x, sigma, cond) - D(x, sigma, uncond)), with both branches
 evaluated in ONE call on the doubled batch [uncond; cond]. A negative prompt is simply a non-empty ``uncond``.
-Guiding the x0 estimate is equivalent to guiding eps (x0 = x - sigma * eps is affine in eps at fixed x, sigma).
+Guiding the x0 estimate is equivalent to guiding the net's output (eps, v, ...): x0 is affine in it at fixed x, sigma.
+
+Two refinements, both off by default:
+- guidance rescale (Lin et al. 2024, Sec. 3.4, eqs. 15-16): in the model's own prediction space, rescale the guided
+  output to the per-sample std of the conditional one and blend: F = phi * F_cfg * std(F_c) / std(F_cfg)
+  + (1 - phi) * F_cfg. Counters over-exposure at high scales (needed with zero-terminal-SNR schedules).
+- guidance interval (Kynkaanniemi et al. 2024): guide only for sigma in [lo, hi]; elsewhere the conditional branch
+  alone is used (one network call on the single batch).
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ldm.diffusion.denoiser import Denoiser
 
 CONTEXT_KEYS = ("context", "context_mask")
 
@@ -49,17 +58,61 @@ def _batched_pair(cond: dict[str, Tensor], uncond: dict[str, Tensor]) -> dict[st
     return out
 
 
+def rescale_guidance(guided: Tensor, cond: Tensor, phi: float) -> Tensor:
+    """Lin et al. 2024, eqs. 15-16: match guided's per-sample std to cond's, blend with weight phi. (B, ...)."""
+    dims = tuple(range(1, guided.ndim))
+    ratio = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)  # (B, 1, ..., 1)
+    return phi * guided * ratio + (1.0 - phi) * guided
+
+
 class CFGDenoiser:
-    """Wraps ``denoiser(x, sigma, context=..., context_mask=...)`` into a guided denoiser ``(x, sigma) -> x0``."""
+    """Wraps ``denoiser(x, sigma, context=..., context_mask=...)`` into a guided denoiser ``(x, sigma) -> x0``.
+
+    ``rescale`` > 0 needs a denoiser with ``prediction_from_x0`` / ``x0_from_prediction`` (``ldm.diffusion.Denoiser``)
+    to work in the model's prediction space. ``interval`` = (lo, hi) guides only for lo <= sigma <= hi.
+    """
 
     def __init__(
-        self, denoiser: Callable, cond: dict[str, Tensor], uncond: dict[str, Tensor], scale: float
+        self,
+        denoiser: Callable,
+        cond: dict[str, Tensor],
+        uncond: dict[str, Tensor],
+        scale: float,
+        rescale: float = 0.0,
+        interval: tuple[float, float] | None = None,
     ) -> None:
+        if not 0.0 <= rescale <= 1.0:
+            raise ValueError(
+                f"guidance rescale must be in [0, 1] (0 = off, 0.7 in Lin et al.), got {rescale}."
+            )
+        if rescale > 0 and not isinstance(denoiser, Denoiser):
+            raise TypeError(
+                "guidance rescale works in the model's prediction space: pass an ldm.diffusion.Denoiser "
+                "or set rescale=0."
+            )
+        if interval is not None:
+            lo, hi = (float(v) for v in interval)
+            if not 0.0 <= lo < hi:
+                raise ValueError(
+                    f"guidance interval must be (lo, hi) with 0 <= lo < hi, got {tuple(interval)}."
+                )
+            interval = (lo, hi)
         self.denoiser = denoiser
         self.cond = dict(cond)
         self.scale = float(scale)
+        self.rescale = float(rescale)
+        self.interval = interval
         self.pair = _batched_pair(self.cond, dict(uncond))  # {key: (2B, ...)}
         self.batch = self.cond["context"].shape[0]
+
+    def _guided_rows(self, sigma: Tensor) -> Tensor:
+        """(B,) bool: which samples get guidance at this sigma."""
+        if self.scale == 1.0:  # guidance is the identity: skip the unconditional branch
+            return torch.zeros(sigma.shape, dtype=torch.bool, device=sigma.device)
+        if self.interval is None:
+            return torch.ones(sigma.shape, dtype=torch.bool, device=sigma.device)
+        lo, hi = self.interval
+        return (sigma >= lo) & (sigma <= hi)
 
     def __call__(self, x: Tensor, sigma: Tensor, **kwargs) -> Tensor:
         """x (B, ...); sigma scalar or (B,); kwargs go to the wrapped denoiser. Returns the guided x0 (B, ...)."""
@@ -71,12 +124,19 @@ class CFGDenoiser:
             raise ValueError(
                 "context/context_mask are held by CFGDenoiser; do not pass them again in extra_args."
             )
-        if self.scale == 1.0:  # guidance is the identity: skip the unconditional branch
-            return self.denoiser(x, sigma, **self.cond, **kwargs)
         sigma = torch.as_tensor(sigma, device=x.device)
         sigma_in = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma  # (B,)
+        guided_rows = self._guided_rows(sigma_in)  # (B,)
+        if not bool(guided_rows.any()):
+            return self.denoiser(x, sigma, **self.cond, **kwargs)
         out = self.denoiser(
             torch.cat([x, x]), torch.cat([sigma_in, sigma_in]), **self.pair, **kwargs
         )  # (2B, ...)
         uncond, cond = out.chunk(2)  # (B, ...) each
-        return uncond + self.scale * (cond - uncond)  # Ho & Salimans 2022, eq. 6
+        guided = uncond + self.scale * (cond - uncond)  # Ho & Salimans 2022, eq. 6
+        if self.rescale > 0:
+            to_pred, to_x0 = self.denoiser.prediction_from_x0, self.denoiser.x0_from_prediction
+            pred = rescale_guidance(to_pred(x, sigma_in, guided), to_pred(x, sigma_in, cond), self.rescale)
+            guided = to_x0(x, sigma_in, pred)
+        rows = guided_rows.reshape((-1,) + (1,) * (x.ndim - 1))  # (B, 1, ..., 1)
+        return torch.where(rows, guided, cond)
