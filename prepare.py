@@ -4,6 +4,9 @@
     python prepare.py images --input DIR --out data/mine/images  # folder of images with same-named .txt captions
     python prepare.py latents --shards 'data/mine/images/train-{000000..000003}.tar' --out data/mine/latents \
         --autoencoder emoji-kl-f4 | PATH.safetensors | diffusers:stabilityai/sd-vae-ft-mse [--subfolder vae]
+    python prepare.py latents ... --num-procs 4 --devices cuda:0,cuda:1,cuda:2,cuda:3   # resumable; or one job per
+                                                      # rank under torchrun/SLURM (--rank/--world-size from the env)
+    python prepare.py latents-merge --shards '...' --out data/mine/latents   # the index, if no process wrote it
     python prepare.py export-autoencoder --ckpt logs/autoencoder/runs/<run>/checkpoints/last.ckpt \
         --shards 'data/emoji32/images/train-{000000..000007}.tar' --out ldm/autoencoder/weights/emoji_kl_f4
 """
@@ -11,16 +14,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from ldm import encode
 from ldm.autoencoder.frozen import FrozenAutoencoder
 from ldm.autoencoder.loaders import (
     SHIPPED_AUTOENCODER,
@@ -33,8 +34,11 @@ from ldm.autoencoder.loaders import (
 from ldm.conditioning.text import TextConditioner
 from ldm.data.emoji import emoji_samples, is_validation_key
 from ldm.data.folder import folder_samples
-from ldm.data.pipeline import IMAGE_EXTS, decode_image, expand_urls, raw_samples
+from ldm.data.pipeline import expand_urls
 from ldm.data.shards import SkipCounter, read_index, write_shards
+from ldm.encode import caption_embeddings, image_batches, merge_latent_index
+
+__all__ = ["caption_embeddings", "encode_shards", "main", "split_samples"]
 
 log = logging.getLogger("prepare")
 
@@ -67,36 +71,12 @@ def load_autoencoder(spec: str, subfolder: str | None, scale_factor: float | Non
     return load_kl_autoencoder(spec, scale_factor=scale_factor)
 
 
-def image_batches(urls: list[str], size: int, batch_size: int, counter: SkipCounter) -> Iterator[list[dict]]:
-    batch: list[dict] = []
-    for raw in raw_samples(urls, counter):
-        ext = next((e for e in IMAGE_EXTS if e in raw), None)
-        if "txt" not in raw:
-            counter.add("missing_caption", detail=f"(key {raw['__key__']}) ")
-            continue
-        if ext is None:
-            counter.add("missing_image", detail=f"(key {raw['__key__']}) ")
-            continue
-        try:
-            image = decode_image(raw[ext], size)
-        except (OSError, ValueError):
-            counter.add("decode_error", detail=f"(key {raw['__key__']}) ")
-            continue
-        extra = {k: raw[k] for k in ("json", "cls") if k in raw}
-        batch.append({"__key__": raw["__key__"], "image": image, "txt": raw["txt"].decode("utf-8"), **extra})
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def caption_embeddings(text: TextConditioner, captions: list[str]) -> list[np.ndarray]:
-    """The frozen encoder's output for each caption, real tokens only: [(L_i, D) fp16]."""
-    out = text(captions)
-    lengths = out["context_mask"].sum(dim=1).tolist()
-    context = out["context"].float().cpu().numpy().astype(np.float16)  # (B, L, D)
-    return [context[i, : int(n)] for i, n in enumerate(lengths)]
+def auto_devices(spec: str | torch.device) -> str | torch.device:
+    """``auto``: every local GPU (the workers take them in turn), else the CPU; anything else as given."""
+    if str(spec) != "auto":
+        return spec
+    n = torch.cuda.device_count()
+    return ",".join(f"cuda:{i}" for i in range(n)) if n else "cpu"
 
 
 def encode_shards(
@@ -106,65 +86,17 @@ def encode_shards(
     ae: FrozenAutoencoder,
     image_size: int,
     batch_size: int,
-    max_per_shard: int,
-    device: torch.device,
+    max_per_shard: int | None = None,
+    device: torch.device | str = "auto",
     text: TextConditioner | None = None,
+    **kwargs: Any,
 ) -> dict[str, Any]:
-    """Image shards -> latent shards (fp16 scaled latents, caption, [frozen text embeddings]) + index with identity."""
-    counter = SkipCounter("encode")
-    moments = LatentMoments()  # of the scaled latents written
-    ae = ae.to(device)
-    text = text.to(device) if text is not None else None
-
-    def samples() -> Iterator[dict]:
-        for batch in image_batches(expand_urls(pattern), image_size, batch_size, counter):
-            z = ae.encode(torch.stack([s["image"] for s in batch]).to(device)).float()  # (B, C, h, w), scaled
-            moments.update(z)
-            embs = (
-                caption_embeddings(text, [s["txt"] for s in batch])
-                if text is not None
-                else [None] * len(batch)
-            )
-            for s, zi, emb in zip(batch, z.cpu().numpy().astype(np.float16), embs, strict=True):
-                extra = {k: s[k] for k in ("json", "cls") if k in s}
-                if emb is not None:
-                    extra["emb.npy"] = emb
-                yield {"__key__": s["__key__"], "latent.npy": zi, "txt": s["txt"], **extra}
-
-    write_shards(samples(), out_dir, prefix=prefix, max_per_shard=max_per_shard)
-    meta = {
-        "autoencoder": ae.identity,
-        "image_size": image_size,
-        "source": pattern,
-        "text_encoder": {"pretrained": text.pretrained, "max_length": text.max_length}
-        if text is not None
-        else None,
-        "latent_shape": [
-            ae.latent_channels,
-            image_size // ae.downsample_factor,
-            image_size // ae.downsample_factor,
-        ],
-        "latent_stats": moments.result(),
-        "skipped": counter.as_dict(),
-    }
-    index_path = Path(out_dir) / f"{prefix}.json"
-    index = json.loads(index_path.read_text())
-    index["meta"] = meta
-    tmp = index_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, index_path)
-    log.info(
-        "latents %s: %d samples, skipped %s, stats %s",
-        prefix,
-        index["total"],
-        counter.as_dict(),
-        meta["latent_stats"],
+    """``ldm.encode.encode_shards`` with ``auto`` devices. ``max_per_shard`` is ignored (kept for old callers):
+    latent shard i holds the samples of image shard i, which is what makes the encode resumable."""
+    del max_per_shard
+    return encode.encode_shards(
+        pattern, out_dir, prefix, ae, image_size, batch_size, auto_devices(device), text, **kwargs
     )
-    return meta
-
-
-def device_of(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 def text_encoder(name: str | None, max_length: int) -> TextConditioner | None:
@@ -176,17 +108,18 @@ def text_encoder(name: str | None, max_length: int) -> TextConditioner | None:
 
 def cmd_latents(args: argparse.Namespace) -> None:
     ae = load_autoencoder(args.autoencoder, args.subfolder, args.scale_factor)
-    encode_shards(
-        args.shards,
-        args.out,
-        args.prefix,
-        ae,
-        args.image_size,
-        args.batch_size,
-        args.max_per_shard,
-        device_of(args.device),
-        text_encoder(args.text_encoder, args.max_length),
-    )
+    text = text_encoder(args.text_encoder, args.max_length)
+    encode_shards(args.shards, args.out, args.prefix, ae, args.image_size, args.batch_size, device=args.device,
+                  text=text, num_procs=args.num_procs, rank=args.rank, world_size=args.world_size,
+                  overwrite=args.overwrite, threads=args.threads)  # fmt: skip
+
+
+def cmd_latents_merge(args: argparse.Namespace) -> None:
+    if merge_latent_index(args.shards, args.out, args.prefix) is None:
+        raise SystemExit(
+            f"some latent shards in {args.out} are missing or stale (see above): rerun `prepare.py latents` "
+            "with the same arguments to encode them (finished shards are skipped)"
+        )
 
 
 def cmd_emoji(args: argparse.Namespace) -> None:
@@ -200,8 +133,7 @@ def cmd_emoji(args: argparse.Namespace) -> None:
     ae = load_autoencoder(args.autoencoder, None, None)
     text = text_encoder(args.text_encoder, args.max_length)
     for prefix in ("train", "val"):
-        index = read_index(str(root / "images" / f"{prefix}.json"))
-        pattern = ",".join(index["paths"])
+        pattern = ",".join(read_index(str(root / "images" / f"{prefix}.json"))["paths"])
         encode_shards(
             pattern,
             str(root / "latents"),
@@ -209,10 +141,10 @@ def cmd_emoji(args: argparse.Namespace) -> None:
             ae,
             args.size,
             128,
-            args.max_per_shard,
-            device_of(args.device),
-            text,
-        )
+            device=args.device,
+            text=text,
+            overwrite=True,
+        )  # fmt: skip  (the image shards were just rewritten: every shard is re-encoded)
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -295,10 +227,46 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scale-factor", type=float, default=None, help="override the autoencoder's latent scale")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-per-shard", type=int, default=1000)
+    p.add_argument(
+        "--max-per-shard",
+        type=int,
+        default=None,
+        help="ignored: latent shard i holds image shard i's samples",
+    )
     add_text_encoder_args(p, default="none")
-    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--device", "--devices", dest="device", default="auto",
+        help="auto (this node's GPUs in turn, else cpu) or a comma list used in turn by the workers, e.g. cuda:0,cuda:1",
+    )  # fmt: skip
+    p.add_argument("--num-procs", type=int, default=1, help="spawned local workers, one device each")
+    p.add_argument(
+        "--rank", type=int, default=None, help="this job's rank (default: $RANK or $SLURM_PROCID, else 0)"
+    )
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="number of jobs (default: $WORLD_SIZE or $SLURM_NTASKS, else 1)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="re-encode shards made with another autoencoder or settings"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads per worker (default: all, split among --num-procs)",
+    )
     p.set_defaults(func=cmd_latents)
+
+    p = sub.add_parser(
+        "latents-merge",
+        help="write the latent index from the shard sidecars (the last encode process does it too)",
+    )
+    p.add_argument("--shards", required=True, help="the image shards given to `latents`")
+    p.add_argument("--out", required=True)
+    p.add_argument("--prefix", default="train")
+    p.set_defaults(func=cmd_latents_merge)
 
     p = sub.add_parser(
         "export-autoencoder", help="stage-1 checkpoint -> safetensors + json with its latent scale"

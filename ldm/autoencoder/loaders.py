@@ -19,6 +19,7 @@ from ldm.autoencoder.kl import KLAutoencoder
 
 __all__ = [
     "SHIPPED_AUTOENCODER",
+    "LatentMoments",
     "kl_autoencoder_from_checkpoint",
     "latent_stats",
     "load_diffusers_autoencoder",
@@ -181,7 +182,6 @@ def load_diffusers_autoencoder(
     )
 
 
-@torch.no_grad()
 class LatentMoments:
     """Running per-channel first and second moments of latents (B, C, h, w), in float64."""
 
@@ -190,12 +190,36 @@ class LatentMoments:
         self.total_sq: Tensor | None = None
         self.count = 0
 
+    @torch.no_grad()
     def update(self, z: Tensor) -> None:
         flat = z.detach().double().transpose(0, 1).flatten(1)  # (C, B h w)
         s, sq = flat.sum(1).cpu(), flat.pow(2).sum(1).cpu()
         self.total = s if self.total is None else self.total + s
         self.total_sq = sq if self.total_sq is None else self.total_sq + sq
         self.count += flat.shape[1]
+
+    def merge(self, other: LatentMoments) -> None:
+        """Adds another accumulator's sums (e.g. of another shard or process); empty ones change nothing."""
+        if other.total is None or other.total_sq is None:
+            return
+        self.total = other.total.clone() if self.total is None else self.total + other.total
+        self.total_sq = other.total_sq.clone() if self.total_sq is None else self.total_sq + other.total_sq
+        self.count += other.count
+
+    def state(self) -> dict:
+        """The raw sums as JSON-safe floats ({"count", "sum", "sum_sq"}): merging states gives the same numbers
+        whatever the split, as float64 values survive a JSON round trip exactly."""
+        as_list = lambda t: None if t is None else t.tolist()  # noqa: E731
+        return {"count": self.count, "sum": as_list(self.total), "sum_sq": as_list(self.total_sq)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> LatentMoments:
+        moments = cls()
+        if state.get("sum") is not None and state.get("sum_sq") is not None:
+            moments.total = torch.tensor(state["sum"], dtype=torch.float64)
+            moments.total_sq = torch.tensor(state["sum_sq"], dtype=torch.float64)
+            moments.count = int(state["count"])
+        return moments
 
     def result(self) -> dict:
         """Per-channel "channel_mean"/"channel_std", overall "mean"/"std" (unbiased), "count" (latent elements)."""

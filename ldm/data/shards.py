@@ -173,3 +173,44 @@ def read_index(json_path: str) -> dict:
     index.setdefault("meta", {})
     index["paths"] = [str(path.parent / name) for name in index["shards"]]
     return index
+
+
+# ---------------------------------------------------------------------------------------------- resumable writing
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Writes JSON through a temporary file unique to this process, then renames it: readers (and other
+    processes writing the same file) never see a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def write_shard(samples: Iterable[dict], path: str | os.PathLike) -> int:
+    """Writes one shard at ``path`` (via ``path.tmp``, renamed when complete); returns its sample count.
+
+    Unlike ``write_shards`` the caller names the shard, so a restarted job can rewrite exactly the shards it lacks.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sink = _ShardSink(path)
+    try:
+        for sample in samples:
+            sink.write(_encode_sample(sample))
+    except BaseException:
+        sink.writer.close()
+        sink.tmp.unlink(missing_ok=True)
+        raise
+    sink.close()
+    return sink.count
+
+
+def write_index(
+    out_dir: str | os.PathLike, prefix: str, shards: list[str], counts: list[int], meta: dict
+) -> Path:
+    """Writes ``{prefix}.json`` (the format ``write_shards`` writes and ``read_index`` reads) atomically."""
+    if len(shards) != len(counts):
+        raise ValueError(f"{len(shards)} shards but {len(counts)} counts: pass one count per shard")
+    index = {"shards": list(shards), "counts": list(counts), "total": sum(counts), "meta": meta}
+    path = Path(out_dir) / f"{prefix}.json"
+    write_json_atomic(path, index)
+    return path
