@@ -55,3 +55,41 @@ def get_sigmas_discrete(
 def init_noise_scale(sigma_max: float) -> float:
     """sqrt(1 + sigma_max^2): scales N(0, I) (the VP prior x_T) into VE coordinates x = x_T / sqrt(abar_T)."""
     return math.sqrt(1.0 + float(sigma_max) ** 2)
+
+
+def get_sigmas_karras(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """(steps + 1,) float32 sigmas of Karras et al. 2022, eq. 5, followed by a final 0.
+
+    sigma_i = (sigma_max^(1/rho) + i / (steps - 1) * (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i < steps: the
+    first is sigma_max, the last nonzero one sigma_min. For a discrete schedule pass ``schedule.sigma_min`` and
+    ``schedule.sigma_max`` (the full training range).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}.")
+    if not 0.0 < sigma_min < sigma_max or rho <= 0.0:
+        raise ValueError(f"need 0 < sigma_min < sigma_max and rho > 0, got {sigma_min=} {sigma_max=} {rho=}.")
+    ramp = np.linspace(0.0, 1.0, steps)  # (steps,) i / (steps - 1); [0] for one step
+    max_inv, min_inv = sigma_max ** (1.0 / rho), sigma_min ** (1.0 / rho)
+    sigmas = (max_inv + ramp * (min_inv - max_inv)) ** rho  # (steps,) float64
+    return torch.from_numpy(np.append(sigmas, 0.0)).to(torch.float32)  # (steps + 1,)
+
+
+def flow_shift(t: np.ndarray | float, shift: float) -> np.ndarray | float:
+    """Timestep shift t -> shift * t / (1 + (shift - 1) * t) (Esser et al. 2024, "SD3", Sec. 5.3.2)."""
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def get_sigmas_flow(steps: int, shift: float = 3.0, num_timesteps: int = 1000) -> Tensor:
+    """(steps + 1,) float32 descending rectified-flow times t in (0, 1], followed by a final 0.
+
+    The list diffusers' FlowMatchEulerDiscreteScheduler(shift=shift) builds: t runs linearly from 1 to the shifted
+    smallest training time t_min = flow_shift(1 / num_timesteps), then is shifted (again) with ``flow_shift``; the
+    net sees 1000 * t. shift = 1 gives linspace(1, 1 / num_timesteps, steps); SD3 uses shift = 3.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}.")
+    if shift <= 0.0:
+        raise ValueError(f"shift must be > 0 (1 = no shift, SD3 uses 3), got {shift}.")
+    t_min = float(np.float32(flow_shift(1.0 / num_timesteps, shift)))  # diffusers keeps this table in float32
+    ts = flow_shift(np.linspace(1.0, t_min, steps), shift)  # (steps,) float64
+    return torch.from_numpy(np.append(ts, 0.0)).to(torch.float32)  # (steps + 1,)
