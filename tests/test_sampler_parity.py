@@ -50,6 +50,15 @@ STEPS = [10, 25]
 SIGMA_RTOL = 3e-5  # diffusers builds its tables from float32 betas, ours are float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors: intra-op threads only contend on a shared two-core machine (tanh ran 100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def model_fn(x_t: Tensor, t: Tensor) -> Tensor:
     """A deterministic stand-in for a trained net: any smooth function of (x_t, t) works for parity."""
     return torch.tanh(0.3 * x_t) * torch.cos(t.float() / 300).reshape(-1, 1, 1, 1)
