@@ -20,7 +20,7 @@ from ldm.sampling.solvers import _heun_step
 SOLVER_TYPES = ("midpoint", "heun")
 UNIPC_VARIANTS = ("bh1", "bh2")
 
-# Adams-Bashforth weights on [newest, ..., oldest] eps (PNDM's PLMS, Liu et al. 2022, Sec. 3.3).
+# Adams-Bashforth weights on [newest, ..., oldest] eps (the PLMS update of Liu et al. 2022).
 _ADAMS_BASHFORTH = (
     (1.0,),
     (3 / 2, -1 / 2),
@@ -46,6 +46,12 @@ def sample_plms(
     step has no history: it is an Euler step, a second call at its end point and a redo with the average of both
     eps (a Heun step; diffusers' "repeated second timestep"), whose end-point eps is then dropped from the history.
     N + 1 denoiser calls for N steps (N = 1: one Euler step). ``generator`` is unused.
+
+    diffusers steps each listed timestep t to t - T // N. ``get_sigmas_discrete(schedule, N, "leading",
+    steps_offset)`` (and "trailing" when N divides T) is exactly that list, ending at abar = 1 (sigma 0) as with
+    ``set_alpha_to_one=True``; for ``set_alpha_to_one=False`` (Stable Diffusion) replace the final 0 by
+    ``schedule.sigma_min``. Other spacings make diffusers step off its own list, which no sigma list expresses.
+    For v-prediction nets diffusers averages the raw v outputs; this averages the implied eps (parameterisation-free).
     """
     values = _check_sigmas(sigmas)
     sigmas_dev = sigmas.to(x.device)  # (N+1,)
@@ -160,7 +166,7 @@ def sample_dpmpp_2m_sde(
     callback: Callback | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """SDE-DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Sec. 5 / App.); eta scales the injected noise.
+    """SDE-DPM-Solver++(2M), the stochastic variant of Lu et al. 2022 ("DPM-Solver++"); eta scales the noise.
 
     eta = 1 is diffusers' DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"); eta = 0 is
     ``sample_dpmpp_2m``. One draw per step after the denoiser call, none on the step to 0. x (B, ...).
@@ -201,6 +207,18 @@ def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float]:
     return torch.linalg.solve(a, b).tolist()
 
 
+def _unipc_weights(nodes: list[float], hh: float, b_h: float) -> list[float]:
+    """Weights a of the scaled differences D1_k at nodes r_k: solve sum_k a_k r_k^(j-1) = b_j, j = 1..len(nodes).
+
+    UniP-p uses the p - 1 earlier nodes, UniC-p those plus r = 1 (the new point). With a single node the
+    reference implementation fixes a = 1/2 for either B(h) (UniP-2, UniC-1), and so does this one.
+    """
+    if len(nodes) == 1:
+        return [0.5]
+    matrix = [[r**j for r in nodes] for j in range(len(nodes))]
+    return _solve(matrix, _unipc_rhs(hh, len(nodes), b_h))
+
+
 def _unipc_update(
     x: Tensor,
     sigma: float,
@@ -214,35 +232,24 @@ def _unipc_update(
     """One UniP step (new_output None) or UniC correction (new_output = D at the predicted x'), VE form.
 
     x (B, ...) at ``sigma``; ``lambdas`` / ``outputs`` are the -log sigma and x0 estimates up to and including
-    ``sigma``, oldest first. Predictor: x' = e^{-h} x + (1 - e^{-h}) D_0 - B(h) sum_k a_k D1_k (UniP-p); corrector:
-    the same with one more difference D_new - D_0 at the new point (UniC-p; order p + 1).
+    ``sigma``, oldest first. With r_k = (lambda_{-k} - lambda) / h and D1_k = (D_{-k} - D_0) / r_k:
+        x' = e^{-h} x + (1 - e^{-h}) D_0 - B(h) sum_k a_k D1_k
+    over the p - 1 earlier points (UniP-p), plus the point x' itself (r = 1, D1 = D_new - D_0) for UniC-p.
     """
     lam, lam_next = lambdas[-1], -math.log(sigma_next)
     h = lam_next - lam
     hh = -h  # data prediction
     b_h = hh if variant == "bh1" else math.expm1(hh)
     m0 = outputs[-1]
-    rks = [(lambdas[-1 - k] - lam) / h for k in range(1, order)]
-    diffs = [(outputs[-1 - k] - m0) / r for k, r in enumerate(rks, start=1)]  # (B, ...) each
+    nodes = [(lambdas[-1 - k] - lam) / h for k in range(1, order)]
+    diffs = [(outputs[-1 - k] - m0) / r for k, r in enumerate(nodes, start=1)]  # (B, ...) each
     x_next = (sigma_next / sigma) * x - math.expm1(hh) * m0  # (B, ...) first-order (DDIM) part
-    if new_output is None:
-        if order == 1:
-            return x_next
-        # UniP-2 uses a_1 = 1/2 for either B(h) (as the reference implementation); higher orders solve R a = b.
-        rhos = (
-            [0.5]
-            if order == 2
-            else _solve([[r**j for r in rks] for j in range(order - 1)], _unipc_rhs(hh, order - 1, b_h))
-        )
-        return x_next - b_h * sum(a * d for a, d in zip(rhos, diffs, strict=True))
-    rks_ext = rks + [1.0]
-    rhos = (
-        [0.5]
-        if order == 1
-        else _solve([[r**j for r in rks_ext] for j in range(order)], _unipc_rhs(hh, order, b_h))
-    )
-    correction = sum((a * d for a, d in zip(rhos[:-1], diffs, strict=True)), rhos[-1] * (new_output - m0))
-    return x_next - b_h * correction
+    if new_output is not None:
+        nodes, diffs = nodes + [1.0], diffs + [new_output - m0]
+    if not nodes:
+        return x_next
+    weights = _unipc_weights(nodes, hh, b_h)
+    return x_next - b_h * sum(w * d for w, d in zip(weights, diffs, strict=True))
 
 
 @torch.no_grad()
@@ -262,7 +269,8 @@ def sample_unipc(
     As diffusers' UniPCMultistepScheduler(predict_x0=True, lower_order_final=True): step i uses order
     min(order, i + 1, N - i) (warm-up and lower order at the end), and at each step after the first the x predicted
     by the previous step is corrected with the denoiser output at it (no extra call: that output also enters the
-    history). The last step (to 0) is not corrected. N calls for N steps. ``generator`` is unused.
+    history). The last step (to 0) is not corrected. N calls for N steps. ``generator`` is unused. The step to
+    sigma = 0 returns the last x0 estimate (the h -> inf limit; diffusers gives NaN there for "bh1").
     """
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order}.")

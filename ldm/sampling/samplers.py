@@ -79,7 +79,7 @@ def _churn(
     s_noise: float,
     generator: torch.Generator | None,
 ) -> tuple[Tensor, float, Tensor]:
-    """Karras et al. 2022, Alg. 2 lines 5-6: raise the noise level to sigma_hat = (1 + gamma) sigma.
+    """Karras et al. 2022, Alg. 2 lines 4-7: raise the noise level to sigma_hat = (1 + gamma) sigma.
 
     Returns (x_hat, sigma_hat as a float, sigma_hat as a tensor for the denoiser). With gamma = 0 nothing is drawn
     and the schedule's own tensor entry is returned, so grid sigmas reach the net bit-exactly.

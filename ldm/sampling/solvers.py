@@ -46,6 +46,8 @@ def sample_euler(
 
     s_churn = 0 is the deterministic Euler method, the same update as ``sample_ddim(eta=0)``. With churn the
     denoiser sees the churned x_hat at sigma_hat (Alg. 2), one draw per churned step before the denoiser call.
+    (diffusers' EulerDiscreteScheduler instead calls the net on the un-churned x at sigma and adds the churn
+    afterwards, so churned runs differ from it; s_churn = 0 matches it.)
     """
     _check_churn(s_churn, s_noise)
     return _euler_loop(
