@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.instantiate import build
 from ldm.lit.loading import load_for_sampling, resolve_checkpoint
 from ldm.pipeline import generate, make_grid, to_pil
-from ldm.sampling.sigmas import get_sigmas_discrete
+from ldm.sampling.grids import sampling_sigmas
 
 log = logging.getLogger("sample")
 
@@ -50,13 +50,18 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     ckpt_path = resolve_checkpoint(str(cfg.ckpt), cfg.log_dir)
     model = load_for_sampling(ckpt_path, cfg.use_ema, device)
     prompts = read_prompts(cfg)
-    sigmas = get_sigmas_discrete(model.denoiser.schedule, cfg.steps, spacing=cfg.spacing)
-    sampler = build(cfg.sampler)
+    sigmas = sampling_sigmas(model.denoiser.schedule, cfg.steps, spacing=cfg.spacing)
+    # no sampler= given: the one the checkpoint's sample grid used in training
+    sampler_cfg = cfg.sampler if cfg.sampler is not None else OmegaConf.create(model.config["sampler"])
+    sampler = build(sampler_cfg)
+    interval = list(cfg.guidance_interval) if cfg.guidance_interval is not None else None
     sampler_settings = {
-        "sampler": OmegaConf.to_container(cfg.sampler),
+        "sampler": OmegaConf.to_container(sampler_cfg),
         "steps": cfg.steps,
         "spacing": cfg.spacing,
         "cfg_scale": cfg.cfg_scale,
+        "guidance_rescale": cfg.guidance_rescale,
+        "guidance_interval": interval,
     }
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -75,6 +80,8 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             latent_shape=model.latent_shape,
             seeds=seeds,
             cfg_scale=cfg.cfg_scale,
+            guidance_rescale=cfg.guidance_rescale,
+            guidance_interval=interval,
             negative_prompt=[cfg.negative_prompt] * len(batch),
         )
         for i, (prompt, seed, image) in enumerate(zip(batch, seeds, to_pil(images), strict=True)):

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from ldm.sampling.grids import check_sampler
 from ldm.sampling.guidance import CFGDenoiser
-from ldm.sampling.sigmas import init_noise_scale
 
 
 def latent_shape(net: nn.Module, autoencoder: nn.Module, image_size: int) -> tuple[int, int, int]:
@@ -46,25 +46,32 @@ def generate(
     latent_shape: Sequence[int],
     seeds: Sequence[int],
     cfg_scale: float = 5.0,
+    guidance_rescale: float = 0.0,
+    guidance_interval: Sequence[float] | None = None,
     negative_prompt: Sequence[Any] | None = None,
     callback: Callable[[dict], None] | None = None,
 ) -> Tensor:
     """Returns images (B, 3, H, W) in [0, 1].
 
+    ``denoiser`` is an ``ldm.diffusion.Denoiser`` (its schedule sets the prior's scale and which samplers fit).
     ``negative_prompt`` (one per prompt) replaces the unconditional input of classifier-free guidance; by default
     the conditioner's null input (the empty caption the model saw under caption dropout) is used.
+    ``guidance_rescale`` and ``guidance_interval`` are passed to ``CFGDenoiser``.
     """
     if len(seeds) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
+    check_sampler(sampler, denoiser.schedule)
     device = next(denoiser.parameters()).device
     negatives = (
         list(negative_prompt) if negative_prompt is not None else conditioner.null_inputs(len(prompts))
     )
     cond = conditioner(list(prompts))
     uncond = conditioner(negatives)
-    guided = CFGDenoiser(denoiser, cond=cond, uncond=uncond, scale=cfg_scale)
+    interval = tuple(guidance_interval) if guidance_interval is not None else None
+    guided = CFGDenoiser(denoiser, cond, uncond, cfg_scale, rescale=guidance_rescale, interval=interval)
     sigmas = sigmas.to(device)
-    x = initial_noise(seeds, latent_shape, device) * init_noise_scale(float(sigmas[0]))  # (B, C, h, w)
+    scale = denoiser.schedule.init_noise_scale(float(sigmas[0]))
+    x = initial_noise(seeds, latent_shape, device) * scale  # (B, C, h, w)
     generator = torch.Generator().manual_seed(int(seeds[0]))  # noise injected by stochastic samplers
     z = sampler(guided, x, sigmas, callback=callback, generator=generator)
     images = decoder(z)  # (B, 3, H, W) in about [-1, 1]

@@ -13,8 +13,8 @@ from PIL import Image, ImageDraw
 
 from ldm.lit.loading import load_for_sampling, resolve_checkpoint
 from ldm.pipeline import generate, to_pil
+from ldm.sampling.grids import sampling_sigmas
 from ldm.sampling.samplers import sample_ddim
-from ldm.sampling.sigmas import get_sigmas_discrete
 
 PROMPTS = [
     "red apple",
@@ -41,7 +41,7 @@ def main() -> None:
     size = int(model.config["image_size"])
     prompts = [p for p in PROMPTS for _ in range(args.seeds)]
     images = generate(model.denoiser, model.conditioner, model.autoencoder.decode, prompts, sampler=sample_ddim,
-                      sigmas=get_sigmas_discrete(model.denoiser.schedule, args.steps), latent_shape=model.latent_shape,
+                      sigmas=sampling_sigmas(model.denoiser.schedule, args.steps), latent_shape=model.latent_shape,
                       seeds=list(range(args.seeds)) * len(PROMPTS), cfg_scale=args.cfg_scale)  # fmt: skip
     tile, label_w = size * args.zoom, 110
     canvas = Image.new("RGB", (label_w + args.seeds * (tile + 2), len(PROMPTS) * (tile + 2)), "white")

@@ -103,6 +103,25 @@ def test_prompts_file_and_ddpm_sampler(trained_run: Path, tmp_path: Path) -> Non
     assert [r["prompt"] for r in records] == ["red apple", "red apple", "blue heart", "blue heart"]
 
 
+SAMPLERS = ["ddim", "ddpm", "plms", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc"]
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_and_guidance_option_from_sample_py(
+    sampler: str, trained_run: Path, tmp_path: Path
+) -> None:
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    extra = [f"sampler={sampler}", "spacing=karras" if sampler in ("euler", "heun", "dpmpp_2m") else "spacing=trailing",
+             "guidance_rescale=0.7", "guidance_interval=[0.5,20.0]"]  # fmt: skip
+    records = sample.run(sample_cfg(ckpt, tmp_path / "o", *extra))
+    assert records[0]["sampler"]["_target_"].endswith(f"sample_{sampler}")
+    assert records[0]["guidance_rescale"] == 0.7 and records[0]["guidance_interval"] == [0.5, 20.0]
+    plain = sample.run(sample_cfg(ckpt, tmp_path / "p", f"sampler={sampler}"))
+    assert (tmp_path / "o" / records[0]["file"]).read_bytes() != (
+        tmp_path / "p" / plain[0]["file"]
+    ).read_bytes()
+
+
 def test_missing_checkpoint_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="checkpoint not found: .*pass ckpt=PATH"):
         sample.run(sample_cfg(tmp_path / "nope.ckpt", tmp_path / "o"))

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from ldm.lit.ema import EMA
 from ldm.pipeline import generate, latent_shape, make_grid, to_pil
-from ldm.sampling.sigmas import get_sigmas_discrete
+from ldm.sampling.grids import check_sampler, sampling_sigmas
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,10 @@ class SampleGrid(L.Callback):
         image_size: int,
         sampler: Callable[..., torch.Tensor],
         steps: int = 25,
-        spacing: str = "leading",
+        spacing: str | None = None,
         cfg_scale: float = 5.0,
+        guidance_rescale: float = 0.0,
+        guidance_interval: Sequence[float] | None = None,
         seed: int = 0,
         every_n_steps: int = 500,
         out_dir: str = "samples",
@@ -48,11 +50,18 @@ class SampleGrid(L.Callback):
         self.steps = steps
         self.spacing = spacing
         self.cfg_scale = cfg_scale
+        self.guidance_rescale = guidance_rescale
+        self.guidance_interval = list(guidance_interval) if guidance_interval is not None else None
         self.seed = seed
         self.every_n_steps = every_n_steps
         self.out_dir = Path(out_dir)
         self.use_ema = use_ema
         self.last_path: Path | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Fail before training, not at the first grid, when the sampler or spacing does not fit the schedule."""
+        check_sampler(self.sampler, pl_module.denoiser.schedule)
+        sampling_sigmas(pl_module.denoiser.schedule, self.steps, spacing=self.spacing)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -77,10 +86,12 @@ class SampleGrid(L.Callback):
                 pl_module.autoencoder.decode,
                 self.prompts,
                 sampler=self.sampler,
-                sigmas=get_sigmas_discrete(pl_module.loss_fn.schedule, self.steps, spacing=self.spacing),
+                sigmas=sampling_sigmas(pl_module.denoiser.schedule, self.steps, spacing=self.spacing),
                 latent_shape=latent_shape(pl_module.net, pl_module.autoencoder, self.image_size),
                 seeds=[self.seed + i for i in range(len(self.prompts))],
                 cfg_scale=self.cfg_scale,
+                guidance_rescale=self.guidance_rescale,
+                guidance_interval=self.guidance_interval,
             )
         pl_module.train(was_training)
         grid = make_grid(to_pil(images), ncols=min(8, len(self.prompts)))
