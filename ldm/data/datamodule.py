@@ -1,32 +1,89 @@
-"""Lightning DataModule over image or latent shards (see ``ldm.data.pipeline.ShardDataset``)."""
+"""Lightning DataModule over image or latent shards (see ``ldm.data.pipeline.ShardDataset``).
+
+Shards may be local, ``pipe:`` commands or s3/gs/http(s) urls (``ldm.data.urls``). On every rank the module
+totals the samples the loader skipped, per reason and per shard, writes them to ``data_bad_shards_rank{r}.json``
+in the run directory, and stops the run with the worst shards named once more than ``max_bad_fraction`` of the
+samples read were bad.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader
 
-from ldm.data.pipeline import ShardDataset, expand_urls, index_path_for, resolve_rank
-from ldm.data.shards import read_index
+from ldm.data.pipeline import ShardDataset, resolve_rank
+from ldm.data.urls import count_samples, expand_urls, load_index, merged_commands
 
 log = logging.getLogger(__name__)
 
 
-def _count_from_index(urls: list[str], arg_name: str) -> tuple[int, dict]:
-    """Sums the index counts of the selected shards; returns (samples, index meta)."""
-    index_file = index_path_for(urls[0])
-    if index_file is None or not index_file.is_file():
-        raise FileNotFoundError(
-            f"No shard index next to '{urls[0]}' (expected {index_file}): pass {arg_name}=<number of samples>"
+class BadSampleGuard:
+    """Totals one rank's skipped samples from its batches; raises once the bad fraction passes the limit.
+
+    The fraction is bad / (bad + delivered) over the samples read so far; it is judged only after
+    ``min_samples`` reads, so one bad sample in the first batch does not stop a run.
+    """
+
+    def __init__(self, max_bad_fraction: float | None = 0.01, min_samples: int = 1000, rank: int = 0) -> None:
+        if max_bad_fraction is not None and not 0 <= max_bad_fraction <= 1:
+            raise ValueError(f"max_bad_fraction must be in [0, 1] or null, got {max_bad_fraction}")
+        self.max_bad_fraction = max_bad_fraction
+        self.min_samples = min_samples
+        self.rank = rank
+        self.delivered = 0
+        self.reasons: dict[str, int] = {}
+        self.shards: dict[str, dict[str, int]] = {}
+
+    @property
+    def bad(self) -> int:
+        return sum(self.reasons.values())
+
+    @property
+    def fraction(self) -> float:
+        seen = self.bad + self.delivered
+        return self.bad / seen if seen else 0.0
+
+    def update(self, batch: dict[str, Any]) -> None:
+        self.delivered += len(batch["__key__"])
+        for reason, n in batch.get("skipped", {}).items():
+            self.reasons[reason] = self.reasons.get(reason, 0) + int(n)
+        for shard, reasons in batch.get("skipped_shards", {}).items():
+            mine = self.shards.setdefault(shard, {})
+            for reason, n in reasons.items():
+                mine[reason] = mine.get(reason, 0) + int(n)
+
+    def worst(self, k: int = 3) -> list[tuple[str, dict[str, int]]]:
+        return sorted(self.shards.items(), key=lambda item: -sum(item[1].values()))[:k]
+
+    def check(self) -> None:
+        limit = self.max_bad_fraction
+        if limit is None or self.bad + self.delivered < self.min_samples or self.fraction <= limit:
+            return
+        worst = "; ".join(
+            f"{shard} ({sum(r.values())}: {', '.join(f'{k} {n}' for k, n in sorted(r.items()))})"
+            for shard, r in self.worst()
         )
-    index = read_index(str(index_file))
-    counts = dict(zip(index["shards"], index["counts"], strict=True))
-    missing = [u for u in urls if Path(u).name not in counts]
-    if missing:
-        raise ValueError(f"Shards {missing[:3]} are not in {index_file}: pass {arg_name}=<number of samples>")
-    return sum(counts[Path(u).name] for u in urls), index["meta"]
+        raise RuntimeError(
+            f"{self.fraction:.2%} of the {self.bad + self.delivered} samples read on rank {self.rank} were bad, "
+            f"over data.max_bad_fraction={limit}: worst shards {worst or '(none named)'}; fix or drop them, "
+            f"or raise data.max_bad_fraction (null turns the check off)"
+        )
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "samples_read": self.bad + self.delivered,
+            "skipped": self.bad,
+            "bad_fraction": self.fraction,
+            "max_bad_fraction": self.max_bad_fraction,
+            "reasons": dict(sorted(self.reasons.items())),
+            "shards": dict(self.worst(len(self.shards))),
+        }
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -44,6 +101,12 @@ class ShardDataModule(L.LightningDataModule):
         shuffle_buffer: int = 500,
         train_samples: int | None = None,
         val_samples: int | None = None,
+        latent_shape: Sequence[int] | None = None,
+        latent_dtype: str | None = None,
+        max_caption_chars: int | None = 1000,
+        max_bad_fraction: float | None = 0.01,
+        bad_fraction_min_samples: int = 1000,
+        url_commands: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.train_shards = train_shards
@@ -56,17 +119,25 @@ class ShardDataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.train_samples = train_samples
         self.val_samples = val_samples
+        self.max_caption_chars = max_caption_chars
+        self.url_commands = dict(url_commands) if url_commands else {}
+        commands = merged_commands(self.url_commands)
         self.train_urls = expand_urls(train_shards)
         self.val_urls = expand_urls(val_shards) if val_shards else []
         self.index_meta: dict = {}
         if train_samples is None:
-            self.train_samples, self.index_meta = _count_from_index(self.train_urls, "train_samples")
-        elif (index_file := index_path_for(self.train_urls[0])) is not None and index_file.is_file():
-            self.index_meta = read_index(str(index_file))[
-                "meta"
-            ]  # who made the shards, even with a given count
+            self.train_samples, self.index_meta = count_samples(self.train_urls, commands, "train_samples")
+        else:  # who made the shards (and their latent shape), even with a given count
+            try:
+                self.index_meta = load_index(self.train_urls[0], commands)["meta"]
+            except (OSError, ValueError) as exn:
+                log.info("no shard index read beside %s (%s)", self.train_urls[0], exn)
         if self.val_urls and val_samples is None:
-            self.val_samples, _ = _count_from_index(self.val_urls, "val_samples")
+            self.val_samples, _ = count_samples(self.val_urls, commands, "val_samples")
+        shape = latent_shape if latent_shape is not None else self.index_meta.get("latent_shape")
+        self.latent_shape = tuple(int(n) for n in shape) if shape is not None else None
+        self.latent_dtype = latent_dtype if latent_dtype is not None else self.index_meta.get("latent_dtype")
+        self.guard = BadSampleGuard(max_bad_fraction, bad_fraction_min_samples)
         self.train_dataset: ShardDataset | None = None
         self.val_dataset: ShardDataset | None = None
 
@@ -83,11 +154,14 @@ class ShardDataModule(L.LightningDataModule):
             urls, kind=self.kind, batch_size=self.batch_size, num_batches=num_batches,
             image_size=self.image_size, seed=self.seed, shuffle=shuffle,
             shuffle_buffer=self.shuffle_buffer, rank=rank, world_size=world,
+            latent_shape=self.latent_shape, latent_dtype=self.latent_dtype,
+            max_caption_chars=self.max_caption_chars, url_commands=self.url_commands,
         )  # fmt: skip
 
     def setup(self, stage: str | None = None) -> None:
         """Builds the datasets for this rank (again if the rank changed, e.g. set up before DDP started)."""
         placement = self._rank_world()
+        self.guard.rank = placement[0]
         if (
             self.train_dataset is None
             or (self.train_dataset.rank, self.train_dataset.world_size) != placement
@@ -115,3 +189,28 @@ class ShardDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")
         return self._loader(self.val_dataset) if self.val_dataset is not None else []
+
+    # ---------------------------------------------------------------- bad samples on this rank
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Totals the training batches' skipped samples; stops the run past ``max_bad_fraction``."""
+        if self.trainer is not None and self.trainer.training and isinstance(batch, dict):
+            self.guard.update(batch)
+            try:
+                self.guard.check()
+            except RuntimeError:
+                self.write_report()
+                raise
+        return batch
+
+    def write_report(self) -> Path | None:
+        """``data_bad_shards_rank{r}.json`` in the run directory: samples read, skipped per reason and shard."""
+        if self.trainer is None:
+            return None
+        path = Path(self.trainer.default_root_dir) / f"data_bad_shards_rank{self.trainer.global_rank}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.guard.summary(), indent=1))
+        return path
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            self.write_report()

@@ -21,17 +21,21 @@ log = logging.getLogger(__name__)
 
 
 class SkipCounter:
-    """Counts skipped samples per reason; warns the first time each reason appears."""
+    """Counts skipped samples per reason (and per shard when given); warns the first time each reason appears."""
 
     def __init__(self, name: str = "data") -> None:
         self.name = name
         self.counts: dict[str, int] = {}
+        self.by_shard: dict[str, dict[str, int]] = {}
         self._warned: set[str] = set()
 
-    def add(self, reason: str, n: int = 1, detail: str = "") -> None:
+    def add(self, reason: str, n: int = 1, detail: str = "", shard: str | None = None) -> None:
         if n <= 0:
             return
         self.counts[reason] = self.counts.get(reason, 0) + n
+        if shard is not None:
+            reasons = self.by_shard.setdefault(shard, {})
+            reasons[reason] = reasons.get(reason, 0) + n
         if reason not in self._warned:
             self._warned.add(reason)
             log.warning(
@@ -50,6 +54,11 @@ class SkipCounter:
         """Returns the counts so far and resets them (the warn-once memory is kept)."""
         counts, self.counts = self.counts, {}
         return counts
+
+    def pop_shards(self) -> dict[str, dict[str, int]]:
+        """Returns the per-shard counts so far ({shard: {reason: n}}) and resets them."""
+        by_shard, self.by_shard = self.by_shard, {}
+        return by_shard
 
     def total(self) -> int:
         return sum(self.counts.values())

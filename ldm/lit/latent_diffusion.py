@@ -139,22 +139,27 @@ class LatentDiffusion(L.LightningModule):
         return {"context": context, "context_mask": mask}
 
     def count_skipped(self, batch: dict[str, Any]) -> None:
-        """Samples the loader dropped (per reason) arrive with each batch; log the running totals."""
+        """Samples the loader dropped (per reason) arrive with each batch; log the running totals per rank.
+
+        The DataModule totals them per shard too and stops the run past ``data.max_bad_fraction``.
+        """
         for reason, n in batch.get("skipped", {}).items():
             if n:
+                first = reason not in self.skipped
                 self.skipped[reason] += int(n)
-                log.warning(
-                    "skipped %d sample(s) in the loader: %s (total %d)", n, reason, self.skipped[reason]
-                )
+                level = logging.WARNING if first else logging.DEBUG
+                total = self.skipped[reason]
+                log.log(level, "skipped %d sample(s) in the loader: %s (total %d)", n, reason, total)
         for reason, total in self.skipped.items():
             # per rank, no sync: ranks may have seen different reasons, and a collective over different keys hangs
             self.log(f"data/skipped_{reason}", float(total), rank_zero_only=False)
 
     def on_fit_end(self) -> None:
-        """The skipped-sample counts per reason, per rank, also go to the run directory."""
+        """The skipped-sample counts per reason, per rank, also go to the run directory (per shard: the
+        DataModule's ``data_bad_shards_rank{r}.json``)."""
         path = Path(self.trainer.default_root_dir) / f"data_skipped_rank{self.global_rank}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(dict(self.skipped), indent=1))
+        path.write_text(json.dumps(dict(sorted(self.skipped.items())), indent=1))
 
     # ------------------------------------------------------------------ optimisation
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -1,0 +1,185 @@
+"""Raw shard samples -> checked training samples; every rejected sample is counted under one reason.
+
+Reasons: ``missing_caption`` (none, or blank), ``caption_too_long``, ``decode_error`` (caption not UTF-8, image
+or ``.npy`` that does not decode), ``bad_label``, ``missing_image``, ``missing_latent``, ``latent_shape``,
+``latent_dtype``, ``latent_nonfinite`` (NaN/inf), ``bad_embedding``. Each count also names the shard.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm.data.shards import SkipCounter
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+KINDS = ("images", "latents")
+FLOATS = (np.dtype(np.float16), np.dtype(np.float32))
+_NPY_MAGIC = b"\x93NUMPY"
+_npy_headers: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}
+
+
+def decode_image(data: bytes, size: int) -> torch.Tensor:
+    """Image bytes -> (3, size, size) float in [-1, 1]: resize the short side to ``size``, centre crop."""
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+        scale = size / min(im.size)
+        w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
+        if (w, h) != im.size:
+            im = im.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        left, top = (w - size) // 2, (h - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+        array = np.asarray(im, dtype=np.uint8)  # (H, W, 3)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W)
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """``.npy`` bytes -> a read-only array over ``data`` (no copy); ValueError when not a plain ``.npy``.
+
+    The header (format 1.0-3.0) is parsed once per distinct header: a shard's latents all share one.
+    """
+    if data[:6] != _NPY_MAGIC or len(data) < 10:
+        raise ValueError("not a .npy file")
+    start = 10 if data[6] == 1 else 12
+    length = int.from_bytes(data[8:start], "little")
+    header = data[start : start + length]
+    parsed = _npy_headers.get(header)
+    if parsed is None:
+        fields = ast.literal_eval(header.decode("latin1"))
+        dtype = np.lib.format.descr_to_dtype(fields["descr"])
+        if dtype.hasobject:
+            raise ValueError("object arrays are not loaded")
+        parsed = (dtype, tuple(int(n) for n in fields["shape"]), bool(fields["fortran_order"]))
+        if len(_npy_headers) < 256:
+            _npy_headers[header] = parsed
+    dtype, shape, fortran = parsed
+    count = int(np.prod(shape))
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=start + length)
+    return array.reshape(shape, order="F" if fortran else "C")
+
+
+def decode_latent(data: bytes) -> torch.Tensor | None:
+    """``.npy`` bytes -> (C, h, w) float32; None if not a finite 3-d float array."""
+    array = load_npy(data)
+    if array.ndim != 3 or array.dtype not in FLOATS or not np.isfinite(array).all():
+        return None
+    return torch.from_numpy(array.astype(np.float32))
+
+
+def decode_embedding(data: bytes) -> torch.Tensor | None:
+    """``.npy`` bytes -> (L, D) float32 token embeddings; None if not a finite non-empty 2-d float array."""
+    array = _embedding(data)
+    return None if array is None else torch.from_numpy(array.astype(np.float32))
+
+
+def _embedding(data: bytes) -> np.ndarray | None:
+    try:
+        array = load_npy(data)
+    except (ValueError, SyntaxError, KeyError, TypeError):
+        return None
+    if array.ndim != 2 or array.shape[0] == 0 or array.dtype not in FLOATS or not np.isfinite(array).all():
+        return None
+    return array
+
+
+class SampleDecoder:
+    """Decodes and checks one raw sample ({"__key__", "__url__", ext: bytes}); None (and a count) if bad.
+
+    Latents and embeddings stay numpy arrays in their stored dtype; the collate converts whole batches.
+    ``latent_shape`` None: the first valid latent fixes it (pass it, or keep it in the shard index meta).
+    ``latent_dtype`` None: float16 and float32 are both accepted.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        image_size: int = 32,
+        latent_shape: tuple[int, ...] | None = None,
+        latent_dtype: str | None = None,
+        max_caption_chars: int | None = 1000,
+    ) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got '{kind}'")
+        if latent_shape is not None and len(latent_shape) != 3:
+            raise ValueError(
+                f"latent_shape must be (C, h, w), got {latent_shape}: e.g. latent_shape=[4,32,32]"
+            )
+        dtype = None if latent_dtype is None else np.dtype(latent_dtype)
+        if dtype is not None and dtype not in FLOATS:
+            raise ValueError(
+                f"latent_dtype must be float16 or float32 (or null for either), got '{latent_dtype}'"
+            )
+        self.kind = kind
+        self.image_size = image_size
+        self.latent_shape = tuple(latent_shape) if latent_shape is not None else None
+        self.latent_dtype = dtype
+        self.max_caption_chars = max_caption_chars
+
+    def __call__(self, raw: dict[str, Any], counter: SkipCounter) -> dict[str, Any] | None:
+        key, shard = raw["__key__"], raw.get("__url__")
+
+        def skip(reason: str, why: str = "") -> None:
+            counter.add(reason, detail=f"(key {key} in {shard}{': ' + why if why else ''}) ", shard=shard)
+
+        if "txt" not in raw:
+            return skip("missing_caption")
+        try:
+            text = raw["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            return skip("decode_error", "caption is not UTF-8")
+        if not text.strip():
+            return skip("missing_caption", "blank caption")
+        if self.max_caption_chars is not None and len(text) > self.max_caption_chars:
+            return skip("caption_too_long", f"{len(text)} > max_caption_chars={self.max_caption_chars}")
+        sample: dict[str, Any] = {"__key__": key, "txt": text}
+        if "cls" in raw:
+            try:
+                sample["cls"] = int(raw["cls"].decode("utf-8").strip())
+            except (UnicodeDecodeError, ValueError):
+                return skip("bad_label")
+        if self.kind == "images":
+            ext = next((e for e in IMAGE_EXTS if e in raw), None)
+            if ext is None:
+                return skip("missing_image")
+            try:
+                sample["image"] = decode_image(raw[ext], self.image_size)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exn:
+                return skip("decode_error", f"{type(exn).__name__}: {exn}")
+            return sample
+        return self._latent_sample(raw, sample, skip)
+
+    def _latent_sample(self, raw: dict[str, Any], sample: dict[str, Any], skip: Any) -> dict[str, Any] | None:
+        if "latent.npy" not in raw:
+            return skip("missing_latent")
+        try:
+            latent = load_npy(raw["latent.npy"])
+        except (ValueError, SyntaxError, KeyError, TypeError) as exn:
+            return skip("decode_error", f"latent .npy: {exn}")
+        if self.latent_shape is None and latent.ndim == 3:
+            self.latent_shape = latent.shape
+            log.info(
+                "latent shape %s taken from the first sample (set data.latent_shape to fix it)", latent.shape
+            )
+        if latent.shape != self.latent_shape:
+            return skip("latent_shape", f"{latent.shape} != latent_shape {self.latent_shape}")
+        if latent.dtype != self.latent_dtype if self.latent_dtype is not None else latent.dtype not in FLOATS:
+            return skip("latent_dtype", f"{latent.dtype} != latent_dtype {self.latent_dtype or 'float16|32'}")
+        if not np.isfinite(latent).all():
+            return skip("latent_nonfinite", "NaN or inf")
+        sample["latent"] = latent  # (C, h, w)
+        if (
+            "emb.npy" in raw
+        ):  # precomputed frozen text-encoder output for the caption: (L_i, D), real tokens only
+            emb = _embedding(raw["emb.npy"])
+            if emb is None:
+                return skip("bad_embedding", "need a finite float (L, D) array")
+            sample["emb"] = emb
+        return sample
