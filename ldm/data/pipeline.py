@@ -52,14 +52,20 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 
 def pad_embeddings(embs: Sequence[torch.Tensor | np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """[(L_i, D)] -> context (B, L_max, D) float32 zero-padded and context_mask (B, L_max), True on real tokens."""
-    length = max(e.shape[0] for e in embs)
-    context = np.zeros((len(embs), length, embs[0].shape[1]), np.float32)
-    mask = np.zeros((len(embs), length), bool)
-    for i, e in enumerate(embs):
-        context[i, : e.shape[0]] = e.numpy() if isinstance(e, torch.Tensor) else e
-        mask[i, : e.shape[0]] = True
-    return torch.from_numpy(context), torch.from_numpy(mask)
+    """[(L_i, D)] -> context (B, L_max, D) float32 zero-padded and context_mask (B, L_max), True on real tokens.
+
+    Padded in the stored dtype (fp16 on disk) and converted once per batch.
+    """
+    arrays = [e.numpy() if isinstance(e, torch.Tensor) else e for e in embs]
+    lengths = [a.shape[0] for a in arrays]
+    if min(lengths) == max(lengths):
+        context = np.stack(arrays)
+    else:
+        context = np.zeros((len(arrays), max(lengths), arrays[0].shape[1]), np.result_type(*arrays))
+        for i, a in enumerate(arrays):
+            context[i, : a.shape[0]] = a
+    mask = np.arange(context.shape[1])[None, :] < np.array(lengths)[:, None]  # (B, L_max)
+    return torch.from_numpy(context).float(), torch.from_numpy(mask)
 
 
 class ShardDataset(IterableDataset):
