@@ -1,8 +1,10 @@
 """Reading WebDataset shards into ready batches: split by rank and worker, seeded shuffle, equal batch counts.
 
 Every rank yields exactly ``num_batches`` batches per epoch whatever the shard count, so DDP never hangs on
-uneven shards: a rank or worker with fewer shards cycles through its own again. Skipped samples are counted
-per reason and reported with each batch under ``"skipped"``.
+uneven shards: a rank or worker with fewer shards cycles through its own again. Shards are read by
+``ldm.data.tar_reader`` from any source ``ldm.data.urls`` opens; samples are checked by ``ldm.data.decode``.
+Skipped samples are counted per reason and per shard and reported with each batch under ``"skipped"`` and
+``"skipped_shards"``.
 """
 
 from __future__ import annotations
