@@ -198,7 +198,7 @@ def test_bad_latents_are_skipped(tmp_path: Path) -> None:
     paths = write_shards(samples, str(tmp_path))
     batch = _read_all(ShardDataset(paths, kind="latents", batch_size=2, num_batches=1, shuffle=False))[0]
     assert batch["__key__"] == ["00000", "00005"]
-    assert batch["skipped"] == {"bad_latent": 3, "missing_latent": 1}
+    assert batch["skipped"] == {"latent_nonfinite": 1, "latent_shape": 1, "latent_dtype": 1, "missing_latent": 1}
 
 
 # ---------------------------------------------------------------- distribution
