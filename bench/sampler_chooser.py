@@ -63,19 +63,29 @@ PROMPTS = [
 
 
 def run_sampler(
-    model, sampler, sigmas, prompts, seeds, cfg_scale
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(latents, images, seconds per image) for one sampler on one grid."""
+    model, sampler, sigmas, prompts, seeds, cfg_scale, repeats: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """(latents, images, seconds per image (best of ``repeats``), network calls) for one sampler on one grid."""
     captured: dict[str, torch.Tensor] = {}
+    calls = [0]
 
     def decode(z: torch.Tensor) -> torch.Tensor:
         captured["z"] = z
         return model.autoencoder.decode(z)
 
-    start = time.perf_counter()
-    images = generate(model.denoiser, model.conditioner, decode, prompts, sampler=sampler, sigmas=sigmas,
-                      latent_shape=model.latent_shape, seeds=seeds, cfg_scale=cfg_scale)  # fmt: skip
-    return captured["z"], images, (time.perf_counter() - start) / len(prompts)
+    def count(*_: object) -> None:
+        calls[0] += 1
+
+    hook = model.denoiser.net.register_forward_hook(count)  # CFG: one (doubled-batch) call per evaluation
+    best = float("inf")
+    for _ in range(repeats):
+        calls[0] = 0
+        start = time.perf_counter()
+        images = generate(model.denoiser, model.conditioner, decode, prompts, sampler=sampler, sigmas=sigmas,
+                          latent_shape=model.latent_shape, seeds=seeds, cfg_scale=cfg_scale)  # fmt: skip
+        best = min(best, (time.perf_counter() - start) / len(prompts))
+    hook.remove()
+    return captured["z"], images, best, calls[0]
 
 
 def rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -97,7 +107,8 @@ def main() -> None:
     parser.add_argument("--ckpt", default="latest")
     parser.add_argument("--log-dir", default="logs")
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50])
-    parser.add_argument("--spacings", nargs="+", default=["leading", "karras"])
+    parser.add_argument("--spacings", nargs="+", default=["leading", "trailing", "karras"])
+    parser.add_argument("--repeats", type=int, default=2, help="timing: best of this many runs")
     parser.add_argument("--num-images", type=int, default=8)
     parser.add_argument("--cfg-scale", type=float, default=5.0)
     parser.add_argument("--reference-steps", type=int, default=1000)
@@ -114,13 +125,18 @@ def main() -> None:
     spacings = ["flow"] if flow else args.spacings
     ref_sampler = sample_flow_euler if flow else sample_ddim
     ref_sigmas = sampling_sigmas(schedule, args.reference_steps, None if flow else "linspace")
-    ref_z, ref_images, ref_time = run_sampler(model, ref_sampler, ref_sigmas, prompts, seeds, args.cfg_scale)
+    ref_z, ref_images, ref_time, _ = run_sampler(
+        model, ref_sampler, ref_sigmas, prompts, seeds, args.cfg_scale
+    )
 
     print(f"checkpoint: {ckpt}  schedule: {schedule!r}  prediction: {model.denoiser.prediction}")
     print(f"reference: {ref_sampler.__name__}, {args.reference_steps} steps, {ref_time:.3f} s/image; "
           f"{args.num_images} images, cfg {args.cfg_scale}, torch threads {torch.get_num_threads()}")  # fmt: skip
-    header = f"{'sampler':<17}{'spacing':<9}" + "".join(
-        f"{f'{n} steps px/lat':>20}{'s/img':>7}" for n in args.steps
+    print(
+        "cells: RMS distance to the reference in decoded pixels (0..1) / in latents, network calls, s/image"
+    )
+    header = f"{'sampler':<23}{'spacing':<9}" + "".join(
+        f"{f'{n} steps: px / latent':>24}{'NFE':>5}{'s/img':>7}" for n in args.steps
     )
     print(header + "\n" + "-" * len(header))
     rows = []
@@ -129,12 +145,14 @@ def main() -> None:
             cells, first_images = [], None
             for n in args.steps:
                 sampler = functools.partial(fn)
-                z, images, secs = run_sampler(model, sampler, sampling_sigmas(schedule, n, spacing), prompts, seeds,
-                                              args.cfg_scale)  # fmt: skip
+                sigmas = sampling_sigmas(schedule, n, spacing)
+                z, images, secs, nfe = run_sampler(
+                    model, sampler, sigmas, prompts, seeds, args.cfg_scale, args.repeats
+                )
                 first_images = images if first_images is None else first_images
-                cells.append(f"{rms(images, ref_images):>11.4f}/{rms(z, ref_z):<8.4f}{secs:>7.3f}")
-            tag = " SDE" if name in STOCHASTIC else ""
-            print(f"{name + tag:<17}{spacing:<9}" + "".join(cells))
+                cells.append(f"{rms(images, ref_images):>15.4f} / {rms(z, ref_z):<6.4f}{nfe:>5d}{secs:>7.3f}")
+            tag = " (SDE)" if name in STOCHASTIC else ""
+            print(f"{name + tag:<23}{spacing:<9}" + "".join(cells))
             rows.append(labelled_row(first_images, f"{name} {spacing} {args.steps[0]}"))
     rows.append(labelled_row(ref_images, f"reference {args.reference_steps}"))
     picture = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)), (255, 255, 255))
