@@ -6,6 +6,8 @@
         --autoencoder emoji-kl-f4 | PATH.safetensors | diffusers:stabilityai/sd-vae-ft-mse [--subfolder vae]
     python prepare.py latents ... --num-procs 4 --devices cuda:0,cuda:1,cuda:2,cuda:3   # resumable; or one job per
                                                       # rank under torchrun/SLURM (--rank/--world-size from the env)
+    python prepare.py latents ... --buckets 256x256,192x320,320x192   # aspect-ratio buckets (HxW), not squares
+    python prepare.py latents ... --bucket-area 256 --bucket-step 32   # SDXL-style buckets of ~256x256 pixels
     python prepare.py latents-merge --shards '...' --out data/mine/latents   # the index, if no process wrote it
     python prepare.py export-autoencoder --ckpt logs/autoencoder/runs/<run>/checkpoints/last.ckpt \
         --shards 'data/emoji32/images/train-{000000..000007}.tar' --out ldm/autoencoder/weights/emoji_kl_f4
@@ -32,6 +34,7 @@ from ldm.autoencoder.loaders import (
     save_kl_autoencoder,
 )
 from ldm.conditioning.text import TextConditioner
+from ldm.data.buckets import Bucket, buckets_for_area, parse_buckets
 from ldm.data.emoji import emoji_samples, is_validation_key
 from ldm.data.folder import folder_samples
 from ldm.data.pipeline import expand_urls
@@ -106,12 +109,23 @@ def text_encoder(name: str | None, max_length: int) -> TextConditioner | None:
     return TextConditioner(pretrained=name, max_length=max_length, dropout_prob=0.0)
 
 
+def bucket_args(args: argparse.Namespace) -> list[Bucket] | None:
+    """``--buckets HxW,...`` or ``--bucket-area S --bucket-step N``; None (one image_size square) without either."""
+    if args.buckets and args.bucket_area:
+        raise SystemExit("give --buckets or --bucket-area, not both")
+    if args.bucket_area:
+        return buckets_for_area(args.bucket_area, args.bucket_step, args.bucket_max_ratio)
+    return parse_buckets(args.buckets) if args.buckets else None
+
+
 def cmd_latents(args: argparse.Namespace) -> None:
+    buckets = bucket_args(args)
     ae = load_autoencoder(args.autoencoder, args.subfolder, args.scale_factor)
     text = text_encoder(args.text_encoder, args.max_length)
     encode_shards(args.shards, args.out, args.prefix, ae, args.image_size, args.batch_size, device=args.device,
                   text=text, num_procs=args.num_procs, rank=args.rank, world_size=args.world_size,
-                  overwrite=args.overwrite, threads=args.threads)  # fmt: skip
+                  overwrite=args.overwrite, threads=args.threads, buckets=buckets, bucket_crop=args.bucket_crop,
+                  bucket_seed=args.bucket_seed, latent_multiple=args.latent_multiple)  # fmt: skip
 
 
 def cmd_latents_merge(args: argparse.Namespace) -> None:
@@ -181,6 +195,26 @@ def add_text_encoder_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument(
         "--max-length", type=int, default=32, help="tokenizer max length (as conditioner.max_length)"
     )
+
+
+def add_bucket_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("aspect-ratio buckets (ldm/data/buckets.py; default: one --image-size square)")
+    g.add_argument(
+        "--buckets", default=None, help="image sizes HxW, comma separated, e.g. 256x256,192x320,320x192"
+    )
+    g.add_argument(
+        "--bucket-area", type=int, default=None, help="SDXL-style buckets of about this side squared"
+    )
+    g.add_argument("--bucket-step", type=int, default=32, help="--bucket-area: sides are multiples of this")
+    g.add_argument("--bucket-max-ratio", type=float, default=2.0, help="--bucket-area: longest/shortest side")
+    g.add_argument(
+        "--bucket-crop", choices=("center", "random"), default="center", help="crop into the bucket"
+    )
+    g.add_argument("--bucket-seed", type=int, default=0, help="seed of random crops (per sample key)")
+    g.add_argument(
+        "--latent-multiple", type=int, default=1,
+        help="bucket sides must be multiples of the autoencoder factor x this: the UNet's 2**(levels-1), e.g. 8",
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -257,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="CPU threads per worker (default: all, split among --num-procs)",
     )
+    add_bucket_args(p)
     p.set_defaults(func=cmd_latents)
 
     p = sub.add_parser(

@@ -30,6 +30,7 @@ import torch
 from ldm.autoencoder.frozen import FrozenAutoencoder
 from ldm.autoencoder.loaders import LatentMoments
 from ldm.conditioning.text import TextConditioner
+from ldm.data.buckets import Bucket, bucket_image, bucket_name, check_buckets, crop_rng, parse_buckets
 from ldm.data.pipeline import IMAGE_EXTS, decode_image, expand_urls, raw_samples
 from ldm.data.shards import SkipCounter, write_index, write_json_atomic, write_shard
 
@@ -41,9 +42,25 @@ SIDECAR = ".done.json"  # train-000003.tar -> train-000003.tar.done.json
 SHARD_FORMAT = "ldm.latent_shard/1"
 
 
-def image_batches(urls: list[str], size: int, batch_size: int, counter: SkipCounter) -> Iterator[list[dict]]:
-    """Decoded samples ({"__key__", "image" (3, size, size) in [-1, 1], "txt", [json, cls]}) in batches."""
-    batch: list[dict] = []
+def image_batches(
+    urls: list[str],
+    size: int | None,
+    batch_size: int,
+    counter: SkipCounter,
+    buckets: Sequence[Sequence[int]] | None = None,
+    crop: str = "center",
+    crop_seed: int = 0,
+) -> Iterator[list[dict]]:
+    """Decoded samples ({"__key__", "image" (3, H, W) in [-1, 1], "txt", [json, cls], [size]}) in batches of one
+    image shape.
+
+    Without ``buckets`` every image is resized (short side to ``size``) and centre-cropped to size x size. With
+    them each image goes to its nearest bucket (``ldm.data.buckets``: ``crop`` "center" or "random" seeded by
+    ``crop_seed`` and the key) and "size" holds {"original_size", "crop_top_left", "target_size"}. A batch is
+    emitted when its bucket has ``batch_size`` samples; the partial ones follow at the end, in order of first use.
+    """
+    pending: dict[tuple[int, ...], list[dict]] = {}
+    fixed = None if buckets is None else [(int(b[0]), int(b[1])) for b in buckets]
     for raw in raw_samples(urls, counter):
         ext = next((e for e in IMAGE_EXTS if e in raw), None)
         if "txt" not in raw:
@@ -53,17 +70,22 @@ def image_batches(urls: list[str], size: int, batch_size: int, counter: SkipCoun
             counter.add("missing_image", detail=f"(key {raw['__key__']}) ")
             continue
         try:
-            image = decode_image(raw[ext], size)
+            if fixed is None:
+                image, sizes = decode_image(raw[ext], int(size or 0)), None
+            else:
+                image, sizes = bucket_image(raw[ext], fixed, crop_rng(crop, crop_seed, raw["__key__"]))
         except (OSError, ValueError):
             counter.add("decode_error", detail=f"(key {raw['__key__']}) ")
             continue
         extra = {k: raw[k] for k in ("json", "cls") if k in raw}
-        batch.append({"__key__": raw["__key__"], "image": image, "txt": raw["txt"].decode("utf-8"), **extra})
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+        if sizes is not None:
+            extra["size"] = sizes
+        group = pending.setdefault(tuple(image.shape), [])
+        group.append({"__key__": raw["__key__"], "image": image, "txt": raw["txt"].decode("utf-8"), **extra})
+        if len(group) == batch_size:
+            yield group
+            pending[tuple(image.shape)] = []
+    yield from (group for group in pending.values() if group)
 
 
 def caption_embeddings(text: TextConditioner, captions: list[str]) -> list[np.ndarray]:
@@ -75,10 +97,21 @@ def caption_embeddings(text: TextConditioner, captions: list[str]) -> list[np.nd
 
 
 # ---------------------------------------------------------------------------------------------- what a shard is
-def encode_settings(ae: FrozenAutoencoder, image_size: int, text: TextConditioner | None) -> dict[str, Any]:
-    """What a latent shard depends on besides its image shard (batch size and device are not part of it)."""
+def encode_settings(
+    ae: FrozenAutoencoder,
+    image_size: int,
+    text: TextConditioner | None,
+    buckets: Sequence[Bucket] | None = None,
+    bucket_crop: str = "center",
+    bucket_seed: int = 0,
+) -> dict[str, Any]:
+    """What a latent shard depends on besides its image shard (batch size and device are not part of it).
+
+    With ``buckets`` (H, W): "buckets", "bucket_crop" [, "bucket_seed"], "latent_shapes" (one (C, h, w) per
+    bucket); "latent_shape" is the single bucket's shape, or None for several, and "image_size" is None.
+    """
     f = ae.downsample_factor
-    settings = {
+    settings: dict[str, Any] = {
         "autoencoder": ae.identity,
         "image_size": image_size,
         "text_encoder": None
@@ -86,6 +119,14 @@ def encode_settings(ae: FrozenAutoencoder, image_size: int, text: TextConditione
         else {"pretrained": text.pretrained, "max_length": text.max_length},
         "latent_shape": [ae.latent_channels, image_size // f, image_size // f],
     }
+    if buckets is not None:
+        check_buckets(buckets, f)
+        crop_rng(bucket_crop, bucket_seed, "")  # checks the crop mode
+        shapes = [[ae.latent_channels, h // f, w // f] for h, w in buckets]
+        settings.update(image_size=None, latent_shape=shapes[0] if len(shapes) == 1 else None)
+        settings.update(buckets=[list(b) for b in buckets], bucket_crop=bucket_crop, latent_shapes=shapes)
+        if bucket_crop == "random":
+            settings["bucket_seed"] = bucket_seed
     return json.loads(json.dumps(settings))  # as a sidecar reads back: lists, plain floats
 
 
@@ -94,8 +135,8 @@ def describe(settings: dict[str, Any]) -> str:
     ae, text = settings.get("autoencoder") or {}, settings.get("text_encoder") or {}
     return (
         f"(autoencoder {ae.get('name')} sha256 {str(ae.get('sha256'))[:12]} scale {ae.get('scale_factor')} "
-        f"shift {ae.get('shift_factor')}, latents {settings.get('latent_shape')} from "
-        f"{settings.get('image_size')} px, text encoder {text.get('pretrained')})"
+        f"shift {ae.get('shift_factor')}, latents {settings.get('latent_shapes') or settings.get('latent_shape')} "
+        f"from {settings.get('image_size') or settings.get('buckets')} px, text encoder {text.get('pretrained')})"
     )
 
 
@@ -142,12 +183,15 @@ def encode_one(job: ShardJob, out: Path, ae: FrozenAutoencoder, text: TextCondit
     """One image shard -> one latent shard + its sidecar (written last: from then on the shard counts as done)."""
     counter = SkipCounter(f"encode {Path(job.url).name}")
     moments = LatentMoments()  # of the fp16 latents as stored
+    buckets: Counter[str] = Counter()
+    bucketing = (settings.get("buckets"), settings.get("bucket_crop", "center"), settings.get("bucket_seed", 0))
 
     def samples() -> Iterator[dict]:
-        for batch in image_batches([job.url], settings["image_size"], batch_size, counter):
-            images = torch.stack([s["image"] for s in batch]).to(device)  # (B, 3, H, W)
+        for batch in image_batches([job.url], settings["image_size"], batch_size, counter, *bucketing):
+            images = torch.stack([s["image"] for s in batch]).to(device)  # (B, 3, H, W), one bucket
             z = ae.encode(images).half()  # (B, C, h, w), scaled
             moments.update(z)
+            buckets[bucket_name(images.shape[2:])] += len(batch)
             embs = (
                 caption_embeddings(text, [s["txt"] for s in batch])
                 if text is not None
@@ -155,6 +199,8 @@ def encode_one(job: ShardJob, out: Path, ae: FrozenAutoencoder, text: TextCondit
             )
             for s, zi, emb in zip(batch, z.cpu().numpy(), embs, strict=True):
                 extra = {k: s[k] for k in ("json", "cls") if k in s}
+                if "size" in s:  # original_size, crop_top_left, target_size (the bucket)
+                    extra["size.json"] = s["size"]
                 if emb is not None:
                     extra["emb.npy"] = emb
                 yield {"__key__": s["__key__"], "latent.npy": zi, "txt": s["txt"], **extra}
@@ -171,6 +217,8 @@ def encode_one(job: ShardJob, out: Path, ae: FrozenAutoencoder, text: TextCondit
         "moments": moments.state(),
         "latent_stats": moments.result() if moments.count >= 2 else None,
     }
+    if "buckets" in settings:
+        side["bucket_counts"] = {bucket_name(b): buckets[bucket_name(b)] for b in settings["buckets"]}
     write_json_atomic(out / f"{job.name}{SIDECAR}", side)
     log.info("latents %s <- %s: %d samples, skipped %s", job.name, job.url, count, counter.as_dict())
     return side
@@ -248,8 +296,17 @@ def encode_shards(
     world_size: int | None = None,
     overwrite: bool = False,
     threads: int | None = None,
+    buckets: str | Sequence[Sequence[int]] | None = None,
+    bucket_crop: str = "center",
+    bucket_seed: int = 0,
+    latent_multiple: int = 1,
 ) -> dict[str, Any]:
     """Image shards -> latent shards (resumable, split over ranks and processes), then the index.
+
+    ``buckets`` ("HxW,..." or [(H, W), ...], see ``ldm.data.buckets``): each image is resized and cropped into
+    its nearest bucket (``bucket_crop`` "center" or "random" with ``bucket_seed``) instead of image_size squared;
+    every bucket side must be a multiple of the autoencoder factor x ``latent_multiple`` (the UNet's
+    2**(levels - 1)). Each sample then also stores ``KEY.size.json`` and the index counts samples per bucket.
 
     ``device``: one device, or several (a comma list) that the local workers take in turn. Shard i goes to global
     worker i % (world_size * num_procs); ``num_procs`` > 1 spawns processes (each gets the autoencoder and text
@@ -262,7 +319,10 @@ def encode_shards(
         raise ValueError(f"num_procs={num_procs}: pass 1 or more")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    settings = encode_settings(ae, image_size, text)
+    fixed = None if buckets is None else parse_buckets(buckets)
+    if fixed is not None:
+        check_buckets(fixed, ae.downsample_factor * latent_multiple)
+    settings = encode_settings(ae, image_size, text, fixed, bucket_crop, bucket_seed)
     jobs = plan_jobs(pattern, prefix)
     check_out_dir(out, jobs, settings, overwrite)
     rank, world_size, local_rank = dist_env(rank, world_size)
@@ -305,10 +365,11 @@ def merge_latent_index(
                  "or run `prepare.py latents-merge`", prefix, len(waiting), len(jobs), waiting[0])  # fmt: skip
         return None
     done = [s for s in sides if s is not None]
-    moments, skipped = LatentMoments(), Counter()
+    moments, skipped, buckets = LatentMoments(), Counter(), Counter()
     for side in done:
         moments.merge(LatentMoments.from_state(side["moments"]))
         skipped.update(side["skipped"])
+        buckets.update(side.get("bucket_counts", {}))
     meta: dict[str, Any] = {
         **(settings or {}),  # autoencoder (identity), image_size, text_encoder, latent_shape
         "source": pattern,
@@ -317,6 +378,8 @@ def merge_latent_index(
         "moments": moments.state(),  # the raw sums, to merge with other shard sets
         "skipped": dict(sorted(skipped.items())),
     }
+    if "buckets" in meta:  # samples per bucket, in bucket order
+        meta["bucket_counts"] = {bucket_name(b): buckets[bucket_name(b)] for b in meta["buckets"]}
     current = {j.name for j in jobs}
     stale = sorted(p.name for p in out.glob(f"{prefix}-*.tar") if p.name not in current)
     if stale:

@@ -19,10 +19,13 @@ from ldm.sampling.grids import check_sampler
 from ldm.sampling.guidance import CFGDenoiser
 
 
-def latent_shape(net: nn.Module, autoencoder: nn.Module, image_size: int) -> tuple[int, int, int]:
-    """(C, h, w) of the latents the network denoises for images of ``image_size`` pixels."""
-    side = image_size // autoencoder.downsample_factor
-    return (net.in_channels, side, side)
+def latent_shape(
+    net: nn.Module, autoencoder: nn.Module, image_size: int | Sequence[int]
+) -> tuple[int, int, int]:
+    """(C, h, w) of the latents the network denoises for images of ``image_size`` pixels (a side, or (H, W))."""
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    f = autoencoder.downsample_factor
+    return (net.in_channels, int(height) // f, int(width) // f)
 
 
 def initial_noise(seeds: Sequence[int], shape: Sequence[int], device: torch.device) -> Tensor:

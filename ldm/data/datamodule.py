@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
+from ldm.data.buckets import as_latent_shapes
 from ldm.data.pipeline import ShardDataset, resolve_rank
 from ldm.data.urls import count_samples, expand_urls, load_index, merged_commands
 
@@ -134,8 +135,9 @@ class ShardDataModule(L.LightningDataModule):
                 log.info("no shard index read beside %s (%s)", self.train_urls[0], exn)
         if self.val_urls and val_samples is None:
             self.val_samples, _ = count_samples(self.val_urls, commands, "val_samples")
-        shape = latent_shape if latent_shape is not None else self.index_meta.get("latent_shape")
-        self.latent_shape = tuple(int(n) for n in shape) if shape is not None else None
+        meta = self.index_meta
+        meta_shape = meta.get("latent_shapes") or meta.get("latent_shape")  # one per bucket, or the one
+        self.latent_shape = as_latent_shapes(latent_shape if latent_shape is not None else meta_shape)
         self.latent_dtype = latent_dtype if latent_dtype is not None else self.index_meta.get("latent_dtype")
         self.guard = BadSampleGuard(max_bad_fraction, bad_fraction_min_samples)
         self.train_dataset: ShardDataset | None = None

@@ -2,13 +2,16 @@
 
 Reasons: ``missing_caption`` (none, or blank), ``caption_too_long``, ``decode_error`` (caption not UTF-8, image
 or ``.npy`` that does not decode), ``bad_label``, ``missing_image``, ``missing_latent``, ``latent_shape``,
-``latent_dtype``, ``latent_nonfinite`` (NaN/inf), ``bad_embedding``. Each count also names the shard.
+``latent_dtype``, ``latent_nonfinite`` (NaN/inf), ``bad_embedding``, ``bad_size`` (a ``KEY.size.json`` of
+aspect-ratio buckets that is not {"original_size": [h, w], "crop_top_left": [y, x], ...}). Each count also names
+the shard.
 """
 
 from __future__ import annotations
 
 import ast
 import io
+import json
 import logging
 from typing import Any
 
@@ -16,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm.data.buckets import as_latent_shapes, latent_shape_set
 from ldm.data.shards import SkipCounter
 
 log = logging.getLogger(__name__)
@@ -101,7 +105,9 @@ class SampleDecoder:
     """Decodes and checks one raw sample ({"__key__", "__url__", ext: bytes}); None (and a count) if bad.
 
     Latents and embeddings stay numpy arrays in their stored dtype; the collate converts whole batches.
-    ``latent_shape`` None: the first valid latent fixes it (pass it, or keep it in the shard index meta).
+    ``latent_shape`` None: the first valid latent fixes it (pass it, or keep it in the shard index meta); a list
+    of shapes (one per aspect-ratio bucket) accepts any of them. Bucketed samples also get "original_size" and
+    "crop_top_left" ([h, w], [y, x]) from ``KEY.size.json``.
     ``latent_dtype`` None: float16 and float32 are both accepted.
     """
 
@@ -109,15 +115,16 @@ class SampleDecoder:
         self,
         kind: str,
         image_size: int = 32,
-        latent_shape: tuple[int, ...] | None = None,
+        latent_shape: tuple[int, ...] | tuple[tuple[int, ...], ...] | None = None,
         latent_dtype: str | None = None,
         max_caption_chars: int | None = 1000,
     ) -> None:
+        latent_shape, shapes = as_latent_shapes(latent_shape), latent_shape_set(latent_shape)
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got '{kind}'")
-        if latent_shape is not None and len(latent_shape) != 3:
+        if shapes is not None and any(len(shape) != 3 for shape in shapes):
             raise ValueError(
-                f"latent_shape must be (C, h, w), got {latent_shape}: e.g. latent_shape=[4,32,32]"
+                f"latent_shape must be (C, h, w) or a list of them, got {latent_shape}: e.g. latent_shape=[4,32,32]"
             )
         dtype = None if latent_dtype is None else np.dtype(latent_dtype)
         if dtype is not None and dtype not in FLOATS:
@@ -126,7 +133,8 @@ class SampleDecoder:
             )
         self.kind = kind
         self.image_size = image_size
-        self.latent_shape = tuple(latent_shape) if latent_shape is not None else None
+        self.latent_shape = latent_shape  # (C, h, w), a tuple of them, or None until the first latent
+        self.latent_shapes = shapes
         self.latent_dtype = dtype
         self.max_caption_chars = max_caption_chars
 
@@ -170,13 +178,13 @@ class SampleDecoder:
             latent = load_npy(raw["latent.npy"])
         except (ValueError, SyntaxError, KeyError, TypeError) as exn:
             return skip("decode_error", f"latent .npy: {exn}")
-        if self.latent_shape is None and latent.ndim == 3:
-            self.latent_shape = latent.shape
+        if self.latent_shapes is None and latent.ndim == 3:
+            self.latent_shape, self.latent_shapes = latent.shape, {latent.shape}
             log.info(
                 "latent shape %s taken from the first sample (set data.latent_shape to fix it)", latent.shape
             )
-        if latent.shape != self.latent_shape:
-            return skip("latent_shape", f"{latent.shape} != latent_shape {self.latent_shape}")
+        if latent.shape not in (self.latent_shapes or ()):
+            return skip("latent_shape", f"{latent.shape} not in latent_shape {self.latent_shape}")
         if latent.dtype != self.latent_dtype if self.latent_dtype is not None else latent.dtype not in FLOATS:
             return skip("latent_dtype", f"{latent.dtype} != latent_dtype {self.latent_dtype or 'float16|32'}")
         if not all_finite(latent):
@@ -189,4 +197,19 @@ class SampleDecoder:
             if emb is None:
                 return skip("bad_embedding", "need a finite float (L, D) array")
             sample["emb"] = emb
+        if "size.json" in raw:  # aspect-ratio buckets: what the encoder's resize and crop did
+            sizes = _size_conditioning(raw["size.json"])
+            if sizes is None:
+                return skip("bad_size", 'need {"original_size": [h, w], "crop_top_left": [y, x]}')
+            sample.update(sizes)
         return sample
+
+
+def _size_conditioning(data: bytes) -> dict[str, list[int]] | None:
+    """``KEY.size.json`` -> {"original_size": [h, w], "crop_top_left": [y, x]}; None when malformed."""
+    try:
+        fields = json.loads(data)
+        out = {k: [int(v) for v in fields[k]] for k in ("original_size", "crop_top_left")}
+    except (ValueError, KeyError, TypeError):
+        return None
+    return out if all(len(v) == 2 for v in out.values()) else None

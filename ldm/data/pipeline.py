@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ldm.data.buckets import bucket_batches, size_conditioning
 from ldm.data.decode import IMAGE_EXTS, SampleDecoder, decode_embedding, decode_image, decode_latent
 from ldm.data.shards import SkipCounter
 from ldm.data.tar_reader import raw_samples
@@ -197,6 +198,7 @@ class ShardDataset(IterableDataset):
             batch = {"latent": torch.from_numpy(np.stack([s["latent"] for s in samples])).float()}
         batch["txt"] = [s["txt"] for s in samples]
         batch["__key__"] = [s["__key__"] for s in samples]
+        batch.update(size_conditioning(samples))  # bucketed shards: original_size, crop_top_left (B, 2)
         batch["skipped"] = counter.pop()
         batch["skipped_shards"] = counter.pop_shards()
         embedded = sum("emb" in s for s in samples)
@@ -223,16 +225,12 @@ class ShardDataset(IterableDataset):
         rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker))
         counter = SkipCounter(f"shards[rank {self.rank} worker {worker}]")
         stream = self._shuffled(self._samples(rng, consumer, consumers, counter), rng)
-        pending: list[dict] = []
-        try:
-            for sample in stream:
-                pending.append(sample)
-                if len(pending) == self.batch_size:
-                    yield self._collate(pending, counter)
-                    pending = []
-                    quota -= 1
-                    if quota == 0:
-                        break
+        try:  # one shape per batch: aspect-ratio buckets fill their own batches (ldm.data.buckets)
+            for samples in bucket_batches(stream, self.batch_size):
+                yield self._collate(samples, counter)
+                quota -= 1
+                if quota == 0:
+                    break
         finally:
             stream.close()  # stops any shard command still running
         if counter.total():

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from ldm.data.buckets import most_common_bucket
 from ldm.lit.ema import EMA
 from ldm.pipeline import generate, latent_shape, make_grid, to_pil
 from ldm.sampling.grids import check_sampler, sampling_sigmas
@@ -27,12 +28,14 @@ class SampleGrid(L.Callback):
     """Every ``every_n_steps`` (and at the end of training) sample a grid for fixed prompts with the EMA weights.
 
     The grid is written to ``<run dir>/samples/step_XXXXXX.png`` and sent to the wandb / TensorBoard loggers.
+    ``image_size``: a side (square), [H, W], or "auto": the aspect-ratio bucket holding most samples in the
+    training shards' index (``bucket_counts``, see ``ldm.data.buckets``), else their square ``image_size``.
     """
 
     def __init__(
         self,
         prompts: Sequence[str],
-        image_size: int,
+        image_size: int | Sequence[int] | str,
         sampler: Callable[..., torch.Tensor],
         steps: int = 25,
         spacing: str | None = None,
@@ -45,7 +48,8 @@ class SampleGrid(L.Callback):
         use_ema: bool = True,
     ) -> None:
         self.prompts = list(prompts)
-        self.image_size = image_size
+        self.image_size = image_size if isinstance(image_size, int | str) else [int(n) for n in image_size]
+        self.size: tuple[int, int] | None = None if image_size == "auto" else grid_size(image_size, {})
         self.sampler = sampler
         self.steps = steps
         self.spacing = spacing
@@ -62,6 +66,9 @@ class SampleGrid(L.Callback):
         """Fail before training, not at the first grid, when the sampler or spacing does not fit the schedule."""
         check_sampler(self.sampler, pl_module.denoiser.schedule)
         sampling_sigmas(pl_module.denoiser.schedule, self.steps, spacing=self.spacing)
+        if self.size is None:
+            self.size = grid_size(self.image_size, getattr(trainer.datamodule, "index_meta", None) or {})
+            log.info("sample grid at %dx%d px (image_size=auto)", *self.size)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -75,6 +82,8 @@ class SampleGrid(L.Callback):
     def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if pl_module.autoencoder is None:
             return
+        if self.size is None:
+            self.size = grid_size(self.image_size, getattr(trainer.datamodule, "index_meta", None) or {})
         ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
         swap = ema.swapped_in(pl_module) if (self.use_ema and ema is not None) else nullcontext()
         was_training = pl_module.training
@@ -87,7 +96,7 @@ class SampleGrid(L.Callback):
                 self.prompts,
                 sampler=self.sampler,
                 sigmas=sampling_sigmas(pl_module.denoiser.schedule, self.steps, spacing=self.spacing),
-                latent_shape=latent_shape(pl_module.net, pl_module.autoencoder, self.image_size),
+                latent_shape=latent_shape(pl_module.net, pl_module.autoencoder, self.size),
                 seeds=[self.seed + i for i in range(len(self.prompts))],
                 cfg_scale=self.cfg_scale,
                 guidance_rescale=self.guidance_rescale,
@@ -113,6 +122,27 @@ class SampleGrid(L.Callback):
                 logger.experiment.add_image("samples", arr, global_step=trainer.global_step)
             elif isinstance(logger, CSVLogger):
                 pass  # the PNG in the run directory is the record
+
+
+def grid_size(image_size: int | Sequence[int] | str, index_meta: dict[str, Any]) -> tuple[int, int]:
+    """(H, W) of the sample grid's images: a side, [H, W], or "auto" from the training shards' index meta."""
+    if image_size == "auto":
+        bucket = most_common_bucket(index_meta)
+        side = index_meta.get("image_size")
+        if bucket is None and side is None:
+            raise ValueError(
+                "callbacks.sample_grid.image_size=auto found no bucket_counts or image_size in the training shards' "
+                "index: set it to a side or [H, W], e.g. callbacks.sample_grid.image_size=[192,320]"
+            )
+        return bucket if bucket is not None else (int(side), int(side))
+    if isinstance(image_size, str):
+        raise ValueError(f"sample grid image_size='{image_size}': give a side, [H, W] or auto")
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    sides = [int(n) for n in image_size]
+    if len(sides) != 2:
+        raise ValueError(f"sample grid image_size={sides}: give a side, [H, W] or auto")
+    return (sides[0], sides[1])
 
 
 class Throughput(L.Callback):
