@@ -59,6 +59,10 @@ def image_batches(
     ``crop_seed`` and the key) and "size" holds {"original_size", "crop_top_left", "target_size"}. A batch is
     emitted when its bucket has ``batch_size`` samples; the partial ones follow at the end, in order of first use.
     """
+    if size is None and buckets is None:
+        raise ValueError(
+            "image_batches needs an image size or buckets: pass size=256 or buckets=[(H, W), ...]"
+        )
     pending: dict[tuple[int, ...], list[dict]] = {}
     fixed = None if buckets is None else [(int(b[0]), int(b[1])) for b in buckets]
     for raw in raw_samples(urls, counter):
@@ -71,7 +75,7 @@ def image_batches(
             continue
         try:
             if fixed is None:
-                image, sizes = decode_image(raw[ext], int(size or 0)), None
+                image, sizes = decode_image(raw[ext], int(size)), None
             else:
                 image, sizes = bucket_image(raw[ext], fixed, crop_rng(crop, crop_seed, raw["__key__"]))
         except (OSError, ValueError):
@@ -184,7 +188,11 @@ def encode_one(job: ShardJob, out: Path, ae: FrozenAutoencoder, text: TextCondit
     counter = SkipCounter(f"encode {Path(job.url).name}")
     moments = LatentMoments()  # of the fp16 latents as stored
     buckets: Counter[str] = Counter()
-    bucketing = (settings.get("buckets"), settings.get("bucket_crop", "center"), settings.get("bucket_seed", 0))
+    bucketing = (
+        settings.get("buckets"),
+        settings.get("bucket_crop", "center"),
+        settings.get("bucket_seed", 0),
+    )
 
     def samples() -> Iterator[dict]:
         for batch in image_batches([job.url], settings["image_size"], batch_size, counter, *bucketing):

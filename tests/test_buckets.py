@@ -18,6 +18,7 @@ from hydra_utils import compose_config
 from PIL import Image
 from torch.utils.data import DataLoader
 
+import prepare
 import train
 from ldm.autoencoder.kl import KLAutoencoder
 from ldm.autoencoder.loaders import load_kl_autoencoder, save_kl_autoencoder
@@ -244,3 +245,21 @@ def test_train_on_bucketed_shards_and_sample_grid_at_the_common_bucket(
     assert summary["global_step"] == 3 and math.isfinite(summary["metrics"]["train/loss"])
     grid = Image.open(out / "samples" / "step_000003.png")
     assert grid.size == (2 * (40 + 2) + 2, 24 + 2 + 2)  # two prompts side by side, 24x40 each, 2 px borders
+
+
+def test_cli_bucket_area_flags_resume_and_settings_guard(bucketed: dict, tmp_path: Path) -> None:
+    images = str(bucketed["root"] / "images" / "val-000000.tar")
+    args = ["latents", "--shards", images, "--out", str(tmp_path), "--prefix", "val", "--autoencoder",
+            str(bucketed["ae"]), "--device", "cpu", "--bucket-area", "32", "--bucket-step", "8"]  # fmt: skip
+    prepare.main(args)
+    meta = json.loads((tmp_path / "val.json").read_text())["meta"]
+    assert meta["buckets"] == [[40, 24], [32, 32], [24, 40]] and sum(meta["bucket_counts"].values()) == 6
+    before = (tmp_path / "val-000000.tar").stat().st_mtime_ns
+    prepare.main(args)  # finished: nothing re-encoded
+    assert (tmp_path / "val-000000.tar").stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match="--overwrite"):  # other buckets, same --out
+        prepare.main([*args[:-4], "--buckets", "32x32"])
+    with pytest.raises(ValueError, match="multiples of 32"):  # 24 px sides vs f=4 x a 4-level UNet's 8
+        prepare.main([*args, "--latent-multiple", "8"])
+    with pytest.raises(SystemExit, match="not both"):
+        prepare.main([*args, "--buckets", "32x32"])

@@ -74,6 +74,9 @@ def pad_embeddings(embs: Sequence[torch.Tensor | np.ndarray]) -> tuple[torch.Ten
 class ShardDataset(IterableDataset):
     """Yields ready batches: {"image" (B, 3, S, S) | "latent" (B, C, h, w), "txt", "__key__", "skipped"[, "cls"]}.
 
+    Latent shards of aspect-ratio buckets: each batch holds one bucket's shape and adds "original_size" and
+    "crop_top_left" (B, 2); see ``ldm.data.buckets.bucket_batches`` for what bucketing does to the order.
+
     ``skipped`` holds the samples dropped since the previous batch per reason, ``skipped_shards`` the same per
     shard ({shard: {reason: n}}); see ``ldm.data.decode`` and ``ldm.data.tar_reader`` for the reasons.
     """
