@@ -165,7 +165,7 @@ def as_latent_shapes(spec: Any) -> tuple[int, ...] | tuple[tuple[int, ...], ...]
     items = [] if spec is None else list(spec)
     if not items:
         return None
-    if items and all(isinstance(v, int | np.integer) for v in items):
+    if all(isinstance(v, int | np.integer) for v in items):
         return tuple(int(v) for v in items)
     shapes = tuple(dict.fromkeys(tuple(int(v) for v in s) for s in items))
     return shapes[0] if len(shapes) == 1 else shapes
