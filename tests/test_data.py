@@ -210,7 +210,8 @@ def test_ranks_read_disjoint_shards_with_equal_batch_counts(tmp_path: Path, num_
     assert len(paths) == 5
     keys_by_rank = []
     for rank in range(2):
-        ds = ShardDataset(paths, "images", batch_size=4, num_batches=6, image_size=4, rank=rank, world_size=2)
+        ds = ShardDataset(paths, "images", batch_size=4, num_batches=6, image_size=4, rank=rank, world_size=2,
+                          mode="cycle")  # fmt: skip
         batches = _read_all(ds, num_workers)
         assert len(batches) == 6  # rank 1 has 16 samples for 24 slots: it cycles its shards
         keys_by_rank.append({k for b in batches for k in b["__key__"]})
@@ -224,7 +225,8 @@ def test_fewer_shards_than_consumers_splits_samples(tmp_path: Path) -> None:
     paths = write_shards(_image_samples(24, size=4), str(tmp_path), max_per_shard=8)  # 3 shards, 4 consumers
     keys = []
     for rank in range(2):
-        ds = ShardDataset(paths, "images", batch_size=3, num_batches=4, image_size=4, rank=rank, world_size=2)
+        ds = ShardDataset(paths, "images", batch_size=3, num_batches=4, image_size=4, rank=rank, world_size=2,
+                          mode="cycle")  # fmt: skip
         batches = _read_all(ds, num_workers=2)
         assert len(batches) == 4
         keys += [k for b in batches for k in b["__key__"]]

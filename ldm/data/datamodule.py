@@ -4,12 +4,18 @@ Shards may be local, ``pipe:`` commands or s3/gs/http(s) urls (``ldm.data.urls``
 totals the samples the loader skipped, per reason and per shard, writes them to ``data_bad_shards_rank{r}.json``
 in the run directory, and stops the run with the worst shards named once more than ``max_bad_fraction`` of the
 samples read were bad.
+
+The data position is part of every checkpoint (``state_dict``: the train epoch and how many of its batches each
+rank trained on, counted as batches reach the training step). A run resumed mid-epoch starts that epoch's loader
+past those batches (``ShardDataset.set_epoch(epoch, skip_batches)``), so it trains on the samples the
+uninterrupted run would have; ``restore_position=False`` restarts the epoch's order from its first batch instead.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,9 +25,23 @@ from torch.utils.data import DataLoader
 
 from ldm.data.buckets import as_latent_shapes
 from ldm.data.pipeline import ShardDataset, resolve_rank
-from ldm.data.urls import count_samples, expand_urls, load_index, merged_commands
+from ldm.data.plan import check_mode
+from ldm.data.urls import count_samples, expand_urls, load_index, merged_commands, shard_name
 
 log = logging.getLogger(__name__)
+
+
+def index_counts(urls: list[str], commands: dict[str, str]) -> tuple[list[int] | None, dict]:
+    """Samples per shard and the meta from the index beside the shards; (None, {}) without a usable index."""
+    try:
+        index = load_index(urls[0], commands)
+    except (OSError, ValueError) as exn:
+        log.info("no shard index read beside %s (%s)", urls[0], exn)
+        return None, {}
+    counts = dict(zip(index["shards"], index["counts"], strict=False))
+    names = [shard_name(u) for u in urls]
+    found = [int(counts[n]) for n in names if n in counts]
+    return (found if len(found) == len(names) else None), index.get("meta", {})
 
 
 class BadSampleGuard:
@@ -108,8 +128,15 @@ class ShardDataModule(L.LightningDataModule):
         max_bad_fraction: float | None = 0.01,
         bad_fraction_min_samples: int = 1000,
         url_commands: dict[str, str] | None = None,
+        mode: str = "exact",
+        restore_position: bool = True,
     ) -> None:
         super().__init__()
+        self.mode = check_mode(mode)
+        self.restore_position = restore_position
+        self.position = (0, 0)  # (train epoch, batches of it trained on by each rank)
+        self.resume_position: tuple[int, int] | None = None
+        self.described = ""
         self.train_shards = train_shards
         self.val_shards = val_shards
         self.kind = kind
@@ -125,16 +152,20 @@ class ShardDataModule(L.LightningDataModule):
         commands = merged_commands(self.url_commands)
         self.train_urls = expand_urls(train_shards)
         self.val_urls = expand_urls(val_shards) if val_shards else []
-        self.index_meta: dict = {}
-        if train_samples is None:
-            self.train_samples, self.index_meta = count_samples(self.train_urls, commands, "train_samples")
-        else:  # who made the shards (and their latent shape), even with a given count
-            try:
-                self.index_meta = load_index(self.train_urls[0], commands)["meta"]
-            except (OSError, ValueError) as exn:
-                log.info("no shard index read beside %s (%s)", self.train_urls[0], exn)
+        # who made the shards (and their latent shape), and the samples per shard the data plan balances
+        self.train_counts, self.index_meta = index_counts(self.train_urls, commands)
+        if train_samples is None:  # count_samples raises, naming the fix, when there is no usable index
+            counts = self.train_counts
+            self.train_samples = (
+                sum(counts) if counts else count_samples(self.train_urls, commands, "train_samples")[0]
+            )
+        self.val_counts = index_counts(self.val_urls, commands)[0] if self.val_urls else None
         if self.val_urls and val_samples is None:
-            self.val_samples, _ = count_samples(self.val_urls, commands, "val_samples")
+            self.val_samples = (
+                sum(self.val_counts)
+                if self.val_counts
+                else count_samples(self.val_urls, commands, "val_samples")[0]
+            )
         meta = self.index_meta
         meta_shape = meta.get("latent_shapes") or meta.get("latent_shape")  # one per bucket, or the one
         self.latent_shape = as_latent_shapes(latent_shape if latent_shape is not None else meta_shape)
@@ -149,15 +180,17 @@ class ShardDataModule(L.LightningDataModule):
             return resolve_rank(None, None)  # torch.distributed when initialised, else 0 / 1
         return trainer.global_rank, trainer.world_size
 
-    def _dataset(self, urls: list[str], samples: int, shuffle: bool) -> ShardDataset:
+    def _dataset(self, urls: list[str], samples: int, counts: list[int] | None, train: bool) -> ShardDataset:
+        """Train: ``mode``, shuffled. Validation: exact, in shard order (each sample at most once)."""
         rank, world = self._rank_world()
         num_batches = max(1, samples // (world * self.batch_size))
         return ShardDataset(
             urls, kind=self.kind, batch_size=self.batch_size, num_batches=num_batches,
-            image_size=self.image_size, seed=self.seed, shuffle=shuffle,
+            image_size=self.image_size, seed=self.seed, shuffle=train,
             shuffle_buffer=self.shuffle_buffer, rank=rank, world_size=world,
             latent_shape=self.latent_shape, latent_dtype=self.latent_dtype,
             max_caption_chars=self.max_caption_chars, url_commands=self.url_commands,
+            mode=self.mode if train else "exact", shard_counts=counts, num_workers=self.num_workers,
         )  # fmt: skip
 
     def setup(self, stage: str | None = None) -> None:
@@ -168,11 +201,20 @@ class ShardDataModule(L.LightningDataModule):
             self.train_dataset is None
             or (self.train_dataset.rank, self.train_dataset.world_size) != placement
         ):
-            self.train_dataset = self._dataset(self.train_urls, int(self.train_samples), shuffle=True)
+            self.train_dataset = self._dataset(
+                self.train_urls, int(self.train_samples), self.train_counts, True
+            )
+            self._describe(self.train_dataset, placement[0])
         if self.val_urls and (
             self.val_dataset is None or (self.val_dataset.rank, self.val_dataset.world_size) != placement
         ):
-            self.val_dataset = self._dataset(self.val_urls, int(self.val_samples), shuffle=False)
+            self.val_dataset = self._dataset(self.val_urls, int(self.val_samples), self.val_counts, False)
+            if len(self.val_dataset) == 0:
+                log.warning(
+                    "validation gets no batch: %d samples over %d rank(s) x %d worker(s) fill no batch of %d per "
+                    "worker; lower data.batch_size or data.num_workers, or add validation shards",
+                    self.val_samples, placement[1], max(1, self.num_workers), self.batch_size,
+                )  # fmt: skip
 
     def set_epoch(self, epoch: int) -> None:
         """Reseeds the train shuffle (call from the LightningModule's on_train_epoch_start)."""
@@ -182,10 +224,33 @@ class ShardDataModule(L.LightningDataModule):
     def _loader(self, dataset: ShardDataset) -> DataLoader:
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
 
+    def _describe(self, dataset: ShardDataset, rank: int) -> None:
+        """Logs the plan once (rank 0); stops when the train data cannot fill one batch per rank."""
+        line = dataset.describe()
+        if len(dataset) == 0:
+            raise ValueError(
+                f"{line}: not one batch per rank; lower data.batch_size or data.num_workers, or use "
+                "data.mode=resampled"
+            )
+        if rank == 0 and line != self.described:
+            log.info(line)
+        self.described = line
+
     def train_dataloader(self) -> DataLoader:
+        """The loader of the trainer's epoch; a resumed run's first one starts past the batches already trained on."""
         self.setup("fit")
         if self.trainer is not None:  # a resumed run starts at its own epoch's order
-            self.train_dataset.set_epoch(self.trainer.current_epoch)
+            epoch, skip = self.trainer.current_epoch, 0
+            resume = self.resume_position
+            if resume is not None and resume[0] == epoch:
+                skip = min(resume[1], len(self.train_dataset))
+                log.info("epoch %d resumes at batch %d of %d (data position from the checkpoint)",
+                         epoch, skip, len(self.train_dataset))  # fmt: skip
+            # used, or (an earlier epoch) already finished: later loaders start at their first batch
+            if resume is not None and resume[0] <= epoch:
+                self.resume_position = None
+            self.train_dataset.set_epoch(epoch, skip)
+            self.position = (epoch, skip)
         return self._loader(self.train_dataset)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -196,6 +261,7 @@ class ShardDataModule(L.LightningDataModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Totals the training batches' skipped samples; stops the run past ``max_bad_fraction``."""
         if self.trainer is not None and self.trainer.training and isinstance(batch, dict):
+            self.position = (self.position[0], self.position[1] + 1)  # this batch is about to be trained on
             self.guard.update(batch)
             try:
                 self.guard.check()
@@ -216,3 +282,39 @@ class ShardDataModule(L.LightningDataModule):
     def teardown(self, stage: str) -> None:
         if stage == "fit":
             self.write_report()
+
+    # ---------------------------------------------------------------- the data position in checkpoints
+    def _placement(self) -> dict[str, Any]:
+        world = self._rank_world()[1]
+        return {"mode": self.mode, "seed": self.seed, "batch_size": self.batch_size,
+                "num_workers": self.num_workers, "world_size": world}  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: the train epoch, how many of its batches each rank trained on, and what
+        the order depends on."""
+        return {"epoch": self.position[0], "batches": self.position[1], **self._placement()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Called on resume, before the first train loader is built: that loader starts past the saved position."""
+        if "batches" not in state:
+            return
+        if not self.restore_position:
+            log.info("data.restore_position=false: the resumed epoch restarts its order from the first batch")
+            return
+        self.resume_position = (int(state["epoch"]), int(state["batches"]))
+        saved = {k: state.get(k) for k in self._placement()}
+        if saved != self._placement():
+            log.warning(
+                "the data position was saved with %s but this run has %s: the resumed epoch skips %d batches of "
+                "another order, so some samples may repeat or be missed until the epoch ends",
+                saved, self._placement(), self.resume_position[1],
+            )  # fmt: skip
+        if self.train_dataset is not None and self.train_dataset.epoch == self.resume_position[0]:
+            # a loader built before the restore (the trainer estimating its steps) keeps this dataset
+            skip = min(self.resume_position[1], len(self.train_dataset))
+            self.train_dataset.set_epoch(self.resume_position[0], skip)
+            self.position = (self.resume_position[0], skip)
+        # the position is restored here, not by the DataLoader, so Lightning's warning does not apply
+        warnings.filterwarnings(
+            "ignore", message=r"You're resuming from a checkpoint that ended before the epoch"
+        )

@@ -1,10 +1,12 @@
 """Reading WebDataset shards into ready batches: split by rank and worker, seeded shuffle, equal batch counts.
 
-Every rank yields exactly ``num_batches`` batches per epoch whatever the shard count, so DDP never hangs on
-uneven shards: a rank or worker with fewer shards cycles through its own again. Shards are read by
-``ldm.data.tar_reader`` from any source ``ldm.data.urls`` opens; samples are checked by ``ldm.data.decode``.
-Skipped samples are counted per reason and per shard and reported with each batch under ``"skipped"`` and
-``"skipped_shards"``.
+Every rank yields the same number of batches per epoch whatever the shard count, so DDP never hangs on uneven
+shards; which pieces of which shards each rank and worker reads, and how many batches it yields, is the data plan
+of ``ldm.data.plan`` (modes ``exact``, ``resampled``, ``cycle``), a pure function of (seed, epoch). A resumed run
+starts mid-epoch with ``set_epoch(epoch, skip_batches)``: each worker forms again the batches its rank already
+trained on and drops them uncollated. Shards are read by ``ldm.data.tar_reader`` from any source
+``ldm.data.urls`` opens; samples are checked by ``ldm.data.decode``. Skipped samples are counted per reason and
+per shard and reported with each batch under ``"skipped"`` and ``"skipped_shards"``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ldm.data.buckets import bucket_batches, size_conditioning
 from ldm.data.decode import IMAGE_EXTS, SampleDecoder, decode_embedding, decode_image, decode_latent
+from ldm.data.plan import Piece, Plan, check_mode, make_plan, resume_rotation, worker_share
 from ldm.data.shards import SkipCounter
 from ldm.data.tar_reader import raw_samples
 from ldm.data.urls import expand_urls, merged_commands
@@ -97,7 +100,12 @@ class ShardDataset(IterableDataset):
         latent_dtype: str | None = None,
         max_caption_chars: int | None = 1000,
         url_commands: dict[str, str] | None = None,
+        mode: str = "exact",
+        shard_counts: Sequence[int] | None = None,
+        num_workers: int = 0,
     ) -> None:
+        """``num_batches``: batches per rank and epoch (exact mode: at most). ``shard_counts``: samples per shard
+        (the shard index); ``num_workers``: the DataLoader's, for ``len()`` (see ``ldm.data.plan``)."""
         super().__init__()
         if not urls:
             raise ValueError(
@@ -116,64 +124,111 @@ class ShardDataset(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.commands = merged_commands(url_commands)
         self.rank, self.world_size = resolve_rank(rank, world_size)
+        self.mode = check_mode(mode)
+        if shard_counts is not None and len(shard_counts) != len(self.urls):
+            raise ValueError(
+                f"got {len(shard_counts)} shard counts for {len(self.urls)} shards: pass one count per shard url"
+            )
+        self.shard_counts = [int(n) for n in shard_counts] if shard_counts is not None else None
+        self.num_workers = num_workers
         self.epoch = 0
+        self.skip_batches = 0
+        self.batches = self.plan(num_workers).batches  # per rank, the same every epoch
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Reseeds the order for ``epoch``; ``skip_batches``: how many of the epoch's batches this rank already
+        trained on (a resumed run), which the workers form again and drop without collating."""
+        if not 0 <= skip_batches <= self.batches:
+            raise ValueError(f"skip_batches must be in [0, {self.batches}], got {skip_batches}")
+        self.epoch, self.skip_batches = epoch, skip_batches
 
     def __len__(self) -> int:
-        return self.num_batches
+        return self.batches
+
+    def plan(self, num_workers: int) -> Plan:
+        """This epoch's plan for all ranks and ``num_workers`` DataLoader workers (0: the main process)."""
+        seed = _seed(self.seed, self.epoch) if self.shuffle else None
+        return make_plan(self.mode, self.urls, self.shard_counts, self.world_size, num_workers,
+                         self.batch_size, self.num_batches, seed)  # fmt: skip
+
+    def describe(self) -> str:
+        """One line for the log: batches per rank and epoch, and (exact) samples used and dropped per epoch."""
+        plan = self.plan(self.num_workers)
+        where = (
+            f"{len(self.urls)} shards over {self.world_size} rank(s) x {max(1, self.num_workers)} worker(s)"
+        )
+        head = f"data.mode={self.mode}: {plan.batches} batches of {self.batch_size} per rank per epoch from {where}"
+        if self.mode == "resampled":
+            return head + ", shards drawn with replacement"
+        if self.mode == "cycle":
+            return head + ", each worker cycling its own shards"
+        total = sum(self.shard_counts) if self.shard_counts is not None else None
+        used = plan.samples_used(self.batch_size)
+        line = f"{head}: {used} of {total if total is not None else 'an unknown number of'} samples per epoch"
+        if total is not None:
+            line += (
+                f", {total - used} ({(total - used) / max(1, total):.1%}) dropped (partial batches per worker,"
+                " ranks evened out, train_samples)"
+            )
+        if plan.split_shards:
+            line += (
+                f"; {plan.split_shards} shard(s) read by every rank, each keeping its share (a shard count"
+                f" divisible by {self.world_size} avoids these reads)"
+            )
+        return line
 
     # ---------------------------------------------------------------- splitting
     def _worker(self) -> tuple[int, int]:
         info = get_worker_info()
         return (0, 1) if info is None else (info.id, info.num_workers)
 
-    def _quota(self, worker: int, num_workers: int) -> int:
-        """This worker's share of the rank's ``num_batches`` (the DataLoader interleaves workers)."""
-        return self.num_batches // num_workers + int(worker < self.num_batches % num_workers)
-
-    def _passes(
-        self, rng: random.Random, consumer: int, consumers: int
-    ) -> Iterator[tuple[list[str], int | None]]:
-        """Endless passes over this consumer's shards: (shard order, sample stride filter or None)."""
-        # Fewer shards than consumers: every consumer reads all shards and keeps every n-th sample.
-        by_shard = len(self.urls) >= consumers
-        shared_rng = random.Random(_seed(self.seed, self.epoch))  # same order on every consumer
+    def _passes(self, plan: Plan, worker: int, rng: random.Random) -> Iterator[list[Piece]]:
+        """Passes over this worker's pieces: resampled draws one shard per pass, cycle reads its own pieces in a new
+        order per pass, exact reads them once (again only when bad samples left its quota short)."""
+        if plan.pieces is None:  # resampled
+            while True:
+                yield [(rng.choice(self.urls), 1, 0)]
+        mine = plan.pieces[self.rank][worker]
+        if not self.shuffle:  # the given shard order
+            position = {url: i for i, url in enumerate(self.urls)}
+            mine = sorted(mine, key=lambda piece: (position[piece[0]], piece[2]))
+        passes = 0
         while True:
-            if by_shard:
-                mine = self._my_shards(consumer, consumers)
-                yield (rng.sample(mine, len(mine)) if self.shuffle else mine), None
-            else:
-                order = shared_rng.sample(self.urls, len(self.urls)) if self.shuffle else self.urls
-                yield order, consumer
-
-    def _my_shards(self, consumer: int, consumers: int) -> list[str]:
-        num_workers = consumers // self.world_size
-        worker = consumer - self.rank * num_workers
-        return self.urls[self.rank :: self.world_size][worker::num_workers]
+            if passes == 1 and self.mode == "exact":
+                log.warning(
+                    "rank %d worker %d: its shards held fewer valid samples than planned (bad samples, partial "
+                    "aspect-ratio buckets, or no shard index to count them); reading them again so that every rank "
+                    "yields %d batches",
+                    self.rank, worker, plan.batches,
+                )  # fmt: skip
+            yield rng.sample(mine, len(mine)) if self.shuffle else mine
+            passes += 1
 
     # ---------------------------------------------------------------- samples
     def _samples(
-        self, rng: random.Random, consumer: int, consumers: int, counter: SkipCounter
+        self, passes: Iterator[list[Piece]], worker: int, counter: SkipCounter
     ) -> Iterator[dict | None]:
-        """Endless decoded samples for this consumer (cycling its shards); None marks the end of a pass."""
-        for urls, stride_id in self._passes(rng, consumer, consumers):
+        """Decoded samples of the passes; None marks the end of a pass (not in resampled mode: one endless stream)."""
+        empty, limit = 0, (2 * len(self.urls) + 2 if self.mode == "resampled" else 1)
+        for pieces in passes:
             produced = 0
-            for index, raw in enumerate(raw_samples(urls, counter, self.commands)):
-                if stride_id is not None and index % consumers != stride_id:
-                    continue
-                sample = self.decoder(raw, counter)
-                if sample is None:
-                    continue
-                produced += 1
-                yield sample
-            if produced == 0:
+            for url, stride, offset in pieces:
+                for index, raw in enumerate(raw_samples([url], counter, self.commands)):
+                    if index % stride != offset:
+                        continue
+                    sample = self.decoder(raw, counter)
+                    if sample is None:
+                        continue
+                    produced += 1
+                    yield sample
+            empty = 0 if produced else empty + 1
+            if empty >= limit:
                 raise RuntimeError(
-                    f"rank {self.rank} consumer {consumer} read no valid sample from {urls} (skipped "
+                    f"rank {self.rank} worker {worker} read no valid sample from {[p[0] for p in pieces]} (skipped "
                     f"{counter.as_dict()}): check the shards, or use fewer dataloader workers"
                 )
-            yield None
+            if self.mode != "resampled":
+                yield None
 
     def _shuffled(self, samples: Iterator[dict | None], rng: random.Random) -> Iterator[dict]:
         """Buffer shuffle, flushed at the end of every pass: each sample comes once per pass over the shards."""
@@ -219,19 +274,27 @@ class ShardDataset(IterableDataset):
         return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker, num_workers = self._worker()
-        quota = self._quota(worker, num_workers)
-        if quota == 0:
+        loader_worker, num_workers = self._worker()
+        plan = self.plan(num_workers)
+        quotas = plan.quotas[self.rank]
+        taken = min(self.skip_batches, plan.batches)  # already trained on (a resumed run)
+        worker = (loader_worker + resume_rotation(taken, quotas)) % len(quotas)
+        quota = quotas[worker]
+        skip = worker_share(taken, quotas)[worker]  # its share of them, in the DataLoader's round-robin order
+        if quota <= skip:
             return
-        consumers = self.world_size * num_workers
-        consumer = self.rank * num_workers + worker
         rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker))
         counter = SkipCounter(f"shards[rank {self.rank} worker {worker}]")
-        stream = self._shuffled(self._samples(rng, consumer, consumers, counter), rng)
+        stream = self._shuffled(self._samples(self._passes(plan, worker, rng), worker, counter), rng)
         try:  # one shape per batch: aspect-ratio buckets fill their own batches (ldm.data.buckets)
             for samples in bucket_batches(stream, self.batch_size):
-                yield self._collate(samples, counter)
                 quota -= 1
+                if skip:  # trained on before the checkpoint; its skipped samples were counted then
+                    skip -= 1
+                    counter.pop()
+                    counter.pop_shards()
+                else:
+                    yield self._collate(samples, counter)
                 if quota == 0:
                     break
         finally:
