@@ -71,7 +71,7 @@ def loader_rate(paths: list[str], n: int, shape: tuple[int, ...], workers: int) 
     whatever else the machine runs: the CPU the loader spent, not the wall time it waited for a core.
     """
     ds = ShardDataset(paths, "latents", batch_size=BATCH, num_batches=2 * n // BATCH, latent_shape=shape,
-                      latent_dtype="float16", shuffle_buffer=500)  # fmt: skip
+                      latent_dtype="float16", shuffle_buffer=500, mode="cycle")  # fmt: skip
     count, start, pids, cpu_start, cpu_end = 0, 0.0, [], 0.0, 0.0
     for i, batch in enumerate(DataLoader(ds, batch_size=None, num_workers=workers)):
         if i == 0:
