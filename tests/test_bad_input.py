@@ -85,7 +85,7 @@ def test_corrupt_image_and_missing_caption_are_counted_and_logged(tiny_data: dic
     out = tmp_path / "r"
     cfg = compose_config("train", tiny_overrides(tiny_data, out, "data.kind=images", f"data.train_shards='{images}/train-{{000000..000002}}.tar'",
                                                  f"data.val_shards={images}/val-000000.tar", "data.train_samples=200",
-                                                 "data.batch_size=40", "trainer.max_steps=5", "data.shuffle_buffer=1"))  # fmt: skip
+                                                 "data.batch_size=40", "trainer.max_steps=5", "data.shuffle_buffer=1", "data.mode=cycle"))  # fmt: skip
     train.run(cfg)
     rows = list(csv.DictReader(open(out / "csv" / "metrics.csv")))
     last = {k: v for r in rows for k, v in r.items() if v}

@@ -221,7 +221,9 @@ def test_pipeline_batches_share_a_shape_and_keep_the_batch_count(bucketed: dict)
     assert {tuple(b["latent"].shape[1:]) for b in batches} <= set(dm.latent_shape)
     urls = sorted(str(p) for p in bucketed["latents"].glob("train-*.tar"))
     for workers in (0, 2):  # more batches than one pass holds: the rank cycles, the count stays exact
-        ds = ShardDataset(urls, "latents", batch_size=3, num_batches=11, latent_shape=dm.latent_shape)
+        ds = ShardDataset(
+            urls, "latents", batch_size=3, num_batches=11, latent_shape=dm.latent_shape, mode="cycle"
+        )
         got = list(DataLoader(ds, batch_size=None, num_workers=workers))
         assert len(got) == 11 and all(tuple(b["latent"].shape[1:]) in dm.latent_shape for b in got)
     only_square = SampleDecoder("latents", latent_shape=[[4, 8, 8]])

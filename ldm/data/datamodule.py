@@ -180,9 +180,12 @@ class ShardDataModule(L.LightningDataModule):
             return resolve_rank(None, None)  # torch.distributed when initialised, else 0 / 1
         return trainer.global_rank, trainer.world_size
 
-    def _dataset(self, urls: list[str], samples: int, counts: list[int] | None, train: bool) -> ShardDataset:
+    def _dataset(
+        self, urls: list[str], samples: int, counts: list[int] | None, train: bool, mode: str | None = None
+    ) -> ShardDataset:
         """Train: ``mode``, shuffled. Validation: exact, in shard order (each sample at most once)."""
         rank, world = self._rank_world()
+        mode = mode or (self.mode if train else "exact")
         num_batches = max(1, samples // (world * self.batch_size))
         return ShardDataset(
             urls, kind=self.kind, batch_size=self.batch_size, num_batches=num_batches,
@@ -190,7 +193,7 @@ class ShardDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer, rank=rank, world_size=world,
             latent_shape=self.latent_shape, latent_dtype=self.latent_dtype,
             max_caption_chars=self.max_caption_chars, url_commands=self.url_commands,
-            mode=self.mode if train else "exact", shard_counts=counts, num_workers=self.num_workers,
+            mode=mode, shard_counts=counts, num_workers=self.num_workers,
         )  # fmt: skip
 
     def setup(self, stage: str | None = None) -> None:
@@ -209,12 +212,18 @@ class ShardDataModule(L.LightningDataModule):
             self.val_dataset is None or (self.val_dataset.rank, self.val_dataset.world_size) != placement
         ):
             self.val_dataset = self._dataset(self.val_urls, int(self.val_samples), self.val_counts, False)
-            if len(self.val_dataset) == 0:
+            if (
+                len(self.val_dataset) == 0
+            ):  # too small for one whole batch per worker: one batch, samples repeat
                 log.warning(
-                    "validation gets no batch: %d samples over %d rank(s) x %d worker(s) fill no batch of %d per "
-                    "worker; lower data.batch_size or data.num_workers, or add validation shards",
+                    "validation: %d samples over %d rank(s) x %d worker(s) fill no batch of %d per worker; "
+                    "validating on one batch per rank with repeated samples (lower data.batch_size or "
+                    "data.num_workers, or add validation shards)",
                     self.val_samples, placement[1], max(1, self.num_workers), self.batch_size,
                 )  # fmt: skip
+                self.val_dataset = self._dataset(
+                    self.val_urls, int(self.val_samples), self.val_counts, False, "cycle"
+                )
 
     def set_epoch(self, epoch: int) -> None:
         """Reseeds the train shuffle (call from the LightningModule's on_train_epoch_start)."""
