@@ -51,7 +51,7 @@ def test_flow_model_refuses_ve_samplers_before_training(tiny_data: dict, tmp_pat
 
 def test_sampling_grids_and_sampler_checks() -> None:
     vp, edm, flow = DiscreteSchedule(), EDMSchedule(), FlowSchedule(shift=3.0)
-    assert torch.equal(sampling_sigmas(vp, 10), sampling_sigmas(vp, 10, "leading"))
+    assert torch.equal(sampling_sigmas(vp, 10), sampling_sigmas(vp, 10, "trailing"))
     karras = sampling_sigmas(vp, 10, "karras")
     assert float(karras[0]) == pytest.approx(vp.sigma_max, rel=1e-6)
     assert float(karras[-2]) == pytest.approx(vp.sigma_min, rel=1e-5) and float(karras[-1]) == 0.0
