@@ -71,7 +71,10 @@ def generate(
     cond = conditioner(list(prompts))
     uncond = conditioner(negatives)
     interval = tuple(guidance_interval) if guidance_interval is not None else None
-    guided = CFGDenoiser(denoiser, cond, uncond, cfg_scale, rescale=guidance_rescale, interval=interval)
+    guided = CFGDenoiser(
+        denoiser, cond, uncond, cfg_scale, rescale=guidance_rescale, interval=interval,
+        to_prediction=denoiser.prediction_from_x0, from_prediction=denoiser.x0_from_prediction,
+    )  # fmt: skip
     sigmas = sigmas.to(device)
     scale = denoiser.schedule.init_noise_scale(float(sigmas[0]))
     x = initial_noise(seeds, latent_shape, device) * scale  # (B, C, h, w)

@@ -48,7 +48,8 @@ def test_guidance_rescale_matches_diffusers_in_the_models_prediction_space(
     cond, uncond = _conds()
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 5
     sigma = sched.sigmas[torch.tensor([600, 600])].float()
-    ours = CFGDenoiser(den, cond, uncond, scale=7.5, rescale=phi)(x, sigma)
+    conv = {"to_prediction": den.prediction_from_x0, "from_prediction": den.x0_from_prediction}
+    ours = CFGDenoiser(den, cond, uncond, scale=7.5, rescale=phi, **conv)(x, sigma)
     # the diffusers pipeline: guide the raw model output, rescale it, then the scheduler turns it into x0
     x_in, t = x / (1 + sigma.view(-1, 1, 1, 1) ** 2).sqrt(), sched.sigma_to_t(sigma)
     out_c = net(x_in, t, **cond)
@@ -92,7 +93,7 @@ def test_guidance_options_reject_bad_values() -> None:
     cond, uncond = _conds()
     den = Denoiser(ContextNet(), DiscreteSchedule())
     with pytest.raises(ValueError, match="rescale must be in"):
-        CFGDenoiser(den, cond, uncond, 5.0, rescale=1.5)
+        CFGDenoiser(den, cond, uncond, 5.0, rescale=1.5, to_prediction=den.prediction_from_x0)
     with pytest.raises(ValueError, match="lo < hi"):
         CFGDenoiser(den, cond, uncond, 5.0, interval=(3.0, 1.0))
     with pytest.raises(TypeError, match="prediction space"):

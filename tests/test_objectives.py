@@ -318,3 +318,13 @@ def test_input_perturbation_noises_the_input_but_not_the_target() -> None:
     # the target is eps, so predicting the input's noise costs exactly gamma^2 E[xi^2]
     value = loss(InputNoiseOracle(), x0, generator=torch.Generator().manual_seed(2))
     assert float(value) == pytest.approx(gamma**2 * float(xi.pow(2).mean()), rel=1e-3)
+
+
+def test_eps_prediction_is_refused_where_alpha_reaches_zero() -> None:
+    for sched in (FlowSchedule(), DiscreteSchedule(zero_terminal_snr=True)):
+        with pytest.raises(ValueError, match="use diffusion.prediction=v"):
+            Denoiser(nn.Identity(), sched, "eps")
+        with pytest.raises(ValueError, match="use diffusion.prediction=v"):
+            DiffusionLoss(sched, "eps")
+    Denoiser(nn.Identity(), DiscreteSchedule(1000, "cosine"), "eps")  # tiny but nonzero alpha: allowed
+    Denoiser(nn.Identity(), EDMSchedule(), "eps")

@@ -15,6 +15,11 @@ from torch import Tensor
 from ldm.diffusion.schedules import _work_dtype
 
 
+def shift_time(t, shift: float):
+    """t -> shift t / (1 + (shift - 1) t) (Esser et al. 2024, SD3, eq. 23); tensors, arrays or floats."""
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
 class EDMSchedule:
     """Variance-exploding x = x0 + sigma * eps with EDM preconditioning (Karras et al. 2022, Table 1, "EDM").
 
@@ -39,6 +44,9 @@ class EDMSchedule:
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self.sigma_data = float(sigma_data)
         self.c_noise_scale = float(c_noise_scale)
+        self.alpha_min = float(
+            (self.sigma_max**2 + self.sigma_data**2) ** -0.5
+        )  # signal coefficient at sigma_max
 
     def __repr__(self) -> str:
         return (
@@ -80,6 +88,7 @@ class FlowSchedule:
     sigma_data = 1.0
     sigma_min = 0.0
     sigma_max = 1.0
+    alpha_min = 0.0  # t = 1 is pure noise
 
     def __init__(self, shift: float = 1.0, num_timesteps: int = 1000) -> None:
         if shift <= 0.0:
@@ -92,7 +101,7 @@ class FlowSchedule:
 
     def shift_t(self, t: Tensor) -> Tensor:
         """t -> shift t / (1 + (shift - 1) t) (SD3, eq. 23); identity for shift = 1."""
-        return self.shift * t / (1.0 + (self.shift - 1.0) * t)
+        return shift_time(t, self.shift)
 
     def coefficients(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(a, alpha, s) = (1, 1 - t, t): x itself is the net input."""

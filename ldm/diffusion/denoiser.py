@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm.diffusion import parameterization as param
-from ldm.diffusion.parameterization import PREDICTIONS, check_prediction
+from ldm.diffusion.parameterization import PREDICTIONS, check_prediction, check_prediction_for
 
 __all__ = ["PREDICTIONS", "Denoiser", "append_dims", "check_prediction"]
 
@@ -31,7 +31,7 @@ class Denoiser(nn.Module):
         super().__init__()
         self.net = net
         self.schedule = schedule
-        self.prediction = check_prediction(prediction)
+        self.prediction = check_prediction_for(prediction, schedule)
 
     def _batch_sigma(self, x: Tensor, sigma: Tensor | float) -> Tensor:
         """Scalar or (B,) sigma -> (B,) tensor on x's device."""

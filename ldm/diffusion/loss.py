@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from ldm.diffusion import parameterization as param
-from ldm.diffusion.denoiser import append_dims, check_prediction
+from ldm.diffusion.denoiser import append_dims
+from ldm.diffusion.parameterization import check_prediction_for
 from ldm.diffusion.weighting import UniformTimesteps, UniformWeighting
 
 
@@ -42,7 +43,7 @@ class DiffusionLoss:
                 f"{offset_noise} and {input_perturbation}."
             )
         self.schedule = schedule
-        self.prediction = check_prediction(prediction)
+        self.prediction = check_prediction_for(prediction, schedule)
         self.timesteps = timesteps if timesteps is not None else UniformTimesteps()
         self.weighting = weighting if weighting is not None else UniformWeighting()
         self.offset_noise = float(offset_noise)

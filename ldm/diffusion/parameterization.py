@@ -27,6 +27,17 @@ def check_prediction(prediction: str) -> str:
     return prediction
 
 
+def check_prediction_for(prediction: str, schedule) -> str:
+    """Refuse eps-prediction on a schedule whose alpha reaches 0 (x0 = (x_in - s eps) / alpha is undefined there)."""
+    check_prediction(prediction)
+    if prediction == "eps" and schedule.alpha_min == 0.0:
+        raise ValueError(
+            f"prediction=eps cannot give x0 where alpha = 0 (pure noise) in {schedule!r}: "
+            "use diffusion.prediction=v (or flow for rectified flow)"
+        )
+    return prediction
+
+
 def to_x0(prediction: str, out: Tensor, x_in: Tensor, alpha: Tensor, s: Tensor, sigma_data: float) -> Tensor:
     """The x0 estimate from the net output ``out`` = F. Shapes broadcast: out, x_in (B, ...); alpha, s (B, 1, ...)."""
     if prediction == "eps":

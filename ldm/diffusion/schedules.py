@@ -47,6 +47,11 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     return 1.0 - alphas
 
 
+def vp_init_noise_scale(sigma: float) -> float:
+    """sqrt(1 + sigma^2): N(0, I) (the VP prior x_T) in VE coordinates x = x_T / sqrt(abar_T)."""
+    return float(1.0 + float(sigma) ** 2) ** 0.5
+
+
 def vp_coefficients(sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(a, alpha, s) of a variance-preserving model in VE coordinates x = x0 + sigma eps.
 
@@ -116,6 +121,7 @@ class DiscreteSchedule:
         self.log_sigmas: Tensor = self.sigmas.log()  # (T,)
         self.sigma_min = float(self.sigmas[0])
         self.sigma_max = float(self.sigmas[-1])
+        self.alpha_min = float(self.alphas_cumprod[-1].sqrt())  # 0 exactly with zero terminal SNR
 
     def __repr__(self) -> str:
         return (
@@ -137,8 +143,7 @@ class DiscreteSchedule:
         return self.sigmas.to(u.device)[t]
 
     def init_noise_scale(self, sigma: float) -> float:
-        """sqrt(1 + sigma^2): N(0, I) (the VP prior x_T) in VE coordinates x = x_T / sqrt(abar_T)."""
-        return float(1.0 + float(sigma) ** 2) ** 0.5
+        return vp_init_noise_scale(sigma)
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
         """Continuous timestep for sigma, by linear interpolation of t in log-sigma (k-diffusion convention).

@@ -20,8 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ldm.diffusion.denoiser import Denoiser
-
 CONTEXT_KEYS = ("context", "context_mask")
 
 
@@ -68,8 +66,9 @@ def rescale_guidance(guided: Tensor, cond: Tensor, phi: float) -> Tensor:
 class CFGDenoiser:
     """Wraps ``denoiser(x, sigma, context=..., context_mask=...)`` into a guided denoiser ``(x, sigma) -> x0``.
 
-    ``rescale`` > 0 needs a denoiser with ``prediction_from_x0`` / ``x0_from_prediction`` (``ldm.diffusion.Denoiser``)
-    to work in the model's prediction space. ``interval`` = (lo, hi) guides only for lo <= sigma <= hi.
+    ``rescale`` > 0 works in the model's prediction space: pass ``to_prediction(x, sigma, x0) -> F`` and its inverse
+    ``from_prediction(x, sigma, F) -> x0`` (``Denoiser.prediction_from_x0`` / ``Denoiser.x0_from_prediction``).
+    ``interval`` = (lo, hi) guides only for lo <= sigma <= hi.
     """
 
     def __init__(
@@ -80,15 +79,17 @@ class CFGDenoiser:
         scale: float,
         rescale: float = 0.0,
         interval: tuple[float, float] | None = None,
+        to_prediction: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+        from_prediction: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
     ) -> None:
         if not 0.0 <= rescale <= 1.0:
             raise ValueError(
                 f"guidance rescale must be in [0, 1] (0 = off, 0.7 in Lin et al.), got {rescale}."
             )
-        if rescale > 0 and not isinstance(denoiser, Denoiser):
+        if rescale > 0 and (to_prediction is None or from_prediction is None):
             raise TypeError(
-                "guidance rescale works in the model's prediction space: pass an ldm.diffusion.Denoiser "
-                "or set rescale=0."
+                "guidance rescale works in the model's prediction space: pass to_prediction=denoiser.prediction_from_x0"
+                " and from_prediction=denoiser.x0_from_prediction, or set rescale=0."
             )
         if interval is not None:
             lo, hi = (float(v) for v in interval)
@@ -102,6 +103,7 @@ class CFGDenoiser:
         self.scale = float(scale)
         self.rescale = float(rescale)
         self.interval = interval
+        self.to_prediction, self.from_prediction = to_prediction, from_prediction
         self.pair = _batched_pair(self.cond, dict(uncond))  # {key: (2B, ...)}
         self.batch = self.cond["context"].shape[0]
 
@@ -135,7 +137,7 @@ class CFGDenoiser:
         uncond, cond = out.chunk(2)  # (B, ...) each
         guided = uncond + self.scale * (cond - uncond)  # Ho & Salimans 2022, eq. 6
         if self.rescale > 0:
-            to_pred, to_x0 = self.denoiser.prediction_from_x0, self.denoiser.x0_from_prediction
+            to_pred, to_x0 = self.to_prediction, self.from_prediction
             pred = rescale_guidance(to_pred(x, sigma_in, guided), to_pred(x, sigma_in, cond), self.rescale)
             guided = to_x0(x, sigma_in, pred)
         rows = guided_rows.reshape((-1,) + (1,) * (x.ndim - 1))  # (B, 1, ..., 1)

@@ -8,13 +8,12 @@ the reference implementation.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import Tensor
 
-from ldm.diffusion.schedules import DiscreteSchedule
+from ldm.diffusion.continuous import shift_time as flow_shift
+from ldm.diffusion.schedules import DiscreteSchedule, vp_init_noise_scale
 
 SPACINGS = ("leading", "trailing", "linspace")
 
@@ -54,7 +53,7 @@ def get_sigmas_discrete(
 
 def init_noise_scale(sigma_max: float) -> float:
     """sqrt(1 + sigma_max^2): scales N(0, I) (the VP prior x_T) into VE coordinates x = x_T / sqrt(abar_T)."""
-    return math.sqrt(1.0 + float(sigma_max) ** 2)
+    return vp_init_noise_scale(sigma_max)
 
 
 def get_sigmas_karras(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
@@ -72,11 +71,6 @@ def get_sigmas_karras(steps: int, sigma_min: float, sigma_max: float, rho: float
     max_inv, min_inv = sigma_max ** (1.0 / rho), sigma_min ** (1.0 / rho)
     sigmas = (max_inv + ramp * (min_inv - max_inv)) ** rho  # (steps,) float64
     return torch.from_numpy(np.append(sigmas, 0.0)).to(torch.float32)  # (steps + 1,)
-
-
-def flow_shift(t: np.ndarray | float, shift: float) -> np.ndarray | float:
-    """Timestep shift t -> shift * t / (1 + (shift - 1) * t) (Esser et al. 2024, "SD3", Sec. 5.3.2)."""
-    return shift * t / (1.0 + (shift - 1.0) * t)
 
 
 def get_sigmas_flow(steps: int, shift: float = 3.0, num_timesteps: int = 1000) -> Tensor:
