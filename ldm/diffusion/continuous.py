@@ -68,7 +68,7 @@ class EDMSchedule:
     def sigma_at_fraction(self, u: Tensor) -> Tensor:
         """u in [0, 1) -> sigma log-uniform on [sigma_min, sigma_max]."""
         lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
-        return torch.exp(lo + u.to(torch.float64) * (hi - lo))
+        return torch.exp(lo + u.to(_work_dtype(u.device)) * (hi - lo))
 
     def init_noise_scale(self, sigma: float) -> float:
         """x_N = sigma_max * N(0, I) (EDM Algorithm 1, line 1)."""
@@ -114,7 +114,7 @@ class FlowSchedule:
 
     def sigma_at_fraction(self, u: Tensor) -> Tensor:
         """u in [0, 1) -> shifted t, kept inside [1e-5, 1] so that eps- and x0-style targets stay finite."""
-        return self.shift_t(u.to(torch.float64)).clamp(1e-5, 1.0)
+        return self.shift_t(u.to(_work_dtype(u.device))).clamp(1e-5, 1.0)
 
     def init_noise_scale(self, sigma: float) -> float:
         """x_1 = eps: N(0, I) as is."""

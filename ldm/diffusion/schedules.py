@@ -139,8 +139,9 @@ class DiscreteSchedule:
 
     def sigma_at_fraction(self, u: Tensor) -> Tensor:
         """u in [0, 1) -> the sigma of training timestep floor(u * T): u ~ U[0, 1) gives t ~ U{0..T-1} (DDPM)."""
-        t = (u.to(torch.float64) * self.num_timesteps).floor().long().clamp(0, self.num_timesteps - 1)
-        return self.sigmas.to(u.device)[t]
+        work = _work_dtype(u.device)
+        t = (u.to(work) * self.num_timesteps).floor().long().clamp(0, self.num_timesteps - 1)
+        return self.sigmas.to(device=u.device, dtype=work)[t]
 
     def init_noise_scale(self, sigma: float) -> float:
         return vp_init_noise_scale(sigma)

@@ -19,8 +19,13 @@ import torch
 from torch import Tensor
 
 
+def _dtype(device: torch.device) -> torch.dtype:
+    """float64 draws, except on backends without float64 (Apple MPS)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def _uniform(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    return torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+    return torch.rand(n, generator=generator, device=device, dtype=_dtype(device))
 
 
 class UniformTimesteps:
@@ -42,7 +47,7 @@ class LogitNormalTimesteps:
         self.mean, self.std = float(mean), float(std)
 
     def __call__(self, schedule, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
-        normal = torch.randn(n, generator=generator, device=device, dtype=torch.float64)
+        normal = torch.randn(n, generator=generator, device=device, dtype=_dtype(device))
         u = torch.sigmoid(self.mean + self.std * normal)
         return schedule.sigma_at_fraction(u.clamp(max=1.0 - 1e-12))
 
@@ -61,7 +66,7 @@ class LogNormalSigmas:
     def __call__(self, schedule, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
         if schedule.space != "ve":
             raise ValueError("LogNormalSigmas draws VE sigmas; for rectified flow use LogitNormalTimesteps.")
-        normal = torch.randn(n, generator=generator, device=device, dtype=torch.float64)
+        normal = torch.randn(n, generator=generator, device=device, dtype=_dtype(device))
         return torch.exp(self.mean + self.std * normal).clamp(schedule.sigma_min, schedule.sigma_max)
 
     def __repr__(self) -> str:
