@@ -119,6 +119,11 @@ def bucket_args(args: argparse.Namespace) -> list[Bucket] | None:
 
 
 def cmd_latents(args: argparse.Namespace) -> None:
+    if args.max_per_shard is not None:
+        raise SystemExit(
+            "--max-per-shard does not apply to latents: latent shard i mirrors image shard i; reshard the images "
+            "with `prepare.py images --max-per-shard N`, then encode those"
+        )
     buckets = bucket_args(args)
     ae = load_autoencoder(args.autoencoder, args.subfolder, args.scale_factor)
     text = text_encoder(args.text_encoder, args.max_length)
@@ -265,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
         "--max-per-shard",
         type=int,
         default=None,
-        help="ignored: latent shard i holds image shard i's samples",
+        help="refused: latent shard i holds image shard i's samples (reshard with `prepare.py images`)",
     )
     add_text_encoder_args(p, default="none")
     p.add_argument(

@@ -31,6 +31,7 @@ from ldm.autoencoder.frozen import FrozenAutoencoder
 from ldm.autoencoder.loaders import LatentMoments
 from ldm.conditioning.text import TextConditioner
 from ldm.data.buckets import Bucket, bucket_image, bucket_name, check_buckets, crop_rng, parse_buckets
+from ldm.data.decode import DECODE_ERRORS
 from ldm.data.pipeline import IMAGE_EXTS, decode_image, expand_urls, raw_samples
 from ldm.data.shards import SkipCounter, write_index, write_json_atomic, write_shard
 
@@ -66,26 +67,36 @@ def image_batches(
     pending: dict[tuple[int, ...], list[dict]] = {}
     fixed = None if buckets is None else [(int(b[0]), int(b[1])) for b in buckets]
     for raw in raw_samples(urls, counter):
+        key = raw["__key__"]
+        where = f"key {key} in {raw.get('__url__')}"
         ext = next((e for e in IMAGE_EXTS if e in raw), None)
         if "txt" not in raw:
-            counter.add("missing_caption", detail=f"(key {raw['__key__']}) ")
+            counter.add("missing_caption", detail=f"({where}) ")
             continue
         if ext is None:
-            counter.add("missing_image", detail=f"(key {raw['__key__']}) ")
+            counter.add("missing_image", detail=f"({where}) ")
+            continue
+        try:  # the reasons training uses (ldm.data.decode): not UTF-8 is a decode_error, blank a missing_caption
+            text = raw["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            counter.add("decode_error", detail=f"({where}: caption is not UTF-8) ")
+            continue
+        if not text.strip():
+            counter.add("missing_caption", detail=f"({where}: blank caption) ")
             continue
         try:
             if fixed is None:
                 image, sizes = decode_image(raw[ext], int(size)), None
             else:
-                image, sizes = bucket_image(raw[ext], fixed, crop_rng(crop, crop_seed, raw["__key__"]))
-        except (OSError, ValueError):
-            counter.add("decode_error", detail=f"(key {raw['__key__']}) ")
+                image, sizes = bucket_image(raw[ext], fixed, crop_rng(crop, crop_seed, key))
+        except DECODE_ERRORS as exn:
+            counter.add("decode_error", detail=f"({where}: {type(exn).__name__}: {exn}) ")
             continue
         extra = {k: raw[k] for k in ("json", "cls") if k in raw}
         if sizes is not None:
             extra["size"] = sizes
         group = pending.setdefault(tuple(image.shape), [])
-        group.append({"__key__": raw["__key__"], "image": image, "txt": raw["txt"].decode("utf-8"), **extra})
+        group.append({"__key__": key, "image": image, "txt": text, **extra})
         if len(group) == batch_size:
             yield group
             pending[tuple(image.shape)] = []
@@ -152,9 +163,10 @@ class ShardJob:
 
 
 def plan_jobs(pattern: str, prefix: str) -> list[ShardJob]:
-    """One latent shard per image shard, named by its position in the expanded pattern."""
+    """One latent shard per image shard, named by its position in the expanded pattern; a missing local image
+    shard raises (dropping it would renumber every later one, and ranks seeing other files would clash)."""
     jobs = []
-    for i, url in enumerate(expand_urls(pattern)):
+    for i, url in enumerate(expand_urls(pattern, require_all=True)):
         path = Path(url.removeprefix("file://"))
         source: dict[str, Any] = {"url": url}
         if path.is_file():

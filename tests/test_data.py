@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -115,7 +116,9 @@ def test_image_shards_round_trip_exact(tmp_path: Path) -> None:
 def test_latent_shards_round_trip_exact(tmp_path: Path) -> None:
     samples = _latent_samples(6)
     paths = write_shards(samples, str(tmp_path), prefix="lat", max_per_shard=100, meta={"ae": "abc"})
-    ds = ShardDataset(paths, kind="latents", batch_size=3, num_batches=2, shuffle=False)
+    ds = ShardDataset(
+        paths, kind="latents", batch_size=3, num_batches=2, shuffle=False, latent_shape=(4, 2, 2)
+    )
     batches = _read_all(ds)
     latents = torch.cat([b["latent"] for b in batches])  # (6, 4, 2, 2)
     assert latents.dtype == torch.float32 and latents.shape == (6, 4, 2, 2)
@@ -196,9 +199,17 @@ def test_bad_latents_are_skipped(tmp_path: Path) -> None:
     samples[3]["latent"] = np.zeros((4, 2, 2), np.int32)
     samples[4] = {"__key__": "00004", "txt": "no latent"}
     paths = write_shards(samples, str(tmp_path))
-    batch = _read_all(ShardDataset(paths, kind="latents", batch_size=2, num_batches=1, shuffle=False))[0]
+    ds = ShardDataset(
+        paths, kind="latents", batch_size=2, num_batches=1, shuffle=False, latent_shape=(4, 2, 2)
+    )
+    batch = _read_all(ds)[0]
     assert batch["__key__"] == ["00000", "00005"]
-    assert batch["skipped"] == {"latent_nonfinite": 1, "latent_shape": 1, "latent_dtype": 1, "missing_latent": 1}
+    assert batch["skipped"] == {
+        "latent_nonfinite": 1,
+        "latent_shape": 1,
+        "latent_dtype": 1,
+        "missing_latent": 1,
+    }
 
 
 # ---------------------------------------------------------------- distribution
@@ -256,14 +267,19 @@ def test_datamodule_counts_from_index(tmp_path: Path) -> None:
     write_shards(_latent_samples(20), str(tmp_path), prefix="train", max_per_shard=5, meta={"ae": "tiny"})
     write_shards(_latent_samples(6, seed=1), str(tmp_path), prefix="val", max_per_shard=5)
     dm = ShardDataModule(
-        f"{tmp_path}/train-{{000000..000003}}.tar", f"{tmp_path}/val-{{000000..000001}}.tar", batch_size=4
-    )
+        f"{tmp_path}/train-{{000000..000003}}.tar", f"{tmp_path}/val-{{000000..000001}}.tar", batch_size=4,
+        latent_shape=[4, 2, 2],
+    )  # fmt: skip
     assert dm.train_samples == 20 and dm.val_samples == 6 and dm.index_meta == {"ae": "tiny"}
     dm.setup("fit")
     train = list(dm.train_dataloader())
     assert len(train) == 5 and train[0]["latent"].shape == (4, 4, 2, 2)
-    dm.set_epoch(1)
+    dm.set_epoch(1)  # without a Trainer; under one train_dataloader sets the epoch (and a resumed position)
     assert dm.train_dataset.epoch == 1
+    dm.trainer = object()
+    with pytest.raises(RuntimeError, match="without a Trainer"):
+        dm.set_epoch(2)
+    dm.trainer = None
     val = [k for b in dm.val_dataloader() for k in b["__key__"]]
     assert (
         val == [k for b in dm.val_dataloader() for k in b["__key__"]] == ["00000", "00001", "00002", "00003"]
@@ -271,5 +287,49 @@ def test_datamodule_counts_from_index(tmp_path: Path) -> None:
     (tmp_path / "train.json").unlink()
     with pytest.raises(FileNotFoundError, match="train_samples="):
         ShardDataModule(f"{tmp_path}/train-000000.tar")
-    assert ShardDataModule(f"{tmp_path}/train-000000.tar", train_samples=5).train_samples == 5
+    assert (
+        ShardDataModule(f"{tmp_path}/train-000000.tar", train_samples=5, latent_shape=[4, 2, 2]).train_samples
+        == 5
+    )
     assert json.loads((tmp_path / "val.json").read_text())["total"] == 6
+
+
+def test_latent_shape_is_required_not_taken_from_the_first_sample(tmp_path: Path) -> None:
+    """No shape in the index meta nor given: a one-line error naming data.latent_shape, not a shape fixed by
+    whichever sample a worker reads first; with it in the meta, ShardDataset reads it from there."""
+    paths = write_shards(_latent_samples(4), str(tmp_path), prefix="train", max_per_shard=2, meta={"ae": "x"})
+    with pytest.raises(ValueError, match=r"data\.latent_shape=\[4,32,32\]") as err:
+        ShardDataset(paths, "latents", batch_size=2, num_batches=1)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"data\.latent_shape="):
+        ShardDataModule(f"{tmp_path}/train-{{000000..000001}}.tar", batch_size=2)
+    write_shards(
+        _latent_samples(4), str(tmp_path), prefix="train", max_per_shard=2, meta={"latent_shape": [4, 2, 2]}
+    )
+    ds = ShardDataset(paths, "latents", batch_size=2, num_batches=2, shuffle=False)
+    assert ds.decoder.latent_shape == (4, 2, 2) and len(_read_all(ds)) == 2
+
+
+def test_a_failed_write_closes_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TarWriter does not close a file object it was given: write_shard must, or every failed shard leaks an fd
+    (until the garbage collector finds it)."""
+    from ldm.data import shards
+
+    opened: list = []
+
+    class Sink(shards._ShardSink):
+        def __init__(self, path: Path) -> None:
+            super().__init__(path)
+            opened.append(self.stream)
+
+    def samples() -> Iterator[dict]:
+        yield {"__key__": "a", "txt": "fine"}
+        raise RuntimeError("the encoder failed")
+
+    monkeypatch.setattr(shards, "_ShardSink", Sink)
+    with pytest.raises(RuntimeError, match="the encoder failed"):
+        shards.write_shard(samples(), tmp_path / "x-000000.tar")
+    with pytest.raises(RuntimeError, match="the encoder failed"):
+        shards.write_shards(samples(), str(tmp_path), prefix="y")
+    assert len(opened) == 2 and all(f.closed for f in opened)
+    assert not list(tmp_path.iterdir())  # no shard, no .tmp

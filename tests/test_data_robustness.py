@@ -229,3 +229,21 @@ def test_counts_reach_the_run_directory_and_the_limit_stops_the_run(tiny_data: d
     ):
         train.run(cfg)
     assert json.loads((stop / "data_bad_shards_rank0.json").read_text())["skipped"] == 6
+
+
+def test_damage_of_a_shard_split_between_ranks_counts_once(tmp_path: Path) -> None:
+    """Exact mode splits a lone shard into stride pieces, one per rank, and each rank reads it whole: its
+    shard-level damage counts only for the piece of offset 0, as each bad sample counts only for its owner."""
+    urls = _write_defect_shards(tmp_path)[0]
+    for url, reason in ((urls[2], "truncated_shard"), (urls[1], "corrupt_shard")):
+        totals: dict[str, int] = {}
+        for rank in range(2):
+            ds = ShardDataset([url], "latents", batch_size=1, num_batches=2, shuffle=False, latent_shape=SHAPE,
+                              rank=rank, world_size=2, shard_counts=[5])  # fmt: skip
+            pieces = ds.plan(0).pieces[rank][0]
+            assert [(p[1], p[2]) for p in pieces] == [(2, rank)]  # the shard is split, not given to one rank
+            counter = SkipCounter()
+            assert sum(s is not None for s in ds._samples(iter([pieces]), 0, counter)) >= 1
+            for k, n in counter.as_dict().items():
+                totals[k] = totals.get(k, 0) + n
+        assert totals.get(reason) == 1, (url, totals)

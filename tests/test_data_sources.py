@@ -98,11 +98,13 @@ def test_http_missing_shard_is_counted_and_the_rest_is_read(
     base, root = http_root
     shutil.copy(Path(tiny_data["latents"]) / "train-000000.tar", root)
     urls = [f"{base}/train-000000.tar", f"{base}/train-000009.tar"]  # the second one is a 404
-    ds = ShardDataset(urls, "latents", batch_size=40, num_batches=1, shuffle=False)
+    ds = ShardDataset(urls, "latents", batch_size=40, num_batches=1, shuffle=False, latent_shape=(4, 8, 8))
     batch = next(iter(DataLoader(ds, batch_size=None)))
     assert len(batch["__key__"]) == 40
     # the missing shard is read after the 40th sample: the next batch would carry it; read one more pass
-    ds = ShardDataset(urls[::-1], "latents", batch_size=40, num_batches=1, shuffle=False)
+    ds = ShardDataset(
+        urls[::-1], "latents", batch_size=40, num_batches=1, shuffle=False, latent_shape=(4, 8, 8)
+    )
     batch = next(iter(DataLoader(ds, batch_size=None)))
     assert batch["skipped"] == {"read_error": 1}
     assert batch["skipped_shards"] == {urls[1]: {"read_error": 1}}
@@ -153,11 +155,42 @@ def test_url_translation() -> None:
     assert url_command("https://h/a b.tar", DEFAULT_COMMANDS).endswith("'https://h/a b.tar'")  # shell-quoted
     assert url_command("pipe:cat x.tar", DEFAULT_COMMANDS) == "cat x.tar"
     assert url_command("/data/train-000001.tar", DEFAULT_COMMANDS) is None
-    with pytest.raises(ValueError, match=r"add data\.url_commands\.ftp='<tool> \{url\}'"):
+    with pytest.raises(ValueError, match=r"""add '\+data\.url_commands\.ftp="<tool> \{url\}"'"""):
         url_command("ftp://h/train-000001.tar", DEFAULT_COMMANDS)
     assert index_url_for("https://h/d/train-000003.tar?sig=1") == "https://h/d/train.json"
     assert index_url_for("pipe:aws s3 cp s3://b/part-000001.tar -") == "pipe:aws s3 cp s3://b/part.json -"
     assert index_url_for("/d/00001.tar") is None
     assert shard_name("pipe:curl -s https://h/d/train-000003.tar | cat") == "train-000003.tar"
-    with pytest.raises(ValueError, match="names no source"):
+    with pytest.raises(
+        ValueError, match=r"""names no source: .*'\+data\.url_commands\.s3="aws s3 cp \{url\} -"'"""
+    ):
         ShardDataModule("pipe:cat x-000000.tar", train_samples=1, url_commands={"s3": "aws s3 cp -"})
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or a zombie waiting for a parent that is not this test to reap it."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc")
+def test_abort_stops_the_whole_pipeline(tmp_path: Path) -> None:
+    """abort() of a command such as ``curl ... | zstd -d`` stops every process of it, not only the shell."""
+    import time
+
+    from ldm.data.urls import ShardStream
+
+    pid_file = tmp_path / "pid"
+    stream = ShardStream(f"pipe:sh -c 'echo $$ > {pid_file}; exec sleep 60' | cat", DEFAULT_COMMANDS)
+    deadline = time.monotonic() + 10
+    while not (pid_file.is_file() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    child = int(pid_file.read_text())
+    assert not _gone(child)
+    stream.abort()
+    while not _gone(child) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _gone(child), "the pipeline's sleep outlived abort()"

@@ -195,3 +195,59 @@ def test_another_autoencoder_on_resume_is_refused_unless_overwrite(setup: dict, 
     result = encode(setup, out, ae_path=setup["other_path"], overwrite=True)
     assert len(result["encoded"]) == SHARDS and index(out)["meta"]["autoencoder"] == other.identity
     assert merge_latent_index(setup["pattern"], str(out), "train") == index(out)["meta"]
+
+
+def _png(size: int, colour: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (colour, 0, 0)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_bad_samples_are_counted_and_the_rest_encoded(
+    setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caption that is not UTF-8, a .png that is no image, a decompression bomb (PIL raises a plain Exception)
+    and a blank caption are skipped under training's reasons; the good samples are encoded."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)  # 64x64 = 4096 > 2 x 1500: DecompressionBombError
+    samples = [
+        {"__key__": "good0", "png": _png(32, 10), "txt": "a red square"},
+        {"__key__": "notutf8", "png": _png(32, 20), "txt": b"\xff\xfe caption"},
+        {"__key__": "notimage", "png": b"this is not a png", "txt": "a caption"},
+        {"__key__": "bomb", "png": _png(64, 30), "txt": "a big square"},
+        {"__key__": "blank", "png": _png(32, 40), "txt": "  "},
+        {"__key__": "good1", "png": _png(32, 50), "txt": "another red square"},
+    ]
+    write_shards(samples, str(tmp_path / "images"), prefix="bad", max_per_shard=10)
+    ae = load_kl_autoencoder(str(setup["ae_path"]))
+    pattern = str(tmp_path / "images" / "bad-000000.tar")
+    result = encode_shards(pattern, str(tmp_path / "latents"), "bad", ae, 32, BATCH, "cpu")
+    assert result["meta"]["skipped"] == {"decode_error": 3, "missing_caption": 1}
+    side = json.loads((tmp_path / "latents" / f"bad-000000.tar{SIDECAR}").read_text())
+    assert side["count"] == 2 and side["skipped"] == {"decode_error": 3, "missing_caption": 1}
+    with tarfile.open(tmp_path / "latents" / "bad-000000.tar") as tar:
+        assert sorted(m.name for m in tar.getmembers()) == [
+            "good0.latent.npy", "good0.txt", "good1.latent.npy", "good1.txt",
+        ]  # fmt: skip
+
+
+def test_a_missing_image_shard_is_refused_not_renumbered(setup: dict, tmp_path: Path) -> None:
+    """Dropping train-000004 would shift the numbering of every later latent shard: encoding names it instead."""
+    pattern = setup["pattern"].replace(f"{SHARDS - 1:06d}}}", f"{SHARDS:06d}}}")  # one shard past the last
+    ae = load_kl_autoencoder(str(setup["ae_path"]))
+    with pytest.raises(
+        FileNotFoundError, match=r"1 of 5 shards .*train-000004\.tar\): latent shard i"
+    ) as err:
+        encode_shards(pattern, str(tmp_path / "out"), "train", ae, 32, BATCH, "cpu")
+    assert "\n" not in str(err.value) and not (tmp_path / "out" / "train-000000.tar").exists()
+
+
+def test_max_per_shard_is_refused_for_latents(setup: dict, tmp_path: Path) -> None:
+    with pytest.raises(
+        SystemExit, match="latent shard i mirrors image shard i.*prepare.py images --max-per-shard"
+    ):
+        prepare.main(["latents", "--shards", setup["pattern"], "--out", str(tmp_path), "--autoencoder",
+                      str(setup["ae_path"]), "--max-per-shard", "5"])  # fmt: skip

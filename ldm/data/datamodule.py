@@ -24,7 +24,8 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from ldm.data.buckets import as_latent_shapes
-from ldm.data.pipeline import ShardDataset, resolve_rank
+from ldm.data.decode import NO_LATENT_SHAPE
+from ldm.data.pipeline import ShardDataset, meta_latent_shape, resolve_rank
 from ldm.data.plan import check_mode
 from ldm.data.urls import count_samples, expand_urls, load_index, merged_commands, shard_name
 
@@ -166,9 +167,11 @@ class ShardDataModule(L.LightningDataModule):
                 if self.val_counts
                 else count_samples(self.val_urls, commands, "val_samples")[0]
             )
-        meta = self.index_meta
-        meta_shape = meta.get("latent_shapes") or meta.get("latent_shape")  # one per bucket, or the one
+        meta_shape = meta_latent_shape(self.index_meta)  # one per bucket, or the one
         self.latent_shape = as_latent_shapes(latent_shape if latent_shape is not None else meta_shape)
+        # batches need known shapes: none is taken from whichever sample a worker reads first
+        if kind == "latents" and self.latent_shape is None:
+            raise ValueError(NO_LATENT_SHAPE)
         self.latent_dtype = latent_dtype if latent_dtype is not None else self.index_meta.get("latent_dtype")
         self.guard = BadSampleGuard(max_bad_fraction, bad_fraction_min_samples)
         self.train_dataset: ShardDataset | None = None
@@ -226,7 +229,14 @@ class ShardDataModule(L.LightningDataModule):
                 )
 
     def set_epoch(self, epoch: int) -> None:
-        """Reseeds the train shuffle (call from the LightningModule's on_train_epoch_start)."""
+        """Reseeds the train shuffle, for loops without a Trainer (scripts, tests). Under a Trainer
+        ``train_dataloader`` sets the epoch, and the resumed batch position, itself: calling this from a hook
+        would undo a mid-epoch resume, so it raises there."""
+        if self.trainer is not None:
+            raise RuntimeError(
+                "ShardDataModule.set_epoch is for loops without a Trainer: under one, train_dataloader sets the "
+                "epoch (and a resumed run's position); remove the call"
+            )
         if self.train_dataset is not None:
             self.train_dataset.set_epoch(epoch)
 

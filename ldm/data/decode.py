@@ -29,6 +29,13 @@ KINDS = ("images", "latents")
 FLOATS = (np.dtype(np.float16), np.dtype(np.float32))
 _NPY_MAGIC = b"\x93NUMPY"
 _npy_headers: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}
+NO_LATENT_SHAPE = (
+    "latent shards need their latent shape and neither the shard index meta nor the config gives it: set "
+    "data.latent_shape=[4,32,32] (ShardDataset(latent_shape=...)), or a list of shapes for aspect-ratio buckets"
+)
+# what decoding one image (or caption) can raise: PIL's OSError/ValueError/SyntaxError, UnicodeDecodeError (a
+# ValueError), and DecompressionBombError, which is a plain Exception; catch this tuple to skip the sample
+DECODE_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def decode_image(data: bytes, size: int) -> torch.Tensor:
@@ -105,7 +112,7 @@ class SampleDecoder:
     """Decodes and checks one raw sample ({"__key__", "__url__", ext: bytes}); None (and a count) if bad.
 
     Latents and embeddings stay numpy arrays in their stored dtype; the collate converts whole batches.
-    ``latent_shape`` None: the first valid latent fixes it (pass it, or keep it in the shard index meta); a list
+    ``latent_shape`` (C, h, w) is required for latents (ShardDataset reads it from the shard index meta); a list
     of shapes (one per aspect-ratio bucket) accepts any of them. Bucketed samples also get "original_size" and
     "crop_top_left" ([h, w], [y, x]) from ``KEY.size.json``.
     ``latent_dtype`` None: float16 and float32 are both accepted.
@@ -126,6 +133,8 @@ class SampleDecoder:
             raise ValueError(
                 f"latent_shape must be (C, h, w) or a list of them, got {latent_shape}: e.g. latent_shape=[4,32,32]"
             )
+        if kind == "latents" and shapes is None:
+            raise ValueError(NO_LATENT_SHAPE)
         dtype = None if latent_dtype is None else np.dtype(latent_dtype)
         if dtype is not None and dtype not in FLOATS:
             raise ValueError(
@@ -133,7 +142,7 @@ class SampleDecoder:
             )
         self.kind = kind
         self.image_size = image_size
-        self.latent_shape = latent_shape  # (C, h, w), a tuple of them, or None until the first latent
+        self.latent_shape = latent_shape  # (C, h, w), a tuple of them, or None (images)
         self.latent_shapes = shapes
         self.latent_dtype = dtype
         self.max_caption_chars = max_caption_chars
@@ -166,7 +175,7 @@ class SampleDecoder:
                 return skip("missing_image")
             try:
                 sample["image"] = decode_image(raw[ext], self.image_size)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exn:
+            except DECODE_ERRORS as exn:
                 return skip("decode_error", f"{type(exn).__name__}: {exn}")
             return sample
         return self._latent_sample(raw, sample, skip)
@@ -178,11 +187,6 @@ class SampleDecoder:
             latent = load_npy(raw["latent.npy"])
         except (ValueError, SyntaxError, KeyError, TypeError) as exn:
             return skip("decode_error", f"latent .npy: {exn}")
-        if self.latent_shapes is None and latent.ndim == 3:
-            self.latent_shape, self.latent_shapes = latent.shape, {latent.shape}
-            log.info(
-                "latent shape %s taken from the first sample (set data.latent_shape to fix it)", latent.shape
-            )
         if latent.shape not in (self.latent_shapes or ()):
             return skip("latent_shape", f"{latent.shape} not in latent_shape {self.latent_shape}")
         if latent.dtype != self.latent_dtype if self.latent_dtype is not None else latent.dtype not in FLOATS:

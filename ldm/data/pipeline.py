@@ -25,7 +25,7 @@ from ldm.data.decode import IMAGE_EXTS, SampleDecoder, decode_embedding, decode_
 from ldm.data.plan import Piece, Plan, check_mode, make_plan, resume_rotation, worker_share
 from ldm.data.shards import SkipCounter
 from ldm.data.tar_reader import raw_samples
-from ldm.data.urls import expand_urls, merged_commands
+from ldm.data.urls import expand_urls, load_index, merged_commands
 
 __all__ = [  # the names other modules import from here
     "IMAGE_EXTS",
@@ -74,6 +74,21 @@ def pad_embeddings(embs: Sequence[torch.Tensor | np.ndarray]) -> tuple[torch.Ten
     return torch.from_numpy(context).float(), torch.from_numpy(mask)
 
 
+def meta_latent_shape(meta: dict[str, Any]) -> Any:
+    """The latent shape(s) a shard index meta records: one per bucket ("latent_shapes"), or the one; else None."""
+    return meta.get("latent_shapes") or meta.get("latent_shape")
+
+
+def index_latent_shape(urls: list[str], commands: dict[str, str]) -> Any:
+    """The latent shape(s) in the index beside the shards; None without an index or a shape in its meta."""
+    try:
+        meta = load_index(urls[0], commands)["meta"]
+    except (OSError, ValueError) as exn:
+        log.info("no shard index read beside %s (%s)", urls[0], exn)
+        return None
+    return meta_latent_shape(meta)
+
+
 class ShardDataset(IterableDataset):
     """Yields ready batches: {"image" (B, 3, S, S) | "latent" (B, C, h, w), "txt", "__key__", "skipped"[, "cls"]}.
 
@@ -105,7 +120,9 @@ class ShardDataset(IterableDataset):
         num_workers: int = 0,
     ) -> None:
         """``num_batches``: batches per rank and epoch (exact mode: at most). ``shard_counts``: samples per shard
-        (the shard index); ``num_workers``: the DataLoader's, for ``len()`` (see ``ldm.data.plan``)."""
+        (the shard index); ``num_workers``: the DataLoader's, for ``len()`` (see ``ldm.data.plan``).
+        ``latent_shape`` (C, h, w), or one per bucket: latents of other shapes are skipped; None: from the shard
+        index meta beside the shards (ValueError naming data.latent_shape when it has none)."""
         super().__init__()
         if not urls:
             raise ValueError(
@@ -113,6 +130,9 @@ class ShardDataset(IterableDataset):
             )
         if batch_size < 1 or num_batches < 0:
             raise ValueError(f"need batch_size >= 1 and num_batches >= 0, got {batch_size}, {num_batches}")
+        self.commands = merged_commands(url_commands)
+        if kind == "latents" and latent_shape is None:  # the decoder needs it: batches of known shapes
+            latent_shape = index_latent_shape(list(urls), self.commands)
         self.decoder = SampleDecoder(kind, image_size, latent_shape, latent_dtype, max_caption_chars)
         self.urls = list(urls)
         self.kind = kind
@@ -122,7 +142,6 @@ class ShardDataset(IterableDataset):
         self.seed = seed
         self.shuffle = shuffle
         self.shuffle_buffer = shuffle_buffer
-        self.commands = merged_commands(url_commands)
         self.rank, self.world_size = resolve_rank(rank, world_size)
         self.mode = check_mode(mode)
         if shard_counts is not None and len(shard_counts) != len(self.urls):
@@ -210,10 +229,15 @@ class ShardDataset(IterableDataset):
     ) -> Iterator[dict | None]:
         """Decoded samples of the passes; None marks the end of a pass (not in resampled mode: one endless stream)."""
         empty, limit = 0, (2 * len(self.urls) + 2 if self.mode == "resampled" else 1)
+        # a shard split into stride pieces is read in full by each of its readers: its shard-level damage
+        # (truncated_shard, corrupt_shard, read_error, duplicate_member) counts only in the piece of offset 0, as
+        # each bad sample counts only in the piece that owns it
+        elsewhere = SkipCounter(f"{counter.name} (split shard, counted by the reader of its first piece)")
         for pieces in passes:
             produced = 0
             for url, stride, offset in pieces:
-                for index, raw in enumerate(raw_samples([url], counter, self.commands)):
+                reader = counter if offset == 0 else elsewhere
+                for index, raw in enumerate(raw_samples([url], reader, self.commands)):
                     if index % stride != offset:
                         continue
                     sample = self.decoder(raw, counter)

@@ -116,10 +116,18 @@ class _ShardSink:
         self.count += 1
 
     def close(self) -> None:
-        self.writer.close()
-        if not self.stream.closed:
-            self.stream.close()
+        with self.stream:  # TarWriter does not close a file object it was given
+            self.writer.close()
         os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        """Closes the writer and the file (also when the writer fails to close) and removes ``name.tmp``."""
+        try:
+            if not self.stream.closed:
+                with self.stream:
+                    self.writer.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
 
 def write_shards(
@@ -137,15 +145,20 @@ def write_shards(
     paths: list[str] = []
     counts: list[int] = []
     sink: _ShardSink | None = None
-    for sample in samples:
-        if sink is None:
-            sink = _ShardSink(out / f"{prefix}-{len(paths):06d}.tar")
-        sink.write(_encode_sample(sample))
-        if sink.count >= max_per_shard:
-            sink.close()
-            paths.append(str(sink.path))
-            counts.append(sink.count)
-            sink = None
+    try:
+        for sample in samples:
+            if sink is None:
+                sink = _ShardSink(out / f"{prefix}-{len(paths):06d}.tar")
+            sink.write(_encode_sample(sample))
+            if sink.count >= max_per_shard:
+                sink.close()
+                paths.append(str(sink.path))
+                counts.append(sink.count)
+                sink = None
+    except BaseException:
+        if sink is not None:
+            sink.discard()
+        raise
     if sink is not None:
         sink.close()
         paths.append(str(sink.path))
@@ -206,8 +219,7 @@ def write_shard(samples: Iterable[dict], path: str | os.PathLike) -> int:
         for sample in samples:
             sink.write(_encode_sample(sample))
     except BaseException:
-        sink.writer.close()
-        sink.tmp.unlink(missing_ok=True)
+        sink.discard()
         raise
     sink.close()
     return sink.count

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shlex
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -60,8 +62,12 @@ def _split_top_level_commas(pattern: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def expand_urls(pattern: str) -> list[str]:
-    """Expands braces (``part-{00000..00099}.tar``) and comma lists; local paths must exist."""
+def expand_urls(pattern: str, require_all: bool = False) -> list[str]:
+    """Expands braces (``part-{00000..00099}.tar``) and comma lists; local paths must exist.
+
+    Missing local shards are dropped with a warning (training reads what is there), or, with ``require_all``,
+    raise FileNotFoundError naming them (encoding: latent shard i is named after the i-th image shard).
+    """
     urls = [u for part in _split_top_level_commas(pattern) for u in braceexpand.braceexpand(part)]
     local = [local_path(u) for u in urls if not is_remote(u)]
     existing = [u for u in local if Path(u).is_file()]
@@ -70,8 +76,15 @@ def expand_urls(pattern: str) -> list[str]:
             f"No shard matches '{pattern}': check the path, or the brace range such as data/train-{{000000..000003}}.tar"
         )
     if len(existing) < len(local):
-        log.warning("%d of %d shards in '%s' do not exist; using the %d that do", len(local) - len(existing),
-                    len(local), pattern, len(existing))  # fmt: skip
+        missing = [u for u in local if u not in set(existing)]
+        if require_all:
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(local)} shards in '{pattern}' do not exist ({', '.join(missing[:3])}"
+                f"{' ...' if len(missing) > 3 else ''}): latent shard i is numbered after image shard i, so restore "
+                "them or pass --shards listing only the shards that exist (into a fresh --out)"
+            )
+        log.warning("%d of %d shards in '%s' do not exist; using the %d that do (first missing: %s)",
+                    len(missing), len(local), pattern, len(existing), missing[0])  # fmt: skip
     keep = set(existing)
     return [u for u in urls if is_remote(u) or local_path(u) in keep]
 
@@ -82,7 +95,8 @@ def merged_commands(overrides: dict[str, str] | None) -> dict[str, str]:
     for scheme, template in commands.items():
         if "{url}" not in template and "{key}" not in template:
             raise ValueError(
-                f"url_commands.{scheme}='{template}' names no source: use {{url}} or {{bucket}}/{{key}}, e.g. 'aws s3 cp {{url}} -'"
+                f"url_commands.{scheme}='{template}' names no source: use {{url}} or {{bucket}}/{{key}}, e.g. "
+                f"'+data.url_commands.{scheme}=\"aws s3 cp {{url}} -\"'"
             )
     return commands
 
@@ -97,7 +111,7 @@ def url_command(url: str, commands: dict[str, str]) -> str | None:
     template = commands.get(parts.scheme)
     if template is None:
         raise ValueError(
-            f"No command reads '{parts.scheme}://' urls ({url}): add data.url_commands.{parts.scheme}='<tool> {{url}}' "
+            f"No command reads '{parts.scheme}://' urls ({url}): add '+data.url_commands.{parts.scheme}=\"<tool> {{url}}\"' "
             f"(a command writing the file to stdout), or use pipe:<command>"
         )
     fields = {"url": url, "bucket": parts.netloc, "key": parts.path.lstrip("/")}
@@ -116,9 +130,10 @@ class ShardStream:
             self.stream: IO[bytes] = open(local_path(url), "rb", buffering=buffer_size)  # noqa: SIM115
             return
         self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - a file, not a pipe: a chatty tool cannot block
-        self.proc = subprocess.Popen(
-            self.command, shell=True, stdout=subprocess.PIPE, stderr=self.stderr, bufsize=buffer_size
-        )
+        self.proc = subprocess.Popen(  # its own process group: abort() stops the whole pipeline, not just sh
+            self.command, shell=True, stdout=subprocess.PIPE, stderr=self.stderr, bufsize=buffer_size,
+            start_new_session=True,
+        )  # fmt: skip
         self.stream = self.proc.stdout
 
     def read(self, n: int) -> bytes:
@@ -142,9 +157,13 @@ class ShardStream:
         return message
 
     def abort(self) -> None:
-        """Closes early (the reader stopped mid-shard): stops the command without reporting its status."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+        """Closes early (the reader stopped mid-shard): stops the command (sh and every process of its pipeline,
+        e.g. ``curl ... | zstd -d``) without reporting its status."""
+        if self.proc is not None:
+            try:  # before reaping sh: its process group id cannot have been reused yet
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.stream.close()
         if self.proc is not None:
             self.proc.wait()
