@@ -10,6 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ldm.data.decode import DECODE_ERRORS
 from ldm.data.shards import SkipCounter
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ def _decodes(data: bytes) -> bool:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
         return True
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except DECODE_ERRORS:
         return False
 
 
