@@ -19,7 +19,6 @@ import argparse
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -39,9 +38,9 @@ from ldm.data.emoji import emoji_samples, is_validation_key
 from ldm.data.folder import folder_samples
 from ldm.data.pipeline import expand_urls
 from ldm.data.shards import SkipCounter, read_index, write_shards
-from ldm.encode import caption_embeddings, image_batches, merge_latent_index
+from ldm.encode import image_batches, merge_latent_index
 
-__all__ = ["caption_embeddings", "encode_shards", "main", "split_samples"]
+__all__ = ["main", "split_samples"]
 
 log = logging.getLogger("prepare")
 
@@ -82,26 +81,6 @@ def auto_devices(spec: str | torch.device) -> str | torch.device:
     return ",".join(f"cuda:{i}" for i in range(n)) if n else "cpu"
 
 
-def encode_shards(
-    pattern: str,
-    out_dir: str,
-    prefix: str,
-    ae: FrozenAutoencoder,
-    image_size: int,
-    batch_size: int,
-    max_per_shard: int | None = None,
-    device: torch.device | str = "auto",
-    text: TextConditioner | None = None,
-    **kwargs: Any,
-) -> dict[str, Any]:
-    """``ldm.encode.encode_shards`` with ``auto`` devices. ``max_per_shard`` is ignored (kept for old callers):
-    latent shard i holds the samples of image shard i, which is what makes the encode resumable."""
-    del max_per_shard
-    return encode.encode_shards(
-        pattern, out_dir, prefix, ae, image_size, batch_size, auto_devices(device), text, **kwargs
-    )
-
-
 def text_encoder(name: str | None, max_length: int) -> TextConditioner | None:
     """The frozen text encoder whose output is stored with the latents (``none`` to store captions only)."""
     if name in (None, "", "none"):
@@ -127,7 +106,7 @@ def cmd_latents(args: argparse.Namespace) -> None:
     buckets = bucket_args(args)
     ae = load_autoencoder(args.autoencoder, args.subfolder, args.scale_factor)
     text = text_encoder(args.text_encoder, args.max_length)
-    encode_shards(args.shards, args.out, args.prefix, ae, args.image_size, args.batch_size, device=args.device,
+    encode.encode_shards(args.shards, args.out, args.prefix, ae, args.image_size, args.batch_size, device=auto_devices(args.device),
                   text=text, num_procs=args.num_procs, rank=args.rank, world_size=args.world_size,
                   overwrite=args.overwrite, threads=args.threads, buckets=buckets, bucket_crop=args.bucket_crop,
                   bucket_seed=args.bucket_seed, latent_multiple=args.latent_multiple)  # fmt: skip
@@ -153,14 +132,14 @@ def cmd_emoji(args: argparse.Namespace) -> None:
     text = text_encoder(args.text_encoder, args.max_length)
     for prefix in ("train", "val"):
         pattern = ",".join(read_index(str(root / "images" / f"{prefix}.json"))["paths"])
-        encode_shards(
+        encode.encode_shards(
             pattern,
             str(root / "latents"),
             prefix,
             ae,
             args.size,
             128,
-            device=args.device,
+            device=auto_devices(args.device),
             text=text,
             overwrite=True,
         )  # fmt: skip  (the image shards were just rewritten: every shard is re-encoded)

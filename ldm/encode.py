@@ -13,6 +13,7 @@ with the moments summed in shard order, so 1 or N processes, or an interrupted r
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import multiprocessing
@@ -24,18 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ldm.autoencoder.frozen import FrozenAutoencoder
 from ldm.autoencoder.loaders import LatentMoments
 from ldm.conditioning.text import TextConditioner
 from ldm.data.buckets import Bucket, bucket_image, bucket_name, check_buckets, crop_rng, parse_buckets
-from ldm.data.decode import DECODE_ERRORS
-from ldm.data.pipeline import IMAGE_EXTS, decode_image, expand_urls, raw_samples
+from ldm.data.decode import check_caption, check_image
+from ldm.data.pipeline import decode_image, expand_urls, raw_samples
 from ldm.data.shards import SkipCounter, write_index, write_json_atomic, write_shard
 
-__all__ = ["caption_embeddings", "encode_settings", "encode_shards", "image_batches", "merge_latent_index"]
+__all__ = ["encode_settings", "encode_shards", "image_batches", "merge_latent_index"]
 
 log = logging.getLogger(__name__)
 
@@ -66,32 +66,23 @@ def image_batches(
         )
     pending: dict[tuple[int, ...], list[dict]] = {}
     fixed = None if buckets is None else [(int(b[0]), int(b[1])) for b in buckets]
+
+    def decode(data: bytes, key: str) -> tuple[torch.Tensor, dict | None]:
+        if fixed is None:
+            return decode_image(data, int(size)), None
+        return bucket_image(data, fixed, crop_rng(crop, crop_seed, key))
+
     for raw in raw_samples(urls, counter):
-        key = raw["__key__"]
-        where = f"key {key} in {raw.get('__url__')}"
-        ext = next((e for e in IMAGE_EXTS if e in raw), None)
-        if "txt" not in raw:
-            counter.add("missing_caption", detail=f"({where}) ")
+        key, shard = raw["__key__"], raw.get("__url__")
+
+        def skip(reason: str, why: str = "", key: str = key, shard: str | None = shard) -> None:
+            counter.add(reason, detail=f"(key {key} in {shard}{': ' + why if why else ''}) ", shard=shard)
+
+        text = check_caption(raw, skip)  # the checks and reasons training uses (ldm.data.decode)
+        decoded = None if text is None else check_image(raw, skip, functools.partial(decode, key=key))
+        if decoded is None:
             continue
-        if ext is None:
-            counter.add("missing_image", detail=f"({where}) ")
-            continue
-        try:  # the reasons training uses (ldm.data.decode): not UTF-8 is a decode_error, blank a missing_caption
-            text = raw["txt"].decode("utf-8")
-        except UnicodeDecodeError:
-            counter.add("decode_error", detail=f"({where}: caption is not UTF-8) ")
-            continue
-        if not text.strip():
-            counter.add("missing_caption", detail=f"({where}: blank caption) ")
-            continue
-        try:
-            if fixed is None:
-                image, sizes = decode_image(raw[ext], int(size)), None
-            else:
-                image, sizes = bucket_image(raw[ext], fixed, crop_rng(crop, crop_seed, key))
-        except DECODE_ERRORS as exn:
-            counter.add("decode_error", detail=f"({where}: {type(exn).__name__}: {exn}) ")
-            continue
+        image, sizes = decoded
         extra = {k: raw[k] for k in ("json", "cls") if k in raw}
         if sizes is not None:
             extra["size"] = sizes
@@ -101,14 +92,6 @@ def image_batches(
             yield group
             pending[tuple(image.shape)] = []
     yield from (group for group in pending.values() if group)
-
-
-def caption_embeddings(text: TextConditioner, captions: list[str]) -> list[np.ndarray]:
-    """The frozen encoder's output for each caption, real tokens only: [(L_i, D) fp16]."""
-    out = text(captions)
-    lengths = out["context_mask"].sum(dim=1).tolist()
-    context = out["context"].float().cpu().numpy().astype(np.float16)  # (B, L, D)
-    return [context[i, : int(n)] for i, n in enumerate(lengths)]
 
 
 # ---------------------------------------------------------------------------------------------- what a shard is
@@ -213,9 +196,7 @@ def encode_one(job: ShardJob, out: Path, ae: FrozenAutoencoder, text: TextCondit
             moments.update(z)
             buckets[bucket_name(images.shape[2:])] += len(batch)
             embs = (
-                caption_embeddings(text, [s["txt"] for s in batch])
-                if text is not None
-                else [None] * len(batch)
+                text.token_embeddings([s["txt"] for s in batch]) if text is not None else [None] * len(batch)
             )
             for s, zi, emb in zip(batch, z.cpu().numpy(), embs, strict=True):
                 extra = {k: s[k] for k in ("json", "cls") if k in s}

@@ -26,7 +26,8 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from ldm.autoencoder.loaders import load_kl_autoencoder, save_kl_autoencoder
     from ldm.conditioning.text import TextConditioner
     from ldm.data.emoji import emoji_samples
-    from prepare import encode_shards, split_samples
+    from ldm.encode import encode_shards
+    from prepare import split_samples
 
     root = tmp_path_factory.mktemp("tiny_data")
     counts = split_samples(emoji_samples(size=32, limit=120), str(root / "images"), max_per_shard=40)
@@ -40,7 +41,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # train latents carry the frozen MiniLM embeddings (the encoder is skipped in training); val latents do not
     for prefix, last, encoder in (("train", 2, text), ("val", 0, None)):
         encode_shards(str(root / "images" / f"{prefix}-{{000000..{last:06d}}}.tar"), str(root / "latents"), prefix,
-                      frozen, image_size=32, batch_size=64, max_per_shard=40, device=torch.device("cpu"), text=encoder)  # fmt: skip
+                      frozen, image_size=32, batch_size=64, device="cpu", text=encoder)  # fmt: skip
     return {"root": root, "images": root / "images", "latents": root / "latents",
             "ae": root / "ae" / "tiny_ae.safetensors", "counts": counts}  # fmt: skip
 

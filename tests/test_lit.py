@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import prepare
 from ldm.autoencoder.kl import KLAutoencoder
 from ldm.autoencoder.loaders import load_kl_autoencoder, save_kl_autoencoder
 from ldm.conditioning.text import TextConditioner
@@ -53,9 +52,7 @@ def test_precomputed_embeddings_equal_the_live_encoder(
     module: LatentDiffusion, text: TextConditioner
 ) -> None:
     live = module.conditioning({"txt": CAPTIONS}, generator=None)
-    stored = [
-        torch.from_numpy(e.astype("float32")) for e in prepare.caption_embeddings(text, CAPTIONS)
-    ]  # fp16 on disk
+    stored = [torch.from_numpy(e.astype("float32")) for e in text.token_embeddings(CAPTIONS)]  # fp16 on disk
     context, mask = pad_embeddings(stored)  # padded only to the longest caption in the batch
     assert context.shape[1] < live["context"].shape[1]
     pre = module.conditioning({"txt": CAPTIONS, "context": context, "context_mask": mask}, generator=None)
@@ -70,7 +67,7 @@ def test_precomputed_embeddings_equal_the_live_encoder(
 def test_caption_dropout_on_precomputed_embeddings_gives_the_null_caption(
     module: LatentDiffusion, text: TextConditioner
 ) -> None:
-    stored = [torch.from_numpy(e.astype("float32")) for e in prepare.caption_embeddings(text, CAPTIONS * 8)]
+    stored = [torch.from_numpy(e.astype("float32")) for e in text.token_embeddings(CAPTIONS * 8)]
     context, mask = pad_embeddings(stored)
     g = torch.Generator().manual_seed(3)
     out = module.conditioning({"txt": CAPTIONS * 8, "context": context, "context_mask": mask}, generator=g)

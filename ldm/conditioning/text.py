@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from transformers import AutoModel, AutoTokenizer, CLIPTextModel, PreTrainedModel
@@ -172,6 +173,14 @@ class TextConditioner(nn.Module):
         mask = tokens["attention_mask"].to(device)  # (B, L), 1 = real token
         out = self.encoder(input_ids=ids, attention_mask=mask)
         return {"context": out.last_hidden_state, "context_mask": mask.bool()}  # (B, L, D), (B, L)
+
+    @torch.no_grad()
+    def token_embeddings(self, captions: Sequence[str]) -> list[np.ndarray]:
+        """The encoder's output for each caption, real tokens only, for latent shards: [(L_i, D) fp16]."""
+        out = self(captions)
+        lengths = out["context_mask"].sum(dim=1).tolist()
+        context = out["context"].float().cpu().numpy().astype(np.float16)  # (B, L, D)
+        return [context[i, : int(n)] for i, n in enumerate(lengths)]
 
     def drop(self, inputs: Sequence[str], generator: torch.Generator | None = None) -> list[str]:
         """Replace each caption by the empty caption with probability ``dropout_prob``."""

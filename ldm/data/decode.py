@@ -13,6 +13,7 @@ import ast
 import io
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -108,6 +109,35 @@ def _embedding(data: bytes) -> np.ndarray | None:
     return array
 
 
+Skip = Callable[..., None]  # skip(reason, why="") counts a bad sample and returns None
+
+
+def check_caption(raw: dict[str, Any], skip: Skip, max_chars: int | None = None) -> str | None:
+    """The sample's UTF-8 caption, or None once ``skip`` has counted why it is unusable."""
+    if "txt" not in raw:
+        return skip("missing_caption")
+    try:
+        text = raw["txt"].decode("utf-8")
+    except UnicodeDecodeError:
+        return skip("decode_error", "caption is not UTF-8")
+    if not text.strip():
+        return skip("missing_caption", "blank caption")
+    if max_chars is not None and len(text) > max_chars:
+        return skip("caption_too_long", f"{len(text)} > max_caption_chars={max_chars}")
+    return text
+
+
+def check_image(raw: dict[str, Any], skip: Skip, decode: Callable[[bytes], Any]) -> Any | None:
+    """``decode`` applied to the sample's image bytes, or None once ``skip`` has counted why it failed."""
+    ext = next((e for e in IMAGE_EXTS if e in raw), None)
+    if ext is None:
+        return skip("missing_image")
+    try:
+        return decode(raw[ext])
+    except DECODE_ERRORS as exn:
+        return skip("decode_error", f"{type(exn).__name__}: {exn}")
+
+
 class SampleDecoder:
     """Decodes and checks one raw sample ({"__key__", "__url__", ext: bytes}); None (and a count) if bad.
 
@@ -153,16 +183,9 @@ class SampleDecoder:
         def skip(reason: str, why: str = "") -> None:
             counter.add(reason, detail=f"(key {key} in {shard}{': ' + why if why else ''}) ", shard=shard)
 
-        if "txt" not in raw:
-            return skip("missing_caption")
-        try:
-            text = raw["txt"].decode("utf-8")
-        except UnicodeDecodeError:
-            return skip("decode_error", "caption is not UTF-8")
-        if not text.strip():
-            return skip("missing_caption", "blank caption")
-        if self.max_caption_chars is not None and len(text) > self.max_caption_chars:
-            return skip("caption_too_long", f"{len(text)} > max_caption_chars={self.max_caption_chars}")
+        text = check_caption(raw, skip, self.max_caption_chars)
+        if text is None:
+            return None
         sample: dict[str, Any] = {"__key__": key, "txt": text}
         if "cls" in raw:
             try:
@@ -170,14 +193,8 @@ class SampleDecoder:
             except (UnicodeDecodeError, ValueError):
                 return skip("bad_label")
         if self.kind == "images":
-            ext = next((e for e in IMAGE_EXTS if e in raw), None)
-            if ext is None:
-                return skip("missing_image")
-            try:
-                sample["image"] = decode_image(raw[ext], self.image_size)
-            except DECODE_ERRORS as exn:
-                return skip("decode_error", f"{type(exn).__name__}: {exn}")
-            return sample
+            image = check_image(raw, skip, lambda data: decode_image(data, self.image_size))
+            return None if image is None else {**sample, "image": image}
         return self._latent_sample(raw, sample, skip)
 
     def _latent_sample(self, raw: dict[str, Any], sample: dict[str, Any], skip: Any) -> dict[str, Any] | None:
