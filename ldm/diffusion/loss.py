@@ -101,7 +101,9 @@ class DiffusionLoss:
         """x0 (B, C, H, W) clean latents; context (B, L, D); context_mask (B, L). Returns the scalar loss."""
         draw = self.draw(x0, generator)
         sigma = draw["sigma"]  # (B,)
-        x_in = self.q_sample(x0, sigma, draw["noise_in"])  # (B, C, H, W)
+        _, alpha, s = self.schedule.coefficients(sigma)  # (B,) float64, once per step
+        alpha_x, s_x = (append_dims(c, x0.ndim).to(x0.dtype) for c in (alpha, s))  # (B, 1, 1, 1)
+        x_in = alpha_x * x0 + s_x * draw["noise_in"]  # (B, C, H, W), as q_sample
         c_noise = self.schedule.c_noise(sigma).float()  # (B,)
         pred = net(x_in, c_noise, context=context, context_mask=context_mask)  # (B, C, H, W)
         if pred.shape != x0.shape:
@@ -110,9 +112,8 @@ class DiffusionLoss:
                 "set the net's out_channels to the latent channels."
             )
         dtype = torch.promote_types(pred.dtype, torch.float32)  # fp16/bf16 nets: reduce in float32
-        tgt = self.target(x0, sigma, draw["eps"]).to(dtype)
+        tgt = param.target(self.prediction, x0, draw["eps"], alpha_x, s_x, self.schedule.sigma_data).to(dtype)
         per_sample = (pred.to(dtype) - tgt).pow(2).flatten(1).mean(1)  # (B,)
-        _, alpha, s = self.schedule.coefficients(sigma)  # (B,) float64
         k = param.error_scale(self.prediction, alpha, s, self.schedule.sigma_data)
         weight = self.weighting(alpha, s, k, self.schedule.sigma_data).to(dtype)  # (B,)
         return (weight * per_sample).mean()
