@@ -19,7 +19,7 @@ log = logging.getLogger("ldm")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError, OSError, TypeError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError, OSError)
 EXIT_USER_ERROR = 2
 
 
