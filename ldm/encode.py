@@ -31,7 +31,7 @@ from ldm.autoencoder.frozen import FrozenAutoencoder
 from ldm.autoencoder.loaders import LatentMoments
 from ldm.conditioning.text import TextConditioner
 from ldm.data.buckets import Bucket, bucket_image, bucket_name, check_buckets, crop_rng, parse_buckets
-from ldm.data.decode import check_caption, check_image
+from ldm.data.decode import check_caption, check_image, check_members
 from ldm.data.pipeline import decode_image, expand_urls, raw_samples
 from ldm.data.shards import SkipCounter, write_index, write_json_atomic, write_shard
 
@@ -78,7 +78,7 @@ def image_batches(
         def skip(reason: str, why: str = "", key: str = key, shard: str | None = shard) -> None:
             counter.add(reason, detail=f"(key {key} in {shard}{': ' + why if why else ''}) ", shard=shard)
 
-        text = check_caption(raw, skip)  # the checks and reasons training uses (ldm.data.decode)
+        text = check_caption(raw, skip) if check_members(raw, skip) else None  # training's checks and reasons
         decoded = None if text is None else check_image(raw, skip, functools.partial(decode, key=key))
         if decoded is None:
             continue

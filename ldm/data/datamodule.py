@@ -46,10 +46,13 @@ def index_counts(urls: list[str], commands: dict[str, str]) -> tuple[list[int] |
 
 
 class BadSampleGuard:
-    """Totals one rank's skipped samples from its batches; raises once the bad fraction passes the limit.
+    """Totals one rank's reads and skipped samples from its batches; raises once the bad fraction passes the limit.
 
-    The fraction is bad / (bad + delivered) over the samples read so far; it is judged only after
-    ``min_samples`` reads, so one bad sample in the first batch does not stop a run.
+    The fraction is skipped / read over the samples this rank's loader workers read (``batch["read"]``: each
+    sample once per epoch, the shuffle buffer's read-ahead included, re-reads in the same epoch not), so numerator
+    and denominator count the same reads. It is judged only after ``min_samples`` reads, so one bad sample in the
+    first batch does not stop a run. A batch without "read" (not made by ``ShardDataset``) counts its delivered
+    and skipped samples as its reads.
     """
 
     def __init__(self, max_bad_fraction: float | None = 0.01, min_samples: int = 1000, rank: int = 0) -> None:
@@ -58,6 +61,7 @@ class BadSampleGuard:
         self.max_bad_fraction = max_bad_fraction
         self.min_samples = min_samples
         self.rank = rank
+        self.read = 0
         self.delivered = 0
         self.reasons: dict[str, int] = {}
         self.shards: dict[str, dict[str, int]] = {}
@@ -68,13 +72,15 @@ class BadSampleGuard:
 
     @property
     def fraction(self) -> float:
-        seen = self.bad + self.delivered
-        return self.bad / seen if seen else 0.0
+        return self.bad / self.read if self.read else 0.0
 
     def update(self, batch: dict[str, Any]) -> None:
-        self.delivered += len(batch["__key__"])
-        for reason, n in batch.get("skipped", {}).items():
-            self.reasons[reason] = self.reasons.get(reason, 0) + int(n)
+        delivered = len(batch["__key__"])
+        skipped = {reason: int(n) for reason, n in batch.get("skipped", {}).items()}
+        self.delivered += delivered
+        self.read += int(batch["read"]) if "read" in batch else delivered + sum(skipped.values())
+        for reason, n in skipped.items():
+            self.reasons[reason] = self.reasons.get(reason, 0) + n
         for shard, reasons in batch.get("skipped_shards", {}).items():
             mine = self.shards.setdefault(shard, {})
             for reason, n in reasons.items():
@@ -85,22 +91,23 @@ class BadSampleGuard:
 
     def check(self) -> None:
         limit = self.max_bad_fraction
-        if limit is None or self.bad + self.delivered < self.min_samples or self.fraction <= limit:
+        if limit is None or self.read < self.min_samples or self.fraction <= limit:
             return
         worst = "; ".join(
             f"{shard} ({sum(r.values())}: {', '.join(f'{k} {n}' for k, n in sorted(r.items()))})"
             for shard, r in self.worst()
         )
         raise RuntimeError(
-            f"{self.fraction:.2%} of the {self.bad + self.delivered} samples read on rank {self.rank} were bad, "
+            f"{self.fraction:.2%} of the {self.read} samples read on rank {self.rank} were bad, "
             f"over data.max_bad_fraction={limit}: worst shards {worst or '(none named)'}; fix or drop them, "
             f"or raise data.max_bad_fraction (null turns the check off)"
         )
 
     def summary(self) -> dict[str, Any]:
         return {
-            "samples_read": self.bad + self.delivered,
+            "samples_read": self.read,
             "skipped": self.bad,
+            "delivered": self.delivered,
             "bad_fraction": self.fraction,
             "max_bad_fraction": self.max_bad_fraction,
             "reasons": dict(sorted(self.reasons.items())),

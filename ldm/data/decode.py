@@ -112,6 +112,14 @@ def _embedding(data: bytes) -> np.ndarray | None:
 Skip = Callable[..., None]  # skip(reason, why="") counts a bad sample and returns None
 
 
+def check_members(raw: dict[str, Any], skip: Skip) -> bool:
+    """False once ``skip`` has counted a sample whose tar holds one member name twice (``duplicate_member``)."""
+    if "__duplicate__" in raw:
+        skip("duplicate_member", f"{raw['__duplicate__']} twice")
+        return False
+    return True
+
+
 def check_caption(raw: dict[str, Any], skip: Skip, max_chars: int | None = None) -> str | None:
     """The sample's UTF-8 caption, or None once ``skip`` has counted why it is unusable."""
     if "txt" not in raw:
@@ -183,7 +191,7 @@ class SampleDecoder:
         def skip(reason: str, why: str = "") -> None:
             counter.add(reason, detail=f"(key {key} in {shard}{': ' + why if why else ''}) ", shard=shard)
 
-        text = check_caption(raw, skip, self.max_caption_chars)
+        text = check_caption(raw, skip, self.max_caption_chars) if check_members(raw, skip) else None
         if text is None:
             return None
         sample: dict[str, Any] = {"__key__": key, "txt": text}

@@ -6,7 +6,8 @@ of ``ldm.data.plan`` (modes ``exact``, ``resampled``, ``cycle``), a pure functio
 starts mid-epoch with ``set_epoch(epoch, skip_batches)``: each worker forms again the batches its rank already
 trained on and drops them uncollated. Shards are read by ``ldm.data.tar_reader`` from any source
 ``ldm.data.urls`` opens; samples are checked by ``ldm.data.decode``. Skipped samples are counted per reason and
-per shard and reported with each batch under ``"skipped"`` and ``"skipped_shards"``.
+per shard and reported with each batch under ``"skipped"`` and ``"skipped_shards"``, with the samples read under
+``"read"``.
 """
 
 from __future__ import annotations
@@ -95,8 +96,11 @@ class ShardDataset(IterableDataset):
     Latent shards of aspect-ratio buckets: each batch holds one bucket's shape and adds "original_size" and
     "crop_top_left" (B, 2); see ``ldm.data.buckets.bucket_batches`` for what bucketing does to the order.
 
-    ``skipped`` holds the samples dropped since the previous batch per reason, ``skipped_shards`` the same per
-    shard ({shard: {reason: n}}); see ``ldm.data.decode`` and ``ldm.data.tar_reader`` for the reasons.
+    ``read`` is how many samples this worker read since its previous batch (good and bad, each once per epoch:
+    re-reads of a piece in the same epoch do not count; the shuffle buffer's read-ahead does), ``skipped`` how
+    many of them were dropped per reason and ``skipped_shards`` the same per shard ({shard: {reason: n}}), so
+    that summed over batches skipped / read is the bad fraction of the samples read; see ``ldm.data.decode`` and
+    ``ldm.data.tar_reader`` for the reasons.
     """
 
     def __init__(
@@ -229,22 +233,30 @@ class ShardDataset(IterableDataset):
     ) -> Iterator[dict | None]:
         """Decoded samples of the passes; None marks the end of a pass (not in resampled mode: one endless stream)."""
         empty, limit = 0, (2 * len(self.urls) + 2 if self.mode == "resampled" else 1)
-        # a shard split into stride pieces is read in full by each of its readers: its shard-level damage
-        # (truncated_shard, corrupt_shard, read_error, duplicate_member) counts only in the piece of offset 0, as
-        # each bad sample counts only in the piece that owns it
+        # Counted once per epoch: a piece read again in this epoch (a second pass of exact mode, every pass of
+        # cycle, a shard drawn again in resampled) counts its reads and skips in ``again``, which nobody reads.
+        # A shard split into stride pieces is read in full by each of its readers: its shard-level damage
+        # (truncated_shard, corrupt_shard, read_error) counts only in the piece of offset 0, and each sample,
+        # bad or good, only in the piece that owns it (the others do not decode it).
         elsewhere = SkipCounter(f"{counter.name} (split shard, counted by the reader of its first piece)")
+        again = SkipCounter(f"{counter.name} (read again this epoch, counted the first time)")
+        counted: set[Piece] = set()
         for pieces in passes:
             produced = 0
-            for url, stride, offset in pieces:
-                reader = counter if offset == 0 else elsewhere
+            for piece in pieces:
+                url, stride, offset = piece
+                owner = again if piece in counted else counter
+                reader = owner if offset == 0 else elsewhere
                 for index, raw in enumerate(raw_samples([url], reader, self.commands)):
                     if index % stride != offset:
                         continue
-                    sample = self.decoder(raw, counter)
+                    owner.count_read()
+                    sample = self.decoder(raw, owner)
                     if sample is None:
                         continue
                     produced += 1
                     yield sample
+                counted.add(piece)
             empty = 0 if produced else empty + 1
             if empty >= limit:
                 raise RuntimeError(
@@ -281,6 +293,7 @@ class ShardDataset(IterableDataset):
         batch["txt"] = [s["txt"] for s in samples]
         batch["__key__"] = [s["__key__"] for s in samples]
         batch.update(size_conditioning(samples))  # bucketed shards: original_size, crop_top_left (B, 2)
+        batch["read"] = counter.pop_reads()
         batch["skipped"] = counter.pop()
         batch["skipped_shards"] = counter.pop_shards()
         embedded = sum("emb" in s for s in samples)
@@ -313,8 +326,9 @@ class ShardDataset(IterableDataset):
         try:  # one shape per batch: aspect-ratio buckets fill their own batches (ldm.data.buckets)
             for samples in bucket_batches(stream, self.batch_size):
                 quota -= 1
-                if skip:  # trained on before the checkpoint; its skipped samples were counted then
+                if skip:  # trained on before the checkpoint; its reads and skips were counted then
                     skip -= 1
+                    counter.pop_reads()
                     counter.pop()
                     counter.pop_shards()
                 else:
@@ -323,5 +337,5 @@ class ShardDataset(IterableDataset):
                     break
         finally:
             stream.close()  # stops any shard command still running
-        if counter.total():
+        if counter.total():  # the last batch is formed after the last read: only a failed epoch leaves some
             log.info("%s: skipped after the last batch of the epoch: %s", counter.name, counter.as_dict())

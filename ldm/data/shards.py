@@ -21,10 +21,15 @@ log = logging.getLogger(__name__)
 
 
 class SkipCounter:
-    """Counts skipped samples per reason (and per shard when given); warns the first time each reason appears."""
+    """Counts skipped samples per reason (and per shard when given); warns the first time each reason appears.
+
+    ``reads`` counts the samples looked at (good and bad: ``count_read``), so that bad / reads is a fraction over
+    one set of reads; ``pop_reads`` hands them on with each batch as ``pop`` does the skips.
+    """
 
     def __init__(self, name: str = "data") -> None:
         self.name = name
+        self.reads = 0
         self.counts: dict[str, int] = {}
         self.by_shard: dict[str, dict[str, int]] = {}
         self._warned: set[str] = set()
@@ -41,6 +46,15 @@ class SkipCounter:
             log.warning(
                 "%s: skipping sample(s), reason=%s %s(further ones are counted)", self.name, reason, detail
             )
+
+    def count_read(self, n: int = 1) -> None:
+        """``n`` more samples read (each counted once, bad or not)."""
+        self.reads += n
+
+    def pop_reads(self) -> int:
+        """Returns the samples read so far and resets the count."""
+        reads, self.reads = self.reads, 0
+        return reads
 
     def merge(self, other: SkipCounter | dict[str, int]) -> None:
         counts = other.as_dict() if isinstance(other, SkipCounter) else other

@@ -6,7 +6,9 @@ few times faster than ``tarfile``'s stream mode and tells a truncated shard (no 
 header or member) from a complete one: the samples before the cut are kept, a sample the cut may have left
 incomplete is dropped, and the shard counts once under ``truncated_shard``. A header that fails its checksum
 counts under ``corrupt_shard`` and reading goes on from the next valid header; ``read_error``: the file cannot
-be opened or the command fails.
+be opened or the command fails. Each of these shard-level losses also counts as one sample read (the samples a
+damaged shard held cannot be counted), so the skips never outnumber the reads. A sample holding one member name
+twice keeps the first and is marked ``__duplicate__`` (the decoder drops it, counted as ``duplicate_member``).
 """
 
 from __future__ import annotations
@@ -146,10 +148,14 @@ def split_name(name: str) -> tuple[str, str] | None:
     return name[:dot], name[dot + 1 :].lower()
 
 
+def _damage(counter: SkipCounter, reason: str, url: str, detail: str) -> None:
+    """One shard-level loss: counted as one sample read and skipped."""
+    counter.count_read()
+    counter.add(reason, detail=f"({url}{detail}) ", shard=url)
+
+
 def _count_corrupt(counter: SkipCounter, url: str, message: str) -> None:
-    counter.add(
-        "corrupt_shard", detail=f"({url} {message}; reading on from the next valid header) ", shard=url
-    )
+    _damage(counter, "corrupt_shard", url, f" {message}; reading on from the next valid header")
 
 
 def shard_samples(url: str, counter: SkipCounter, commands: dict[str, str]) -> Iterator[dict[str, Any]]:
@@ -157,7 +163,7 @@ def shard_samples(url: str, counter: SkipCounter, commands: dict[str, str]) -> I
     try:
         stream = ShardStream(url, commands)
     except OSError as exn:
-        counter.add("read_error", detail=f"({url}: {exn}) ", shard=url)
+        _damage(counter, "read_error", url, f": {exn}")
         return
     sample: dict[str, Any] | None = None
     damage: ShardDamaged | None = None
@@ -176,8 +182,9 @@ def shard_samples(url: str, counter: SkipCounter, commands: dict[str, str]) -> I
                     sample = None
                 if sample is None:
                     sample = {"__key__": key, "__url__": url}
-                if ext in sample:
-                    counter.add("duplicate_member", detail=f"({url}: {name}) ", shard=url)
+                if ext in sample:  # which copy is meant is unknown: the decoder drops the sample
+                    sample.setdefault("__duplicate__", name)
+                    continue
                 sample[ext] = data
         except ShardDamaged as exn:
             damage = exn
@@ -196,9 +203,9 @@ def shard_samples(url: str, counter: SkipCounter, commands: dict[str, str]) -> I
             stream.abort()
     failure = stream.finish()
     if failure is not None:
-        counter.add("read_error", detail=f"({url}: {failure}) ", shard=url)
+        _damage(counter, "read_error", url, f": {failure}")
     elif damage is not None:
-        counter.add(f"{damage.reason}_shard", detail=f"({url} {damage}) ", shard=url)
+        _damage(counter, f"{damage.reason}_shard", url, f" {damage}")
 
 
 def raw_samples(
