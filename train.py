@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,20 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.cli import exit_on_user_error, one_line
 from ldm.instantiate import build
 from ldm.lit.callbacks import ConfigInCheckpoint
 from ldm.lit.checkpoint_io import AtomicCheckpointIO
+from ldm.lit.ema import EMA
+from ldm.lit.guards import NonFiniteError
 from ldm.lit.latent_diffusion import LatentDiffusion, check_latent_source
+from ldm.lit.preemption import GracefulStop, TrainingInterrupted
+from ldm.lit.run_dir import prepare_run_dir, register_resolvers
 
 log = logging.getLogger("train")
+register_resolvers()  # ${ldm_run_id:} in configs/hydra/default.yaml
+
+EXIT_DIVERGED = 3
 
 
 def build_list(node: DictConfig | None) -> list[Any]:
@@ -35,9 +44,32 @@ def build_list(node: DictConfig | None) -> list[Any]:
     return [build(v) for v in node.values() if v is not None and "_target_" in v]
 
 
+def order_callbacks(callbacks: list[Any]) -> list[Any]:
+    """GracefulStop right after the EMA: a step is complete (and may be saved) once the EMA has blended it."""
+    stops = [c for c in callbacks if isinstance(c, GracefulStop)]
+    rest = [c for c in callbacks if not isinstance(c, GracefulStop)]
+    last_ema = max((i for i, c in enumerate(rest) if isinstance(c, EMA)), default=-1)
+    return rest[: last_ema + 1] + stops + rest[last_ema + 1 :]
+
+
+def status_of(error: BaseException | None) -> str:
+    if error is None:
+        return "finished"
+    if isinstance(error, TrainingInterrupted):
+        return "interrupted"
+    return "diverged" if isinstance(error, NonFiniteError) else "failed"
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
+    """Fit, and write ``summary.json`` however the fit ends (finished, interrupted, diverged, failed).
+
+    Re-raises what stopped an unfinished run (``TrainingInterrupted``, ``NonFiniteError``, ...) after the summary.
+    """
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
+    resume = prepare_run_dir(
+        output_dir, cfg.get("ckpt_path"), Path(cfg.paths.log_dir) / cfg.task_name / "runs"
+    )
     resolved = OmegaConf.to_container(cfg, resolve=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(resolved), output_dir / "config_resolved.yaml")
@@ -46,7 +78,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model = build(cfg.model)
     if isinstance(model, LatentDiffusion):
         check_latent_source(datamodule.index_meta, model.autoencoder, model.conditioner)
-    callbacks = build_list(cfg.get("callbacks")) + [ConfigInCheckpoint(resolved)]
+    callbacks = order_callbacks(build_list(cfg.get("callbacks")) + [ConfigInCheckpoint(resolved)])
     loggers = build_list(cfg.get("logger"))
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -59,13 +91,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # 2 cores runs ~10x slower than 2 x 1)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // trainer.num_devices))
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    error: BaseException | None = None
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume) if resume is not None else None)
+    except BaseException as exc:  # the summary records every ending; the exception is raised again below
+        error = exc
     wall = time.perf_counter() - start
-    if not trainer.interrupted and not trainer.fast_dev_run:
+    if error is None and not trainer.interrupted and not trainer.fast_dev_run:
         # the end state, whatever the checkpoint interval: resumable, with EMA weights and config
         trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
     summary = {
         "output_dir": str(output_dir),
+        "status": status_of(error),
+        "interrupted": isinstance(error, TrainingInterrupted),
+        "error": one_line(error) if error is not None else None,
+        "resumed_from": str(resume) if resume is not None else None,
         "global_step": trainer.global_step,
         "fit_wall_s": round(wall, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -77,12 +117,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("run summary: %s", json.dumps(summary))
+    if error is not None:
+        raise error
     return summary
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    """Exit codes: 0 finished, 2 bad input (one line), 3 diverged, 128 + N stopped by signal N (143 SIGTERM)."""
+    try:
+        run(cfg)
+    except TrainingInterrupted as stop:
+        log.warning("%s", stop)
+        sys.exit(stop.exit_code)
+    except NonFiniteError as exc:
+        log.error("%s", one_line(exc))
+        sys.exit(EXIT_DIVERGED)
 
 
 if __name__ == "__main__":

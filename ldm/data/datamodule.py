@@ -142,7 +142,11 @@ class ShardDataModule(L.LightningDataModule):
         super().__init__()
         self.mode = check_mode(mode)
         self.restore_position = restore_position
-        self.position = (0, 0)  # (train epoch, batches of it trained on by each rank)
+        # (train epoch, batches of it whose optimizer step is in the weights), the batches handed to training this
+        # epoch, and the optimizer step at which ``position`` was last brought up to ``fetched`` (see _commit)
+        self.position = (0, 0)
+        self.fetched = 0
+        self.committed_step = 0
         self.resume_position: tuple[int, int] | None = None
         self.described = ""
         self.train_shards = train_shards
@@ -276,7 +280,7 @@ class ShardDataModule(L.LightningDataModule):
             if resume is not None and resume[0] <= epoch:
                 self.resume_position = None
             self.train_dataset.set_epoch(epoch, skip)
-            self.position = (epoch, skip)
+            self._start_epoch(epoch, skip)
         return self._loader(self.train_dataset)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -287,7 +291,8 @@ class ShardDataModule(L.LightningDataModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Totals the training batches' skipped samples; stops the run past ``max_bad_fraction``."""
         if self.trainer is not None and self.trainer.training and isinstance(batch, dict):
-            self.position = (self.position[0], self.position[1] + 1)  # this batch is about to be trained on
+            self._commit()  # the batches before this one are in the weights if the optimizer has stepped since
+            self.fetched += 1  # this batch is about to be trained on; it counts once its optimizer step is taken
             self.guard.update(batch)
             try:
                 self.guard.check()
@@ -315,9 +320,26 @@ class ShardDataModule(L.LightningDataModule):
         return {"mode": self.mode, "seed": self.seed, "batch_size": self.batch_size,
                 "num_workers": self.num_workers, "world_size": world}  # fmt: skip
 
+    def _start_epoch(self, epoch: int, skip: int) -> None:
+        self.position, self.fetched = (epoch, skip), skip
+        self.committed_step = self.trainer.global_step if self.trainer is not None else 0
+
+    def _commit(self) -> None:
+        """Count the fetched batches as trained once the optimizer has stepped after them.
+
+        A batch is counted when it is handed to training, but it is in the weights only after its optimizer step
+        (the last micro-batch's, under gradient accumulation). A checkpoint taken between the two (an exception
+        in the forward pass, a signal mid-step) must not count it, or the resumed run would skip it.
+        """
+        step = self.trainer.global_step if self.trainer is not None else self.committed_step
+        if step != self.committed_step:
+            self.position = (self.position[0], self.fetched)
+            self.committed_step = step
+
     def state_dict(self) -> dict[str, Any]:
-        """Saved in every checkpoint: the train epoch, how many of its batches each rank trained on, and what
-        the order depends on."""
+        """Saved in every checkpoint: the train epoch, how many of its batches are in the saved weights (per
+        rank), and what the order depends on."""
+        self._commit()
         return {"epoch": self.position[0], "batches": self.position[1], **self._placement()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -339,7 +361,7 @@ class ShardDataModule(L.LightningDataModule):
             # a loader built before the restore (the trainer estimating its steps) keeps this dataset
             skip = min(self.resume_position[1], len(self.train_dataset))
             self.train_dataset.set_epoch(self.resume_position[0], skip)
-            self.position = (self.resume_position[0], skip)
+            self._start_epoch(self.resume_position[0], skip)
         # the position is restored here, not by the DataLoader, so Lightning's warning does not apply
         warnings.filterwarnings(
             "ignore", message=r"You're resuming from a checkpoint that ended before the epoch"

@@ -16,6 +16,8 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 
+from ldm.lit.guards import NonFiniteError, first_nonfinite
+
 EMA_KEY = "ema_state_dict"
 
 
@@ -50,9 +52,16 @@ class EMA(L.Callback):
             return  # not an optimizer step yet (gradient accumulation)
         if trainer.global_step % self.update_every:
             return
+        state = self.target(pl_module).state_dict()
+        bad = first_nonfinite(state.items())
+        if bad is not None:  # never blend a diverged step into the average
+            raise NonFiniteError(
+                f"weight {bad[0]} has {bad[1]} of {bad[2]} values NaN/inf after step {trainer.global_step}: the EMA "
+                "was not updated and the run stops; resume from the last checkpoint with a lower optim.lr"
+            )
         self.num_updates += 1
         decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        for name, value in self.target(pl_module).state_dict().items():
+        for name, value in state.items():
             ema = self.shadow[name]
             if value.dtype.is_floating_point:
                 ema.lerp_(value.detach().to(ema.dtype), 1.0 - decay)  # ema <- decay*ema + (1-decay)*value
