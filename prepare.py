@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,7 +36,8 @@ from ldm.autoencoder.loaders import (
 from ldm.conditioning.text import TextConditioner
 from ldm.data.buckets import Bucket, buckets_for_area, parse_buckets
 from ldm.data.emoji import emoji_samples, is_validation_key
-from ldm.data.folder import folder_samples
+from ldm.data.folder import folder_samples, image_files
+from ldm.data.overwrite import input_files, refuse_outputs_among, refuse_overwrite, tmp_of
 from ldm.data.pipeline import expand_urls
 from ldm.data.shards import SkipCounter, read_index, write_shards
 from ldm.encode import image_batches, merge_latent_index
@@ -57,6 +59,11 @@ def split_samples(samples: Iterator[dict], out_dir: str, max_per_shard: int) -> 
 
 
 def cmd_images(args: argparse.Namespace) -> None:
+    root = Path(args.input)
+    if root.is_dir():  # folder_samples names the fix when it is not
+        inputs = [q for p in image_files(root) for q in (p, p.with_suffix(".txt"))]
+        names = re.compile(rf"{re.escape(args.prefix)}(-\d{{6}}\.tar|\.json)(\.tmp)?")
+        refuse_outputs_among(inputs, Path(args.out), names, "choose another --out (or --prefix)")
     counter = SkipCounter("folder")
     samples = ({**s, "__key__": f"{i:06d}"} for i, s in enumerate(folder_samples(args.input, counter)))
     write_shards(samples, args.out, prefix=args.prefix, max_per_shard=args.max_per_shard)  # streamed
@@ -149,6 +156,11 @@ def cmd_emoji(args: argparse.Namespace) -> None:
 @torch.no_grad()
 def cmd_export(args: argparse.Namespace) -> None:
     """Stage-1 Lightning checkpoint -> PATH.safetensors + PATH.json, with scale_factor = 1 / std of the latents."""
+    stem = Path(args.out)  # the files save_kl_autoencoder writes: STEM.safetensors, STEM.json (via .tmp)
+    stem = stem.with_suffix("") if stem.suffix in (".safetensors", ".json") else stem
+    outputs = [stem.with_suffix(".safetensors"), stem.with_suffix(".json")]
+    refuse_overwrite([*outputs, *map(tmp_of, outputs)], [Path(args.ckpt), *input_files(expand_urls(args.shards))],
+                     "choose another --out for the exported autoencoder")  # fmt: skip
     model = kl_autoencoder_from_checkpoint(args.ckpt).eval()
     counter = SkipCounter("export")
     moments, num_images = LatentMoments(), 0  # streamed: memory stays flat however many shards

@@ -32,6 +32,7 @@ from ldm.autoencoder.loaders import LatentMoments
 from ldm.conditioning.text import TextConditioner
 from ldm.data.buckets import Bucket, bucket_image, bucket_name, check_buckets, crop_rng, parse_buckets
 from ldm.data.decode import check_caption, check_image, check_members
+from ldm.data.overwrite import check_latent_outputs
 from ldm.data.pipeline import decode_image, expand_urls, raw_samples
 from ldm.data.shards import SkipCounter, write_index, write_json_atomic, write_shard
 
@@ -319,13 +320,15 @@ def encode_shards(
     if num_procs < 1:
         raise ValueError(f"num_procs={num_procs}: pass 1 or more")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     fixed = None if buckets is None else parse_buckets(buckets)
     if fixed is not None:
         check_buckets(fixed, ae.downsample_factor * latent_multiple)
     settings = encode_settings(ae, image_size, text, fixed, bucket_crop, bucket_seed)
     jobs = plan_jobs(pattern, prefix)
+    unfinished = [j.name for j in jobs if read_sidecar(out, j.name) is None]
+    check_latent_outputs(out, prefix, [j.name for j in jobs], [j.url for j in jobs], unfinished, SIDECAR)
     check_out_dir(out, jobs, settings, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
     rank, world_size, local_rank = dist_env(rank, world_size)
     mine = jobs[rank::world_size]
     todo = [j for j in mine if not is_finished(read_sidecar(out, j.name), j, settings)]
@@ -358,6 +361,7 @@ def merge_latent_index(
     """
     out = Path(out_dir)
     jobs = plan_jobs(pattern, prefix)
+    check_latent_outputs(out, prefix, [], [j.url for j in jobs], [], SIDECAR)  # the index only
     sides = [read_sidecar(out, j.name) for j in jobs]
     settings = settings or next((s["settings"] for s in sides if s is not None), None)
     waiting = [j.name for j, s in zip(jobs, sides, strict=True) if settings is None or not is_finished(s, j, settings)]  # fmt: skip

@@ -33,6 +33,11 @@ def _decodes(data: bytes) -> bool:
         return False
 
 
+def image_files(root: Path) -> list[Path]:
+    """The images under ``root`` (recursively, sorted) that ``folder_samples`` reads, each with ``.txt`` beside it."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def folder_samples(root: str, counter: SkipCounter) -> Iterator[dict]:
     """Yields {"__key__", "<ext>": image bytes, "txt": caption}; skips (and counts) bad pairs.
 
@@ -43,7 +48,7 @@ def folder_samples(root: str, counter: SkipCounter) -> Iterator[dict]:
         raise FileNotFoundError(
             f"Image folder '{root}' does not exist: pass a directory of images + .txt captions"
         )
-    paths = sorted(p for p in base.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = image_files(base)
     if not paths:
         log.warning("no images (%s) under %s", ", ".join(IMAGE_SUFFIXES), root)
     seen: set[str] = set()
