@@ -2,20 +2,28 @@
 
 Writes one PNG per image, a grid PNG and metadata.json (file, prompt, negative prompt, seed, sampler settings,
 checkpoint) to out_dir. The same seed gives byte-identical PNGs. EMA weights are used unless use_ema=false.
+
+The checkpoint's stored config may only name the project's own classes (ldm/safe_config.py) unless
+trust_checkpoint_config=true. Bad input (arguments, prompts file, checkpoint file, a full disk) ends the command
+with one line on stderr and exit status 2 (ldm.cli.exit_on_user_error; LDM_TRACEBACK=1 shows the traceback).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
+from collections.abc import Callable
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ldm.cli import exit_on_user_error
 from ldm.instantiate import build
 from ldm.lit.loading import load_for_sampling, resolve_checkpoint
 from ldm.pipeline import generate, make_grid, to_pil
@@ -23,15 +31,71 @@ from ldm.sampling.grids import sampling_sigmas
 
 log = logging.getLogger("sample")
 
+WRITE_FIXES = {
+    errno.ENOSPC: "the disk is full: free space or pass out_dir=DIR on another disk",
+    errno.EDQUOT: "the disk quota is used up: free space or pass out_dir=DIR elsewhere",
+    errno.EFBIG: "the file-size limit is too small: raise it (ulimit -f) or pass out_dir=DIR elsewhere",
+    errno.EACCES: "out_dir is not writable: pass out_dir=DIR you can write to",
+    errno.EROFS: "the file system is read-only: pass out_dir=DIR on a writable one",
+}
+
+
+def positive_int(cfg: DictConfig, key: str) -> int:
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key}={value!r} must be a whole number >= 1: e.g. {key}=4")
+    return value
+
+
+def guidance_interval(value: Any) -> list[float] | None:
+    """null or [lo, hi] with 0 <= lo < hi (noise levels), else a one-line error with the expected form."""
+    if value is None:
+        return None
+    items = list(value) if isinstance(value, ListConfig | list | tuple) else [value]
+    fix = "pass guidance_interval=[lo,hi] with 0 <= lo < hi (noise levels, e.g. [0.5,20]) or null"
+    if len(items) != 2 or not all(isinstance(v, Real) and not isinstance(v, bool) for v in items):
+        raise ValueError(f"guidance_interval={value} is not two numbers: {fix}")
+    lo, hi = (float(v) for v in items)
+    if not 0 <= lo < hi:
+        raise ValueError(f"guidance_interval={[lo, hi]} needs 0 <= lo < hi: {fix}")
+    return [lo, hi]
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """out_dir (or its nearest existing parent) must be a directory; nothing is created before sampling."""
+    for path in (out_dir, *out_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ValueError(
+                    f"out_dir={out_dir} cannot be a directory: '{path}' is a file — pass another out_dir"
+                )
+            return
+
 
 def read_prompts(cfg: DictConfig) -> list[str]:
+    """prompt, or prompts_file (UTF-8, one prompt per line, blank lines skipped), each repeated num_images times.
+
+    A prompts file that is not UTF-8 is refused rather than guessed at: a mis-decoded prompt conditions the model
+    on other text without any sign of it."""
     if cfg.prompts_file:
         path = Path(cfg.prompts_file)
         if not path.is_file():
             raise FileNotFoundError(
                 f"prompts_file not found: '{path}' — give a text file with one prompt per line"
             )
-        base = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"prompts_file '{path}' is not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}): re-save it "
+                f"as UTF-8, e.g. iconv -f latin1 -t utf-8 '{path}' > prompts.txt"
+            ) from None
+        base = [line.strip() for line in text.splitlines() if line.strip()]
+        if not base:
+            raise ValueError(
+                f"prompts_file '{path}' has no prompts (only blank lines): write one prompt per line"
+            )
     elif cfg.prompt is not None:
         base = [str(cfg.prompt)]
     else:
@@ -43,18 +107,42 @@ def slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n] or "empty"
 
 
+def write(path: Path, save: Callable[[Path], Any], cleanup: bool = True) -> None:
+    """save(path); an OSError (disk full, file too large, ...) becomes one line with its cause and the fix."""
+    try:
+        save(path)
+    except OSError as err:
+        if cleanup and path.is_file():
+            path.unlink()  # no half-written file left behind
+        code = errno.errorcode.get(err.errno or 0, "")
+        fix = WRITE_FIXES.get(err.errno or 0, "check that out_dir is writable and has space")
+        cause = err.strerror or str(err)
+        raise OSError(err.errno, f"could not write '{path}': {cause} ({code}) — {fix}") from None
+
+
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
+    # everything the arguments can get wrong fails here, before the checkpoint is read
+    positive_int(cfg, "num_images")
+    batch_size = positive_int(cfg, "batch_size")
+    positive_int(cfg, "steps")
+    interval = guidance_interval(cfg.guidance_interval)
+    out_dir = Path(cfg.out_dir)
+    check_out_dir(out_dir)
+    prompts = read_prompts(cfg)
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
     ckpt_path = resolve_checkpoint(str(cfg.ckpt), cfg.log_dir)
-    model = load_for_sampling(ckpt_path, cfg.use_ema, device)
-    prompts = read_prompts(cfg)
+    trust = bool(cfg.get("trust_checkpoint_config", False))
+    model = load_for_sampling(ckpt_path, cfg.use_ema, device, trust_checkpoint_config=trust)
     sigmas = sampling_sigmas(model.denoiser.schedule, cfg.steps, spacing=cfg.spacing)
-    # no sampler= given: the one the checkpoint's sample grid used in training
-    sampler_cfg = cfg.sampler if cfg.sampler is not None else OmegaConf.create(model.config["sampler"])
+    # no sampler= given: the one the checkpoint's sample grid used in training (checked by load_for_sampling)
+    if cfg.sampler is None and model.sampler_config is None:
+        raise ValueError(
+            f"'{ckpt_path}' stores no sampler: pass sampler=ddim (or another configs/sampler/ name)"
+        )
+    sampler_cfg = cfg.sampler if cfg.sampler is not None else OmegaConf.create(model.sampler_config)
     sampler = build(sampler_cfg)
-    interval = list(cfg.guidance_interval) if cfg.guidance_interval is not None else None
     sampler_settings = {
         "sampler": OmegaConf.to_container(sampler_cfg),
         "steps": cfg.steps,
@@ -63,12 +151,11 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         "guidance_rescale": cfg.guidance_rescale,
         "guidance_interval": interval,
     }
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    write(out_dir, lambda p: p.mkdir(parents=True, exist_ok=True), cleanup=False)
     records: list[dict[str, Any]] = []
     pil_images = []
-    for start in range(0, len(prompts), cfg.batch_size):
-        batch = prompts[start : start + cfg.batch_size]
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
         seeds = [cfg.seed + start + i for i in range(len(batch))]
         images = generate(
             model.denoiser,
@@ -86,7 +173,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         )
         for i, (prompt, seed, image) in enumerate(zip(batch, seeds, to_pil(images), strict=True)):
             name = f"{start + i:04d}_{slug(prompt)}_seed{seed}.png"
-            image.save(out_dir / name)
+            write(out_dir / name, image.save)
             pil_images.append(image)
             records.append(
                 {
@@ -99,13 +186,15 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
                     "checkpoint": str(ckpt_path.resolve()),
                 }
             )
-    make_grid(pil_images, ncols=min(8, len(pil_images))).save(out_dir / "grid.png")
-    (out_dir / "metadata.json").write_text(json.dumps({"images": records}, indent=2))
+    write(out_dir / "grid.png", make_grid(pil_images, ncols=min(8, len(pil_images))).save)
+    metadata = json.dumps({"images": records}, indent=2)
+    write(out_dir / "metadata.json", lambda p: p.write_text(metadata))
     log.info("wrote %d images, grid.png and metadata.json to %s", len(records), out_dir)
     return records
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="sample")
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
     run(cfg)
 
