@@ -2,15 +2,20 @@
 
     python prepare.py emoji                                   # built-in emoji: image shards + latent shards
     python prepare.py images --input DIR --out data/mine/images  # folder of images with same-named .txt captions
+                                      # (image bytes kept as they are; captions that are not UTF-8 skipped, counted)
     python prepare.py latents --shards 'data/mine/images/train-{000000..000003}.tar' --out data/mine/latents \
         --autoencoder emoji-kl-f4 | PATH.safetensors | diffusers:stabilityai/sd-vae-ft-mse [--subfolder vae]
     python prepare.py latents ... --num-procs 4 --devices cuda:0,cuda:1,cuda:2,cuda:3   # resumable; or one job per
                                                       # rank under torchrun/SLURM (--rank/--world-size from the env)
     python prepare.py latents ... --buckets 256x256,192x320,320x192   # aspect-ratio buckets (HxW), not squares
     python prepare.py latents ... --bucket-area 256 --bucket-step 32   # SDXL-style buckets of ~256x256 pixels
+    python prepare.py latents ... --alpha-background black   # behind transparent pixels (default white)
     python prepare.py latents-merge --shards '...' --out data/mine/latents   # the index, if no process wrote it
     python prepare.py export-autoencoder --ckpt logs/autoencoder/runs/<run>/checkpoints/last.ckpt \
         --shards 'data/emoji32/images/train-{000000..000007}.tar' --out ldm/autoencoder/weights/emoji_kl_f4
+
+No command writes over its input: an --out (and --prefix) whose files would be, or resolve to, an input shard,
+shard index or image is refused before anything is written (ldm/data/overwrite.py).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from ldm.data.emoji import emoji_samples, is_validation_key
 from ldm.data.folder import folder_samples, image_files
 from ldm.data.overwrite import input_files, refuse_outputs_among, refuse_overwrite, tmp_of
 from ldm.data.pipeline import expand_urls
+from ldm.data.rgb import parse_background
 from ldm.data.shards import SkipCounter, read_index, write_shards
 from ldm.encode import image_batches, merge_latent_index
 
@@ -67,7 +73,9 @@ def cmd_images(args: argparse.Namespace) -> None:
     counter = SkipCounter("folder")
     samples = ({**s, "__key__": f"{i:06d}"} for i, s in enumerate(folder_samples(args.input, counter)))
     write_shards(samples, args.out, prefix=args.prefix, max_per_shard=args.max_per_shard)  # streamed
-    log.info("images: skipped %s", counter.as_dict())
+    total = read_index(str(Path(args.out) / f"{args.prefix}.json"))["total"]
+    log.info("images: %d samples written to %s, %d skipped: %s", total, args.out, counter.total(),
+             dict(sorted(counter.as_dict().items())))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- latent shards
@@ -116,7 +124,8 @@ def cmd_latents(args: argparse.Namespace) -> None:
     encode.encode_shards(args.shards, args.out, args.prefix, ae, args.image_size, args.batch_size, device=auto_devices(args.device),
                   text=text, num_procs=args.num_procs, rank=args.rank, world_size=args.world_size,
                   overwrite=args.overwrite, threads=args.threads, buckets=buckets, bucket_crop=args.bucket_crop,
-                  bucket_seed=args.bucket_seed, latent_multiple=args.latent_multiple)  # fmt: skip
+                  bucket_seed=args.bucket_seed, latent_multiple=args.latent_multiple,
+                  alpha_background=args.alpha_background)  # fmt: skip
 
 
 def cmd_latents_merge(args: argparse.Namespace) -> None:
@@ -164,7 +173,10 @@ def cmd_export(args: argparse.Namespace) -> None:
     model = kl_autoencoder_from_checkpoint(args.ckpt).eval()
     counter = SkipCounter("export")
     moments, num_images = LatentMoments(), 0  # streamed: memory stays flat however many shards
-    for batch in image_batches(expand_urls(args.shards), args.image_size, 256, counter):
+    background = parse_background(args.alpha_background)
+    for batch in image_batches(
+        expand_urls(args.shards), args.image_size, 256, counter, background=background
+    ):
         moments.update(model.encode(torch.stack([s["image"] for s in batch])).mode())  # (B, C, h, w)
         num_images += len(batch)
     stats = moments.result()
@@ -175,6 +187,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         "latent_channel_mean": stats["channel_mean"],
         "latent_channel_std": stats["channel_std"],
         "num_images": num_images,
+        "alpha_background": list(background),
     }
     save_kl_autoencoder(model, args.out, scale_factor=scale, extra=extra)
     log.info(
@@ -191,6 +204,20 @@ def add_text_encoder_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument(
         "--max-length", type=int, default=32, help="tokenizer max length (as conditioner.max_length)"
     )
+
+
+def background_arg(spec: str) -> tuple[int, int, int]:
+    try:
+        return parse_background(spec)
+    except ValueError as exn:  # argparse shows this message (and not "invalid value") for ArgumentTypeError
+        raise argparse.ArgumentTypeError(str(exn)) from None
+
+
+def add_background_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--alpha-background", default="white", type=background_arg,
+        help="colour behind transparent pixels: white (default), black, #rrggbb or r,g,b (ldm/data/rgb.py)",
+    )  # fmt: skip
 
 
 def add_bucket_args(p: argparse.ArgumentParser) -> None:
@@ -288,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         help="CPU threads per worker (default: all, split among --num-procs)",
     )
     add_bucket_args(p)
+    add_background_arg(p)
     p.set_defaults(func=cmd_latents)
 
     p = sub.add_parser(
@@ -307,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="output path without extension")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--recipe", default="python train.py experiment=autoencoder_emoji")
+    add_background_arg(p)
     p.set_defaults(func=cmd_export)
 
     args = parser.parse_args(argv)

@@ -13,7 +13,6 @@ with the moments summed in shard order, so 1 or N processes, or an interrupted r
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import multiprocessing
@@ -30,11 +29,12 @@ import torch
 from ldm.autoencoder.frozen import FrozenAutoencoder
 from ldm.autoencoder.loaders import LatentMoments
 from ldm.conditioning.text import TextConditioner
-from ldm.data.buckets import Bucket, bucket_image, bucket_name, check_buckets, crop_rng, parse_buckets
-from ldm.data.decode import check_caption, check_image, check_members
+from ldm.data.buckets import Bucket, bucket_name, check_buckets, crop_rng, parse_buckets
+from ldm.data.image_batches import image_batches
 from ldm.data.overwrite import check_latent_outputs
-from ldm.data.pipeline import decode_image, expand_urls, raw_samples
+from ldm.data.rgb import parse_background
 from ldm.data.shards import SkipCounter, write_index, write_json_atomic, write_shard
+from ldm.data.urls import expand_urls
 
 __all__ = ["encode_settings", "encode_shards", "image_batches", "merge_latent_index"]
 
@@ -42,57 +42,6 @@ log = logging.getLogger(__name__)
 
 SIDECAR = ".done.json"  # train-000003.tar -> train-000003.tar.done.json
 SHARD_FORMAT = "ldm.latent_shard/1"
-
-
-def image_batches(
-    urls: list[str],
-    size: int | None,
-    batch_size: int,
-    counter: SkipCounter,
-    buckets: Sequence[Sequence[int]] | None = None,
-    crop: str = "center",
-    crop_seed: int = 0,
-) -> Iterator[list[dict]]:
-    """Decoded samples ({"__key__", "image" (3, H, W) in [-1, 1], "txt", [json, cls], [size]}) in batches of one
-    image shape.
-
-    Without ``buckets`` every image is resized (short side to ``size``) and centre-cropped to size x size. With
-    them each image goes to its nearest bucket (``ldm.data.buckets``: ``crop`` "center" or "random" seeded by
-    ``crop_seed`` and the key) and "size" holds {"original_size", "crop_top_left", "target_size"}. A batch is
-    emitted when its bucket has ``batch_size`` samples; the partial ones follow at the end, in order of first use.
-    """
-    if size is None and buckets is None:
-        raise ValueError(
-            "image_batches needs an image size or buckets: pass size=256 or buckets=[(H, W), ...]"
-        )
-    pending: dict[tuple[int, ...], list[dict]] = {}
-    fixed = None if buckets is None else [(int(b[0]), int(b[1])) for b in buckets]
-
-    def decode(data: bytes, key: str) -> tuple[torch.Tensor, dict | None]:
-        if fixed is None:
-            return decode_image(data, int(size)), None
-        return bucket_image(data, fixed, crop_rng(crop, crop_seed, key))
-
-    for raw in raw_samples(urls, counter):
-        key, shard = raw["__key__"], raw.get("__url__")
-
-        def skip(reason: str, why: str = "", key: str = key, shard: str | None = shard) -> None:
-            counter.add(reason, detail=f"(key {key} in {shard}{': ' + why if why else ''}) ", shard=shard)
-
-        text = check_caption(raw, skip) if check_members(raw, skip) else None  # training's checks and reasons
-        decoded = None if text is None else check_image(raw, skip, functools.partial(decode, key=key))
-        if decoded is None:
-            continue
-        image, sizes = decoded
-        extra = {k: raw[k] for k in ("json", "cls") if k in raw}
-        if sizes is not None:
-            extra["size"] = sizes
-        group = pending.setdefault(tuple(image.shape), [])
-        group.append({"__key__": key, "image": image, "txt": text, **extra})
-        if len(group) == batch_size:
-            yield group
-            pending[tuple(image.shape)] = []
-    yield from (group for group in pending.values() if group)
 
 
 # ---------------------------------------------------------------------------------------------- what a shard is
@@ -103,8 +52,10 @@ def encode_settings(
     buckets: Sequence[Bucket] | None = None,
     bucket_crop: str = "center",
     bucket_seed: int = 0,
+    alpha_background: str | Sequence[int] = "white",
 ) -> dict[str, Any]:
-    """What a latent shard depends on besides its image shard (batch size and device are not part of it).
+    """What a latent shard depends on besides its image shard (batch size and device are not part of it), including
+    the colour behind transparent pixels ("alpha_background" [r, g, b]).
 
     With ``buckets`` (H, W): "buckets", "bucket_crop" [, "bucket_seed"], "latent_shapes" (one (C, h, w) per
     bucket); "latent_shape" is the single bucket's shape, or None for several, and "image_size" is None.
@@ -117,6 +68,7 @@ def encode_settings(
         if text is None
         else {"pretrained": text.pretrained, "max_length": text.max_length},
         "latent_shape": [ae.latent_channels, image_size // f, image_size // f],
+        "alpha_background": list(parse_background(alpha_background)),
     }
     if buckets is not None:
         check_buckets(buckets, f)
@@ -188,6 +140,7 @@ def encode_one(job: ShardJob, out: Path, ae: FrozenAutoencoder, text: TextCondit
         settings.get("buckets"),
         settings.get("bucket_crop", "center"),
         settings.get("bucket_seed", 0),
+        parse_background(settings["alpha_background"]),
     )
 
     def samples() -> Iterator[dict]:
@@ -302,6 +255,7 @@ def encode_shards(
     bucket_crop: str = "center",
     bucket_seed: int = 0,
     latent_multiple: int = 1,
+    alpha_background: str | Sequence[int] = "white",
 ) -> dict[str, Any]:
     """Image shards -> latent shards (resumable, split over ranks and processes), then the index.
 
@@ -309,6 +263,8 @@ def encode_shards(
     its nearest bucket (``bucket_crop`` "center" or "random" with ``bucket_seed``) instead of image_size squared;
     every bucket side must be a multiple of the autoencoder factor x ``latent_multiple`` (the UNet's
     2**(levels - 1)). Each sample then also stores ``KEY.size.json`` and the index counts samples per bucket.
+
+    ``alpha_background`` (white, black, #rrggbb, r,g,b): the colour behind transparent pixels, part of the settings.
 
     ``device``: one device, or several (a comma list) that the local workers take in turn. Shard i goes to global
     worker i % (world_size * num_procs); ``num_procs`` > 1 spawns processes (each gets the autoencoder and text
@@ -323,7 +279,7 @@ def encode_shards(
     fixed = None if buckets is None else parse_buckets(buckets)
     if fixed is not None:
         check_buckets(fixed, ae.downsample_factor * latent_multiple)
-    settings = encode_settings(ae, image_size, text, fixed, bucket_crop, bucket_seed)
+    settings = encode_settings(ae, image_size, text, fixed, bucket_crop, bucket_seed, alpha_background)
     jobs = plan_jobs(pattern, prefix)
     unfinished = [j.name for j in jobs if read_sidecar(out, j.name) is None]
     check_latent_outputs(out, prefix, [j.name for j in jobs], [j.url for j in jobs], unfinished, SIDECAR)

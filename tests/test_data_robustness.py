@@ -78,8 +78,8 @@ def _defects() -> list[tuple[str, bytes]]:
 
 
 EXPECTED_A = {"missing_caption": 2, "caption_too_long": 1, "latent_shape": 1, "latent_dtype": 1,
-              "latent_nonfinite": 2, "decode_error": 2, "missing_latent": 1, "bad_embedding": 1,
-              "bad_label": 1}  # fmt: skip
+              "latent_nonfinite": 2, "decode_error": 1, "caption_not_utf8": 1, "missing_latent": 1,
+              "bad_embedding": 1, "bad_label": 1}  # fmt: skip
 
 
 def _write_defect_shards(root: Path) -> tuple[list[str], list[str]]:
@@ -150,7 +150,7 @@ def test_bad_fraction_limit_names_the_worst_shard(tmp_path: Path) -> None:
     message = str(caught.value)
     assert "\n" not in message
     assert "were bad, over data.max_bad_fraction=0.2: worst shards " in message
-    assert f"{tmp_path}/train-000000.tar (12: bad_embedding 1, bad_label 1, caption_too_long 1" in message
+    assert f"{tmp_path}/train-000000.tar (12: bad_embedding 1, bad_label 1, caption_not_utf8 1" in message
     assert message.endswith("or raise data.max_bad_fraction (null turns the check off)")
     summary = dm.guard.summary()
     assert summary["shards"][f"{tmp_path}/train-000000.tar"] == EXPECTED_A

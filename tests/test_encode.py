@@ -208,8 +208,9 @@ def _png(size: int, colour: int) -> bytes:
 def test_bad_samples_are_counted_and_the_rest_encoded(
     setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A caption that is not UTF-8, a .png that is no image, a decompression bomb (PIL raises a plain Exception)
-    and a blank caption are skipped under training's reasons; the good samples are encoded."""
+    """A caption that is not UTF-8 (caption_not_utf8), a .png that is no image and a decompression bomb (PIL raises a
+    plain Exception; decode_error), and a blank caption are skipped under training's reasons; the good samples are
+    encoded."""
     from PIL import Image
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)  # 64x64 = 4096 > 2 x 1500: DecompressionBombError
@@ -225,9 +226,13 @@ def test_bad_samples_are_counted_and_the_rest_encoded(
     ae = load_kl_autoencoder(str(setup["ae_path"]))
     pattern = str(tmp_path / "images" / "bad-000000.tar")
     result = encode_shards(pattern, str(tmp_path / "latents"), "bad", ae, 32, BATCH, "cpu")
-    assert result["meta"]["skipped"] == {"decode_error": 3, "missing_caption": 1}
+    assert result["meta"]["skipped"] == {"caption_not_utf8": 1, "decode_error": 2, "missing_caption": 1}
     side = json.loads((tmp_path / "latents" / f"bad-000000.tar{SIDECAR}").read_text())
-    assert side["count"] == 2 and side["skipped"] == {"decode_error": 3, "missing_caption": 1}
+    assert side["count"] == 2 and side["skipped"] == {
+        "caption_not_utf8": 1,
+        "decode_error": 2,
+        "missing_caption": 1,
+    }
     with tarfile.open(tmp_path / "latents" / "bad-000000.tar") as tar:
         assert sorted(m.name for m in tar.getmembers()) == [
             "good0.latent.npy", "good0.txt", "good1.latent.npy", "good1.txt",

@@ -15,7 +15,6 @@ Training batches are formed within a bucket (``bucket_batches``): one pending li
 
 from __future__ import annotations
 
-import io
 import math
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -24,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+
+from ldm.data.rgb import WHITE, Background, open_rgb
 
 __all__ = [
     "Bucket",
@@ -138,11 +139,11 @@ def resize_crop(
 
 
 def bucket_image(
-    data: bytes, buckets: Sequence[Bucket], rng: random.Random | None = None
+    data: bytes, buckets: Sequence[Bucket], rng: random.Random | None = None, background: Background = WHITE
 ) -> tuple[torch.Tensor, dict[str, list[int]]]:
-    """Image bytes -> (3, H, W) float in [-1, 1] in its nearest bucket, and the resize/crop metadata."""
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB")
+    """Image bytes -> (3, H, W) float in [-1, 1] in its nearest bucket (8-bit RGB over ``background``, see
+    ``ldm.data.rgb``), and the resize/crop metadata."""
+    with open_rgb(data, background) as im:
         crop, meta = resize_crop(im, nearest_bucket(im.height, im.width, buckets), rng)
         array = np.asarray(crop, dtype=np.uint8)  # (H, W, 3)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1.0, meta  # (3, H, W)

@@ -27,6 +27,7 @@ from ldm.data.buckets import as_latent_shapes
 from ldm.data.decode import NO_LATENT_SHAPE
 from ldm.data.pipeline import ShardDataset, meta_latent_shape, resolve_rank
 from ldm.data.plan import check_mode
+from ldm.data.rgb import parse_background
 from ldm.data.urls import count_samples, expand_urls, load_index, merged_commands, shard_name
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,10 @@ class ShardDataModule(L.LightningDataModule):
         url_commands: dict[str, str] | None = None,
         mode: str = "exact",
         restore_position: bool = True,
+        alpha_background: str | Sequence[int] = "white",
     ) -> None:
+        """``alpha_background``: the colour behind transparent pixels of image shards (white, black, #rrggbb,
+        r,g,b; ``ldm.data.rgb``)."""
         super().__init__()
         self.mode = check_mode(mode)
         self.restore_position = restore_position
@@ -160,6 +164,7 @@ class ShardDataModule(L.LightningDataModule):
         self.train_samples = train_samples
         self.val_samples = val_samples
         self.max_caption_chars = max_caption_chars
+        self.alpha_background = parse_background(alpha_background)
         self.url_commands = dict(url_commands) if url_commands else {}
         commands = merged_commands(self.url_commands)
         self.train_urls = expand_urls(train_shards)
@@ -208,6 +213,7 @@ class ShardDataModule(L.LightningDataModule):
             latent_shape=self.latent_shape, latent_dtype=self.latent_dtype,
             max_caption_chars=self.max_caption_chars, url_commands=self.url_commands,
             mode=mode, shard_counts=counts, num_workers=self.num_workers,
+            alpha_background=self.alpha_background,
         )  # fmt: skip
 
     def setup(self, stage: str | None = None) -> None:

@@ -1,7 +1,9 @@
 """Raw shard samples -> checked training samples; every rejected sample is counted under one reason.
 
-Reasons: ``missing_caption`` (none, or blank), ``caption_too_long``, ``decode_error`` (caption not UTF-8, image
-or ``.npy`` that does not decode), ``bad_label``, ``missing_image``, ``missing_latent``, ``latent_shape``,
+Reasons: ``missing_caption`` (none, or blank), ``caption_too_long``, ``caption_not_utf8`` (skipped, not guessed:
+another encoding read as Latin-1 or cp1252 would silently train on wrong text; re-encode the captions, e.g. with
+``iconv``), ``decode_error`` (an image or ``.npy`` that does not decode), ``duplicate_member`` (a member name
+twice in one sample), ``bad_label``, ``missing_image``, ``missing_latent``, ``latent_shape``,
 ``latent_dtype``, ``latent_nonfinite`` (NaN/inf), ``bad_embedding``, ``bad_size`` (a ``KEY.size.json`` of
 aspect-ratio buckets that is not {"original_size": [h, w], "crop_top_left": [y, x], ...}). Each count also names
 the shard.
@@ -10,10 +12,9 @@ the shard.
 from __future__ import annotations
 
 import ast
-import io
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 from PIL import Image
 
 from ldm.data.buckets import as_latent_shapes, latent_shape_set
+from ldm.data.rgb import WHITE, Background, open_rgb, parse_background
 from ldm.data.shards import SkipCounter
 
 log = logging.getLogger(__name__)
@@ -39,10 +41,10 @@ NO_LATENT_SHAPE = (
 DECODE_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def decode_image(data: bytes, size: int) -> torch.Tensor:
-    """Image bytes -> (3, size, size) float in [-1, 1]: resize the short side to ``size``, centre crop."""
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB")
+def decode_image(data: bytes, size: int, background: Background = WHITE) -> torch.Tensor:
+    """Image bytes -> (3, size, size) float in [-1, 1]: 8-bit RGB over ``background`` (``ldm.data.rgb``), the short
+    side resized to ``size``, centre crop."""
+    with open_rgb(data, background) as im:
         scale = size / min(im.size)
         w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
         if (w, h) != im.size:
@@ -127,7 +129,7 @@ def check_caption(raw: dict[str, Any], skip: Skip, max_chars: int | None = None)
     try:
         text = raw["txt"].decode("utf-8")
     except UnicodeDecodeError:
-        return skip("decode_error", "caption is not UTF-8")
+        return skip("caption_not_utf8", "re-encode the captions as UTF-8")
     if not text.strip():
         return skip("missing_caption", "blank caption")
     if max_chars is not None and len(text) > max_chars:
@@ -153,7 +155,8 @@ class SampleDecoder:
     ``latent_shape`` (C, h, w) is required for latents (ShardDataset reads it from the shard index meta); a list
     of shapes (one per aspect-ratio bucket) accepts any of them. Bucketed samples also get "original_size" and
     "crop_top_left" ([h, w], [y, x]) from ``KEY.size.json``.
-    ``latent_dtype`` None: float16 and float32 are both accepted.
+    ``latent_dtype`` None: float16 and float32 are both accepted. ``alpha_background``: the colour behind
+    transparent pixels of images (``ldm.data.rgb.parse_background``: white, black, #rrggbb, r,g,b).
     """
 
     def __init__(
@@ -163,6 +166,7 @@ class SampleDecoder:
         latent_shape: tuple[int, ...] | tuple[tuple[int, ...], ...] | None = None,
         latent_dtype: str | None = None,
         max_caption_chars: int | None = 1000,
+        alpha_background: str | Sequence[int] = "white",
     ) -> None:
         latent_shape, shapes = as_latent_shapes(latent_shape), latent_shape_set(latent_shape)
         if kind not in KINDS:
@@ -184,6 +188,7 @@ class SampleDecoder:
         self.latent_shapes = shapes
         self.latent_dtype = dtype
         self.max_caption_chars = max_caption_chars
+        self.background = parse_background(alpha_background)
 
     def __call__(self, raw: dict[str, Any], counter: SkipCounter) -> dict[str, Any] | None:
         key, shard = raw["__key__"], raw.get("__url__")
@@ -201,7 +206,7 @@ class SampleDecoder:
             except (UnicodeDecodeError, ValueError):
                 return skip("bad_label")
         if self.kind == "images":
-            image = check_image(raw, skip, lambda data: decode_image(data, self.image_size))
+            image = check_image(raw, skip, lambda data: decode_image(data, self.image_size, self.background))
             return None if image is None else {**sample, "image": image}
         return self._latent_sample(raw, sample, skip)
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from PIL import Image
-
-from ldm.data.decode import DECODE_ERRORS
+from ldm.data.decode import check_caption, check_image
+from ldm.data.rgb import open_rgb
 from ldm.data.shards import SkipCounter
 
 log = logging.getLogger(__name__)
@@ -24,15 +22,6 @@ def _key(path: Path, root: Path) -> str:
     return _UNSAFE.sub("_", str(path.relative_to(root).with_suffix("")))
 
 
-def _decodes(data: bytes) -> bool:
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-        return True
-    except DECODE_ERRORS:
-        return False
-
-
 def image_files(root: Path) -> list[Path]:
     """The images under ``root`` (recursively, sorted) that ``folder_samples`` reads, each with ``.txt`` beside it."""
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -41,7 +30,11 @@ def image_files(root: Path) -> list[Path]:
 def folder_samples(root: str, counter: SkipCounter) -> Iterator[dict]:
     """Yields {"__key__", "<ext>": image bytes, "txt": caption}; skips (and counts) bad pairs.
 
-    Reasons: "missing_caption" (no same-named .txt), "decode_error" (the image does not decode).
+    The image bytes are stored as they are (the colour conversion, ``ldm.data.rgb``, happens where shards are
+    decoded); here each image is decoded and converted once to check it, and each caption with training's check
+    (``ldm.data.decode.check_caption``). Reasons: "missing_caption" (no same-named .txt, or a blank one),
+    "caption_not_utf8" (skipped, not guessed: re-encode the captions as UTF-8), "decode_error" (the image does not
+    decode), "duplicate_key" (two paths map to one key).
     """
     base = Path(root)
     if not base.is_dir():
@@ -53,18 +46,22 @@ def folder_samples(root: str, counter: SkipCounter) -> Iterator[dict]:
         log.warning("no images (%s) under %s", ", ".join(IMAGE_SUFFIXES), root)
     seen: set[str] = set()
     for path in paths:
+
+        def skip(reason: str, why: str = "", path: Path = path) -> None:
+            counter.add(reason, detail=f"({path}{': ' + why if why else ''}) ")
+
         caption_path = path.with_suffix(".txt")
         if not caption_path.is_file():
-            counter.add("missing_caption", detail=f"({path} has no {caption_path.name}) ")
+            skip("missing_caption", f"no {caption_path.name}")
             continue
-        data = path.read_bytes()
-        if not _decodes(data):
-            counter.add("decode_error", detail=f"({path}) ")
+        ext = path.suffix.lower().lstrip(".")
+        raw = {ext: path.read_bytes(), "txt": caption_path.read_bytes()}
+        text = check_caption(raw, skip)
+        if text is None or check_image(raw, skip, open_rgb) is None:
             continue
         key = _key(path, base)
         if key in seen:
-            counter.add("duplicate_key", detail=f"({path} maps to key {key} again) ")
+            skip("duplicate_key", f"maps to key {key} again")
             continue
         seen.add(key)
-        ext = path.suffix.lower().lstrip(".")
-        yield {"__key__": key, "jpg" if ext == "jpeg" else ext: data, "txt": caption_path.read_text().strip()}
+        yield {"__key__": key, "jpg" if ext == "jpeg" else ext: raw[ext], "txt": text.strip()}

@@ -122,11 +122,13 @@ class ShardDataset(IterableDataset):
         mode: str = "exact",
         shard_counts: Sequence[int] | None = None,
         num_workers: int = 0,
+        alpha_background: str | Sequence[int] = "white",
     ) -> None:
         """``num_batches``: batches per rank and epoch (exact mode: at most). ``shard_counts``: samples per shard
         (the shard index); ``num_workers``: the DataLoader's, for ``len()`` (see ``ldm.data.plan``).
         ``latent_shape`` (C, h, w), or one per bucket: latents of other shapes are skipped; None: from the shard
-        index meta beside the shards (ValueError naming data.latent_shape when it has none)."""
+        index meta beside the shards (ValueError naming data.latent_shape when it has none). ``alpha_background``:
+        the colour behind transparent image pixels (``ldm.data.rgb``)."""
         super().__init__()
         if not urls:
             raise ValueError(
@@ -137,7 +139,9 @@ class ShardDataset(IterableDataset):
         self.commands = merged_commands(url_commands)
         if kind == "latents" and latent_shape is None:  # the decoder needs it: batches of known shapes
             latent_shape = index_latent_shape(list(urls), self.commands)
-        self.decoder = SampleDecoder(kind, image_size, latent_shape, latent_dtype, max_caption_chars)
+        self.decoder = SampleDecoder(
+            kind, image_size, latent_shape, latent_dtype, max_caption_chars, alpha_background
+        )
         self.urls = list(urls)
         self.kind = kind
         self.batch_size = batch_size
