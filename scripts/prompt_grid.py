@@ -1,6 +1,9 @@
 """A labelled picture of a checkpoint: one row per prompt, one column per seed (used for the README image).
 
 python scripts/prompt_grid.py --ckpt latest --out docs/images/default_samples.png [--sampler unipc ddpm --steps 25 100]
+
+The checkpoint's stored config may only name the project's own classes (ldm/safe_config.py) unless
+--trust-checkpoint-config is given; the samplers come from this repository's configs/sampler/*.yaml.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
+from ldm.cli import exit_on_user_error
 from ldm.instantiate import build
 from ldm.lit.loading import load_for_sampling, resolve_checkpoint
 from ldm.pipeline import generate, to_pil
@@ -55,6 +59,7 @@ def panel(model, sampler_name: str, steps: int, spacing: str | None, args: argpa
     return canvas
 
 
+@exit_on_user_error
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ckpt", default="latest")
@@ -69,10 +74,20 @@ def main() -> None:
     )
     parser.add_argument("--cfg-scale", type=float, default=5.0)
     parser.add_argument("--zoom", type=int, default=3)
+    parser.add_argument(
+        "--trust-checkpoint-config",
+        action="store_true",
+        help="build the checkpoint's stored config even if it names code outside ldm/safe_config.py's allowlist",
+    )
     args = parser.parse_args()
     if len(args.steps) != len(args.sampler):
         raise SystemExit("give one --steps value per --sampler")
-    model = load_for_sampling(resolve_checkpoint(args.ckpt, "logs"), use_ema=True, device=torch.device("cpu"))
+    model = load_for_sampling(
+        resolve_checkpoint(args.ckpt, "logs"),
+        use_ema=True,
+        device=torch.device("cpu"),
+        trust_checkpoint_config=args.trust_checkpoint_config,
+    )
     panels = [
         panel(model, name, steps, args.spacing, args)
         for name, steps in zip(args.sampler, args.steps, strict=True)
