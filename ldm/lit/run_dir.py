@@ -131,17 +131,33 @@ def prepare_run_dir(output_dir: Path, ckpt_path: str | None, runs_root: Path) ->
     if not is_launcher_child() and checkpoints.is_dir():
         remove_stale_temporaries(checkpoints)
     resume = resolve_resume(ckpt_path, output_dir, runs_root)
-    if resume is not None or is_launcher_child():
-        return resume
-    existing = newest_checkpoint(output_dir)
-    if existing is None:
-        return None
-    if is_restart():
-        log.info(
-            "restarted job: resuming from %s (step %d), the newest complete checkpoint of this run", *existing
-        )
-        return existing[0]
-    raise UserError(
-        f"run directory {output_dir} already holds checkpoints (newest {existing[0].name}, step {existing[1]}): pass "
-        "ckpt_path=last to continue that run, or leave hydra.run.dir unset for a new directory"
-    )
+    if resume is None and not is_launcher_child():
+        existing = newest_checkpoint(output_dir)
+        if existing is not None and not is_restart():
+            raise UserError(
+                f"run directory {output_dir} already holds checkpoints (newest {existing[0].name}, step "
+                f"{existing[1]}): pass ckpt_path=last to continue that run, or leave hydra.run.dir unset for a new "
+                "directory"
+            )
+        if existing is not None:
+            log.info(
+                "restarted job: resuming from %s (step %d), the newest checkpoint of this run", *existing
+            )
+            resume = existing[0]
+    if not is_launcher_child():
+        keep_metrics(output_dir)
+    return resume
+
+
+def keep_metrics(output_dir: Path) -> list[Path]:
+    """Lightning's CSVLogger deletes an existing metrics.csv: a run continued in its own directory keeps the
+    earlier rows as ``metrics.part<k>.csv`` beside the new file."""
+    kept = []
+    for path in sorted(output_dir.glob("**/metrics.csv")):
+        k = 1
+        while (target := path.with_name(f"metrics.part{k}.csv")).exists():
+            k += 1
+        path.rename(target)
+        kept.append(target)
+        log.info("kept the earlier metrics of this run directory as %s", target)
+    return kept
