@@ -73,6 +73,21 @@ def test_signal_saves_writes_the_summary_and_exits_128_plus_n(
     assert "Traceback" not in err
 
 
+def test_ctrl_c_to_the_process_group_with_loader_workers(tiny_data: dict, tmp_path: Path) -> None:
+    """A terminal's Ctrl+C reaches every process of the group: the DataLoader workers ignore it, the trainer saves."""
+    out, marker = tmp_path / "run", tmp_path / "training"
+    pace = f"+callbacks.pace={{_target_:reliability_helpers.MarkAndPace,marker:'{marker}'}}"
+    args = tiny_overrides(tiny_data, out, *SHORT, "trainer.max_steps=1000", "data.num_workers=2", pace)
+    proc = _cli(args, start_new_session=True)
+    _wait_for(marker, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True
+    assert load_checkpoint_file(out / "checkpoints" / "last.ckpt")["global_step"] == summary["global_step"]
+
+
 def test_slurm_sigusr1_requeues_and_the_requeued_job_resumes(tiny_data: dict, tmp_path: Path) -> None:
     """Under SLURM the requeue signal saves, runs `scontrol requeue <job>`, and the restarted job (same command,
     SLURM_RESTART_COUNT=1) resumes in its own run directory slurm-<job> from that checkpoint."""

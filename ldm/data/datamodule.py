@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
 from ldm.data.buckets import as_latent_shapes
@@ -114,6 +117,16 @@ class BadSampleGuard:
             "reasons": dict(sorted(self.reasons.items())),
             "shards": dict(self.worst(len(self.shards))),
         }
+
+
+def init_worker(worker_id: int) -> None:
+    """DataLoader workers ignore the stop signals: Ctrl+C or a scheduler's SIGTERM to the whole process group
+    must reach the trainer alone, which finishes its step, saves and shuts the workers down itself (a worker
+    whose parent dies exits on its own). Lightning's per-worker seeding still runs."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", "0")):
+        pl_worker_init_function(worker_id)
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -258,7 +271,8 @@ class ShardDataModule(L.LightningDataModule):
             self.train_dataset.set_epoch(epoch)
 
     def _loader(self, dataset: ShardDataset) -> DataLoader:
-        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
+        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
+                          worker_init_fn=init_worker if self.num_workers else None)  # fmt: skip
 
     def _describe(self, dataset: ShardDataset, rank: int) -> None:
         """Logs the plan once (rank 0); stops when the train data cannot fill one batch per rank."""
@@ -298,7 +312,9 @@ class ShardDataModule(L.LightningDataModule):
         """Totals the training batches' skipped samples; stops the run past ``max_bad_fraction``."""
         if self.trainer is not None and self.trainer.training and isinstance(batch, dict):
             self._commit()  # the batches before this one are in the weights if the optimizer has stepped since
-            self.fetched += 1  # this batch is about to be trained on; it counts once its optimizer step is taken
+            self.fetched += (
+                1  # this batch is about to be trained on; it counts once its optimizer step is taken
+            )
             self.guard.update(batch)
             try:
                 self.guard.check()
