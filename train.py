@@ -97,8 +97,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     except BaseException as exc:  # the summary records every ending; the exception is raised again below
         error = exc
     wall = time.perf_counter() - start
-    if error is None and not trainer.interrupted and not trainer.fast_dev_run:
-        # the end state, whatever the checkpoint interval: resumable, with EMA weights and config
+    stop = next((c for c in callbacks if isinstance(c, GracefulStop)), None)
+    saved_in_loop = stop is not None and stop.final_step_saved == trainer.global_step
+    if error is None and not trainer.interrupted and not trainer.fast_dev_run and not saved_in_loop:
+        # the end state (max_time, or no GracefulStop callback): resumable, with EMA weights and config
         trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
     summary = {
         "output_dir": str(output_dir),

@@ -82,6 +82,7 @@ class GracefulStop(L.Callback):
         self.requested = 0  # the signal number received, 0 for none
         self.received = 0
         self.committed_step = 0  # the last step whose end-of-step hooks (EMA) all ran
+        self.final_step_saved: int | None = None  # the step of the end-of-training save, once written
         self.previous: dict[signal.Signals, Any] = {}
 
     # ---------------------------------------------------------------- signal handlers
@@ -129,6 +130,11 @@ class GracefulStop(L.Callback):
         self.committed_step = trainer.global_step
         signum = self._agreed_signal(trainer, pl_module)
         if not signum:
+            if self.is_final_step(trainer) and not trainer.fast_dev_run:
+                # saved here, inside the loop: a save after fit() records a mid-epoch stop as a finished epoch,
+                # and a run continued with a larger max_steps would then skip the rest of that epoch's data
+                trainer.save_checkpoint(self.path)
+                self.final_step_saved = trainer.global_step
             return
         trainer.save_checkpoint(self.path)
         log.warning("%s: saved %s at step %d", signal.Signals(signum).name, self.path, trainer.global_step)
@@ -140,6 +146,14 @@ class GracefulStop(L.Callback):
         ):
             requeue_slurm_job()
         raise TrainingInterrupted(signum, self.path, trainer.global_step)
+
+    @staticmethod
+    def is_final_step(trainer: L.Trainer) -> bool:
+        """The last optimizer step of the run (max_steps, or the last batch of the last of max_epochs)."""
+        if trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps:
+            return True
+        last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+        return bool(last_epoch and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
 
     # ---------------------------------------------------------------- exceptions
     def on_exception(
