@@ -8,11 +8,11 @@
 #SBATCH --cpus-per-task=8
 #SBATCH --time=48:00:00
 #SBATCH --output=logs/slurm-%j.out
-#SBATCH --signal=SIGUSR1@90          # Lightning saves and requeues on preemption warnings
+#SBATCH --signal=SIGUSR1@90          # ldm saves at the end of the step, requeues, and the requeued job resumes
 set -euo pipefail
 source .venv/bin/activate
 export NCCL_ASYNC_ERROR_HANDLING=1
-# every rank must write to the same run directory: fix it here instead of Hydra's per-process timestamp
+# every rank and every requeue of this job uses the same run directory (the default under SLURM too, made explicit)
 RUN_DIR=logs/train/runs/slurm-${SLURM_JOB_ID}
 srun python train.py trainer=multinode trainer.num_nodes="${SLURM_NNODES}" trainer.devices="${SLURM_NTASKS_PER_NODE}" \
     hydra.run.dir="${RUN_DIR}" "$@"

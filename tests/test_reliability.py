@@ -293,3 +293,12 @@ def test_file_size_limit_names_efbig(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "EFBIG" in done.stderr and "could not write checkpoint" in done.stderr
     assert load_checkpoint_file(tmp_path / "last.ckpt") == {"step": 1}
+
+
+def test_resume_from_a_truncated_checkpoint_is_one_line(tiny_data: dict, tmp_path: Path) -> None:
+    bad = tmp_path / "half.ckpt"
+    atomic_torch_save({"global_step": 3, "w": torch.zeros(1000)}, bad)
+    bad.write_bytes(bad.read_bytes()[:300])
+    cfg = compose_config("train", tiny_overrides(tiny_data, tmp_path / "run", f"ckpt_path={bad}"))
+    with pytest.raises(UserError, match=r"does not load as a training checkpoint"):
+        train.run(cfg)

@@ -22,6 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,10 @@ class GracefulStop(L.Callback):
             return
         if trainer.global_step == 0:
             return  # nothing trained yet (non-finite weights are refused by the checkpoint writer)
+        if not isinstance(trainer.strategy, SingleDeviceStrategy | DDPStrategy):
+            log.warning("not saving on %s under %s: gathering sharded weights needs every rank", type(exception).__name__,
+                        type(trainer.strategy).__name__)  # fmt: skip
+            return
         if trainer.global_step != self.committed_step:
             log.warning(
                 "not saving on %s: it came after the optimizer step of step %d but before that step's end-of-step "

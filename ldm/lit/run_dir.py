@@ -102,6 +102,11 @@ def resolve_resume(ckpt_path: str | None, output_dir: Path, runs_root: Path) -> 
                 f"ckpt_path={path}: no such checkpoint — pass an existing .ckpt, or ckpt_path=last for the newest "
                 "checkpoint of the latest run"
             )
+        if checkpoint_step(path) is None:
+            raise UserError(
+                f"ckpt_path={path} does not load as a training checkpoint (empty, truncated or another kind of "
+                "file): pass another one, or ckpt_path=last for the newest complete checkpoint"
+            )
         return path
     own = newest_checkpoint(output_dir)
     if own is not None:
