@@ -302,3 +302,13 @@ def test_resume_from_a_truncated_checkpoint_is_one_line(tiny_data: dict, tmp_pat
     cfg = compose_config("train", tiny_overrides(tiny_data, tmp_path / "run", f"ckpt_path={bad}"))
     with pytest.raises(UserError, match=r"does not load as a training checkpoint"):
         train.run(cfg)
+
+
+def test_retention_keeps_the_newest_three_periodic_checkpoints(tiny_data: dict, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = compose_config(
+        "train", tiny_overrides(tiny_data, out, *SHORT, "callbacks.model_checkpoint.every_n_train_steps=1")
+    )
+    train.run(cfg)
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step_000004.ckpt", "step_000005.ckpt", "step_000006.ckpt"]
