@@ -48,13 +48,15 @@ class MarkAndPace(L.Callback):
 
 
 class PoisonGradient(L.Callback):
-    """Sets one gradient element to NaN after the backward pass of step ``step`` (0-based optimizer step)."""
+    """Sets one gradient element to NaN after the backward pass (and DDP's all-reduce) of step ``step`` (0-based
+    optimizer step), on ``rank`` only (None: every rank)."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, rank: int | None = None) -> None:
         self.step = step
+        self.rank = rank
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             param = next(p for p in pl_module.parameters() if p.grad is not None)
             with torch.no_grad():
                 param.grad.view(-1)[0] = float("nan")

@@ -9,7 +9,11 @@ elsewhere, so the comparison can fail.
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +26,8 @@ import train
 from ldm.lit.checkpoint_io import load_checkpoint_file
 from ldm.lit.preemption import TrainingInterrupted
 
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
 STEPS, STOP = 7, 4  # 3 batches of 16 per epoch (48 samples): step 4 is one batch into the second epoch
 BASE = ("data.train_samples=48", "trainer.max_steps=7", "trainer.check_val_every_n_epoch=100",
         "callbacks.model_checkpoint.every_n_train_steps=4", "callbacks.model_checkpoint.save_last=false")  # fmt: skip
@@ -88,7 +94,7 @@ def test_resume_is_exact_after_every_save_path(
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"{len(different)} tensors differ after resuming from the {path} checkpoint"
-    if path in ("SIGTERM", "exception"):  # negative control: the same resume without the data position
+    if workers == 0 or path in ("SIGTERM", "exception"):  # negative control: resume without the data position
         control = tmp_path / "control"
         _run(
             tiny_data,
@@ -106,39 +112,63 @@ def _data_position(checkpoint: dict) -> dict:
     return checkpoint["ShardDataModule"]
 
 
-def test_two_gloo_ranks_resume_exactly_after_sigterm_on_rank_0(tiny_data: dict, tmp_path: Path) -> None:
-    """SIGTERM reaches rank 0 only, mid-step: both ranks agree to stop after that step, one checkpoint is saved,
-    both exit 143, and the resumed pair ends bitwise where the uninterrupted pair does."""
-    import os
-    import subprocess
-    import sys
+def _ddp(tiny_data: dict, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = tiny_overrides(tiny_data, out, *BASE, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                          "trainer.precision=32-true", f"hydra.run.dir={out}", *extra)  # fmt: skip
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=400)  # fmt: skip
 
-    root = Path(__file__).resolve().parents[1]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")]),
-        "OMP_NUM_THREADS": "1",
-    }
 
-    def cli(out: Path, *extra: str) -> subprocess.CompletedProcess:
-        args = tiny_overrides(tiny_data, out, *BASE, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                              "trainer.precision=32-true", f"hydra.run.dir={out}", *extra)  # fmt: skip
-        return subprocess.run([sys.executable, "train.py", *args], cwd=root, env=env, capture_output=True, text=True,
-                              timeout=400)  # fmt: skip
+@pytest.fixture(scope="module")
+def uninterrupted_ddp(tiny_data: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("full_ddp") / "run"
+    done = _ddp(tiny_data, out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
 
-    full = cli(tmp_path / "full")
-    assert full.returncode == 0, full.stderr[-3000:]
-    stop = "+callbacks.stop={_target_:reliability_helpers.InterruptAt,step:3,action:SIGTERM,rank:0}"
-    stopped = cli(tmp_path / "stopped", stop)
-    assert stopped.returncode == 143, stopped.stderr[-3000:]
+
+DDP_STOPS = {  # path -> (extra override, expected exit code)
+    "SIGTERM": (
+        "+callbacks.stop={_target_:reliability_helpers.InterruptAt,step:3,action:SIGTERM,rank:0}",
+        143,
+    ),
+    "SIGINT": ("+callbacks.stop={_target_:reliability_helpers.InterruptAt,step:3,action:SIGINT,rank:1}", 130),
+    "SIGUSR1": ("+callbacks.stop={_target_:reliability_helpers.InterruptAt,step:3,action:SIGUSR1}", 138),
+    "exception": ("+callbacks.stop={_target_:reliability_helpers.InterruptAt,step:4,action:exception}", 1),
+    "last": ("trainer.max_steps=4", 0),
+}
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "path", ["SIGTERM", *(pytest.param(p, marks=SLOW) for p in ("SIGINT", "SIGUSR1", "exception", "last"))]
+)
+def test_two_gloo_ranks_resume_exactly(
+    tiny_data: dict, tmp_path: Path, uninterrupted_ddp: Path, path: str
+) -> None:
+    """Two DDP processes: a signal reaching one rank (or both), mid-step, stops both after that step with one
+    checkpoint; an exception on both saves the last completed step. The resumed pair ends bitwise where the
+    uninterrupted pair does (SIGTERM in the default suite, the other paths with -m slow)."""
+    extra, code = DDP_STOPS[path]
+    stopped = _ddp(tiny_data, tmp_path / "stopped", extra)
+    assert stopped.returncode == code, stopped.stderr[-3000:]
     ckpt = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
-    assert load_checkpoint_file(ckpt)["global_step"] == STOP
-    import json
-
+    saved = load_checkpoint_file(ckpt)
+    assert saved["global_step"] == STOP  # (24 samples per rank: one batch per epoch, so the position is per epoch)
     summary = json.loads((tmp_path / "stopped" / "summary.json").read_text())
-    assert summary["interrupted"] is True and summary["global_step"] == STOP
-    resumed = cli(tmp_path / "resumed", f"ckpt_path={ckpt}")
+    assert summary["interrupted"] is (code > 128) and summary["global_step"] == STOP
+    resumed = _ddp(tiny_data, tmp_path / "resumed", f"ckpt_path={ckpt}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a = _weights(tmp_path / "full" / "checkpoints" / "last.ckpt")
+    a = _weights(uninterrupted_ddp / "checkpoints" / "last.ckpt")
     b = _weights(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_nonfinite_gradient_on_one_rank_halts_both(tiny_data: dict, tmp_path: Path) -> None:
+    """A NaN gradient on rank 1 only (after the all-reduce) stops both ranks before the step, exit 3, no NaN saved."""
+    poison = "+callbacks.poison={_target_:reliability_helpers.PoisonGradient,step:2,rank:1}"
+    done = _ddp(tiny_data, tmp_path / "run", poison)
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "non-finite gradient" in done.stderr and "at step 2" in done.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["global_step"] == 2
