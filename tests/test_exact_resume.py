@@ -85,6 +85,7 @@ def test_resume_is_exact_after_every_save_path(
     saved = load_checkpoint_file(ckpt)
     assert saved["global_step"] == STOP
     position = _data_position(saved)
+    assert position["bad_samples"]["delivered"] == STOP * 16  # the totals of the trained batches travel too
     assert (position["epoch"], position["batches"]) == (1, 1), (
         position
     )  # batch 4 = epoch 1's first, and no more

@@ -107,6 +107,16 @@ class BadSampleGuard:
             f"or raise data.max_bad_fraction (null turns the check off)"
         )
 
+    def state(self) -> dict[str, Any]:
+        """The running totals, for checkpoints (a resumed run's fraction and report cover the whole run)."""
+        return {"read": self.read, "delivered": self.delivered, "reasons": dict(self.reasons),
+                "shards": {k: dict(v) for k, v in self.shards.items()}}  # fmt: skip
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.read, self.delivered = int(state["read"]), int(state["delivered"])
+        self.reasons = {k: int(v) for k, v in state["reasons"].items()}
+        self.shards = {k: {r: int(n) for r, n in v.items()} for k, v in state["shards"].items()}
+
     def summary(self) -> dict[str, Any]:
         return {
             "samples_read": self.read,
@@ -164,6 +174,7 @@ class ShardDataModule(L.LightningDataModule):
         self.position = (0, 0)
         self.fetched = 0
         self.committed_step = 0
+        self.committed_guard: dict[str, Any] = {}
         self.resume_position: tuple[int, int] | None = None
         self.described = ""
         self.train_shards = train_shards
@@ -344,6 +355,7 @@ class ShardDataModule(L.LightningDataModule):
 
     def _start_epoch(self, epoch: int, skip: int) -> None:
         self.position, self.fetched = (epoch, skip), skip
+        self.committed_guard = self.guard.state()  # every batch fetched before this epoch was trained
         self.committed_step = self.trainer.global_step if self.trainer is not None else 0
 
     def _commit(self) -> None:
@@ -357,17 +369,22 @@ class ShardDataModule(L.LightningDataModule):
         if step != self.committed_step:
             self.position = (self.position[0], self.fetched)
             self.committed_step = step
+            self.committed_guard = self.guard.state()  # the bad-sample totals of those same batches
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in every checkpoint: the train epoch, how many of its batches are in the saved weights (per
         rank), and what the order depends on."""
         self._commit()
-        return {"epoch": self.position[0], "batches": self.position[1], **self._placement()}
+        return {"epoch": self.position[0], "batches": self.position[1], "bad_samples": self.committed_guard,
+                **self._placement()}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Called on resume, before the first train loader is built: that loader starts past the saved position."""
         if "batches" not in state:
             return
+        if state.get("bad_samples"):
+            self.guard.load(state["bad_samples"])
+            self.committed_guard = self.guard.state()
         if not self.restore_position:
             log.info("data.restore_position=false: the resumed epoch restarts its order from the first batch")
             return
