@@ -97,9 +97,15 @@ class DiffusionLoss:
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
         generator: torch.Generator | None = None,
+        sigma: Tensor | None = None,
+        reduce: bool = True,
     ) -> Tensor:
-        """x0 (B, C, H, W) clean latents; context (B, L, D); context_mask (B, L). Returns the scalar loss."""
+        """x0 (B, C, H, W) clean latents; context (B, L, D); context_mask (B, L). Returns the scalar loss, or the
+        weighted per-sample losses (B,) with ``reduce=False``. ``sigma`` (B,) replaces the drawn noise levels
+        (the noise is still drawn from ``generator``): the stratified validation loss uses fixed levels."""
         draw = self.draw(x0, generator)
+        if sigma is not None:
+            draw["sigma"] = sigma.to(device=x0.device, dtype=draw["sigma"].dtype)
         sigma = draw["sigma"]  # (B,)
         _, alpha, s = self.schedule.coefficients(sigma)  # (B,) float64, once per step
         alpha_x, s_x = (append_dims(c, x0.ndim).to(x0.dtype) for c in (alpha, s))  # (B, 1, 1, 1)
@@ -116,4 +122,5 @@ class DiffusionLoss:
         per_sample = (pred.to(dtype) - tgt).pow(2).flatten(1).mean(1)  # (B,)
         k = param.error_scale(self.prediction, alpha, s, self.schedule.sigma_data)
         weight = self.weighting(alpha, s, k, self.schedule.sigma_data).to(dtype)  # (B,)
-        return (weight * per_sample).mean()
+        weighted = weight * per_sample  # (B,)
+        return weighted.mean() if reduce else weighted

@@ -54,6 +54,7 @@ class LatentDiffusion(L.LightningModule):
         autoencoder: FrozenAutoencoder | None = None,
         lr_schedule: Callable[..., Any] | None = None,
         seed: int = 0,
+        val_levels: int = 10,
     ) -> None:
         super().__init__()
         check_compatible(denoiser.net, conditioner, autoencoder)
@@ -64,6 +65,11 @@ class LatentDiffusion(L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_schedule_factory = lr_schedule
         self.seed = seed
+        if val_levels < 0:
+            raise ValueError(
+                f"model.val_levels={val_levels}: give the number of noise-level bins (0 turns it off)"
+            )
+        self.val_levels = val_levels
         self.skipped: Counter[str] = Counter()
 
     @property
@@ -117,7 +123,25 @@ class LatentDiffusion(L.LightningModule):
         cond = self.conditioning(batch, generator=None)
         loss = self.loss_fn(self.net, z, generator=g, **cond)
         self.log("val/loss", loss, prog_bar=True, batch_size=z.shape[0], sync_dist=True)
+        if self.val_levels > 0:
+            self.stratified_validation(z, cond, batch_idx)
         return loss
+
+    def stratified_validation(self, z: Tensor, cond: dict[str, Tensor], batch_idx: int) -> None:
+        """The validation loss per noise level: sample i is noised at the centre of level bin (i + batch) mod K
+        of the training distribution's fraction axis (t for DDPM), with fixed noise. Logged as val/loss_level_k
+        (k = 0 least noise); the mean over levels weighs every level alike, unlike val/loss."""
+        k = self.val_levels
+        bins = (torch.arange(z.shape[0], device=z.device) + batch_idx) % k  # (B,)
+        fraction = (bins.to(torch.float64) + 0.5) / k
+        sigma = self.loss_fn.schedule.sigma_at_fraction(fraction)  # (B,)
+        g = self.step_generator(z.device, batch_idx, stream=2)
+        per_sample = self.loss_fn(self.net, z, generator=g, sigma=sigma, reduce=False, **cond)  # (B,)
+        for level in range(k):
+            chosen = bins == level
+            n = int(chosen.sum())
+            if n:
+                self.log(f"val/loss_level_{level}", per_sample[chosen].mean(), batch_size=n, sync_dist=True)
 
     def conditioning(self, batch: dict[str, Any], generator: torch.Generator | None) -> dict[str, Tensor]:
         """Cross-attention context for a batch; with a generator (training) some inputs become the null input.
