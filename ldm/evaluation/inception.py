@@ -24,6 +24,7 @@ import hashlib
 import importlib.util
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -107,7 +108,11 @@ class InceptionV3Features(nn.Module):
         path = Path(path) if path is not None else inception_weights_path()
         self.sha = verify_weights(path)
         start = time.perf_counter()
-        self.model = torch.jit.load(str(path), map_location=torch.device(device)).eval()
+        with warnings.catch_warnings():  # torch 2.x: "torch.jit.load is deprecated" (the file is TorchScript)
+            warnings.filterwarnings(
+                "ignore", message=".*torch.jit.load.* is deprecated", category=FutureWarning
+            )
+            self.model = torch.jit.load(str(path), map_location=torch.device(device)).eval()
         log.info("Inception-v3 loaded from %s in %.1f s", path, time.perf_counter() - start)
 
     @property

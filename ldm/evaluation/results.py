@@ -120,6 +120,7 @@ def plot(records: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     if not records:
         return []
+    out_dir.mkdir(parents=True, exist_ok=True)
     n = records[0]["n"]
     paths = [_line_plot(records, "step", "cfg_scale", "fid", f"FID vs CFG scale (n={n})",
                         out_dir / "fid_vs_cfg.png", "step")]  # fmt: skip
