@@ -21,6 +21,7 @@ shard index or image is refused before anything is written (ldm/data/overwrite.p
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 from collections.abc import Iterator
@@ -47,6 +48,7 @@ from ldm.data.pipeline import expand_urls
 from ldm.data.rgb import parse_background
 from ldm.data.shards import SkipCounter, read_index, write_shards
 from ldm.encode import image_batches, merge_latent_index
+from ldm.reconstruction import MIN_PSNR_DB, reconstruction_check
 
 __all__ = ["main", "split_samples"]
 
@@ -120,6 +122,9 @@ def cmd_latents(args: argparse.Namespace) -> None:
         )
     buckets = bucket_args(args)
     ae = load_autoencoder(args.autoencoder, args.subfolder, args.scale_factor)
+    if args.check_images > 0 and args.rank in (None, 0):
+        check_autoencoder(args.shards, ae, args.image_size, args.check_images, args.min_psnr,
+                          args.alpha_background, Path(args.out), args.prefix)  # fmt: skip
     text = text_encoder(args.text_encoder, args.max_length)
     encode.encode_shards(args.shards, args.out, args.prefix, ae, args.image_size, args.batch_size, device=auto_devices(args.device),
                   text=text, num_procs=args.num_procs, rank=args.rank, world_size=args.world_size,
@@ -148,6 +153,8 @@ def cmd_emoji(args: argparse.Namespace) -> None:
     text = text_encoder(args.text_encoder, args.max_length)
     for prefix in ("train", "val"):
         pattern = ",".join(read_index(str(root / "images" / f"{prefix}.json"))["paths"])
+        if prefix == "val":
+            check_autoencoder(pattern, ae, args.size, 64, MIN_PSNR_DB, "white", root / "latents", prefix)
         encode.encode_shards(
             pattern,
             str(root / "latents"),
@@ -159,6 +166,16 @@ def cmd_emoji(args: argparse.Namespace) -> None:
             text=text,
             overwrite=True,
         )  # fmt: skip  (the image shards were just rewritten: every shard is re-encoded)
+
+
+def check_autoencoder(pattern: str, ae: FrozenAutoencoder, size: int, n: int, min_psnr: float, background: str,
+                      out: Path, prefix: str) -> None:  # fmt: skip
+    """The autoencoder's PSNR on the first n images, logged, warned about when low, kept beside the latents."""
+    result = reconstruction_check(pattern, ae, size, n, min_psnr, background=background)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"reconstruction_{prefix}.json").write_text(
+        json.dumps({"autoencoder": ae.identity, **result}, indent=1)
+    )
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -284,6 +301,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scale-factor", type=float, default=None, help="override the autoencoder's latent scale")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--check-images", type=int, default=64,
+                   help="reconstruct this many images first and report the autoencoder's PSNR (0: skip)")  # fmt: skip
+    p.add_argument("--min-psnr", type=float, default=MIN_PSNR_DB,
+                   help="warn loudly when the autoencoder reconstructs these images below this PSNR (dB)")  # fmt: skip
     p.add_argument(
         "--max-per-shard",
         type=int,
