@@ -17,11 +17,14 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.cli import exit_on_user_error, one_line
+from ldm.data.datamodule import ShardDataModule
 from ldm.instantiate import build
 from ldm.lit.callbacks import ConfigInCheckpoint
 from ldm.lit.checkpoint_io import AtomicCheckpointIO
@@ -29,7 +32,8 @@ from ldm.lit.ema import EMA
 from ldm.lit.guards import NonFiniteError
 from ldm.lit.latent_diffusion import LatentDiffusion, check_latent_source
 from ldm.lit.preemption import GracefulStop, TrainingInterrupted
-from ldm.lit.run_dir import prepare_run_dir, register_resolvers
+from ldm.lit.run_dir import is_launcher_child, prepare_run_dir, register_resolvers
+from ldm.reconstruction import reconstruction_check
 
 log = logging.getLogger("train")
 register_resolvers()  # ${ldm_run_id:} in configs/hydra/default.yaml
@@ -78,6 +82,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model = build(cfg.model)
     if isinstance(model, LatentDiffusion):
         check_latent_source(datamodule.index_meta, model.autoencoder, model.conditioner)
+        images = isinstance(datamodule, ShardDataModule) and datamodule.kind == "images"
+        if (
+            images
+            and model.autoencoder is not None
+            and cfg.get("check_autoencoder", 0)
+            and not is_launcher_child()
+        ):
+            reconstruction_check(datamodule.train_urls, model.autoencoder, int(cfg.image_size),
+                                 int(cfg.check_autoencoder), background=datamodule.alpha_background)  # fmt: skip
     callbacks = order_callbacks(build_list(cfg.get("callbacks")) + [ConfigInCheckpoint(resolved)])
     loggers = build_list(cfg.get("logger"))
     if not loggers:  # LearningRateMonitor refuses to run without a logger
@@ -126,16 +139,28 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 @exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    """Exit codes: 0 finished, 2 bad input (one line), 3 diverged, 128 + N stopped by signal N (143 SIGTERM)."""
+def main(cfg: DictConfig) -> float | None:
+    """Exit codes: 0 finished, 2 bad input (one line), 3 diverged, 128 + N stopped by signal N (143 SIGTERM).
+
+    Returns the final value of ``optimized_metric`` for sweepers (NaN when it was not logged); under ``-m`` a
+    diverged job returns NaN instead of exiting, so the sweep goes on.
+    """
     try:
-        run(cfg)
+        summary = run(cfg)
     except TrainingInterrupted as stop:
         log.warning("%s", stop)
         sys.exit(stop.exit_code)
     except NonFiniteError as exc:
         log.error("%s", one_line(exc))
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return float("nan")
         sys.exit(EXIT_DIVERGED)
+    name = cfg.get("optimized_metric")
+    if name is not None and name not in summary["metrics"]:
+        log.warning(
+            "optimized_metric=%s was not logged (logged: %s): returning NaN", name, sorted(summary["metrics"])
+        )
+    return summary["metrics"].get(name, float("nan")) if name is not None else None
 
 
 if __name__ == "__main__":
