@@ -32,7 +32,14 @@ from ldm.data.rgb import parse_background
 from ldm.data.shards import SkipCounter
 from ldm.data.tar_reader import raw_samples
 from ldm.data.urls import expand_urls
-from ldm.evaluation import ClipScorer, build_extractor, frechet_distance, gaussian_stats, kernel_distance
+from ldm.evaluation import (
+    EXTRACTORS,
+    ClipScorer,
+    build_extractor,
+    frechet_distance,
+    gaussian_stats,
+    kernel_distance,
+)
 from ldm.evaluation.reference import ReferenceStats, file_identity, load_or_compute
 from ldm.evaluation.results import Results, plot, point_key
 from ldm.instantiate import build
@@ -59,6 +66,8 @@ def check_args(cfg: DictConfig) -> list[float]:
         positive_int(cfg, key)
     if cfg.num_samples < 2:
         raise ValueError(f"num_samples={cfg.num_samples}: FID needs at least 2 images, e.g. num_samples=2000")
+    if cfg.extractor not in EXTRACTORS:
+        raise ValueError(f"extractor={cfg.extractor!r} is unknown: use one of {sorted(EXTRACTORS)}")
     check_out_dir(Path(cfg.out_dir))
     parse_background(cfg.alpha_background)
     return cfg_scales(cfg.cfg_scale)
