@@ -2,7 +2,7 @@
 
 For each checkpoint and each CFG scale, num_samples images are generated (prompt i = caption i mod C of the
 reference shards, seed = seed + i: the same for every point) and scored against reference statistics of the
-real images of those shards: FID and KID on Inception-v3 features (``ldm.evaluation``), and the CLIP score when
+images of those shards (image shards; or latent shards decoded by the checkpoint's autoencoder): FID and KID on Inception-v3 features (``ldm.evaluation``), and the CLIP score when
 clip_model= is set. Writes OUT_DIR/eval.json (every point with n, sampler, steps, CFG scale, seed, EMA, ...),
 eval.csv and plots (fid_vs_cfg.png; fid_vs_clip.png with CLIP; fid_vs_step.png over several checkpoints).
 Finished points in eval.json are not redone. Reference statistics are cached (ref_stats=, OUT_DIR/ref_stats.npz
@@ -196,12 +196,17 @@ def decode_reference(items: list[torch.Tensor], model: SamplingModel, kind: str)
 def reference(cfg: DictConfig, settings: dict[str, Any], model: SamplingModel, extractor) -> tuple:
     """(captions, ReferenceStats) of the shards: the prompts and the real-image statistics they are scored by."""
     urls = expand_urls(settings["shards"])
-    first = next(shard_samples(urls, 1, SkipCounter("reference")), None)
+    peek = shard_samples(urls, 1, SkipCounter("reference"))
+    first = next(peek, None)
+    peek.close()  # closes the shard (stops its command, for pipe: and remote urls)
     if first is None:
         raise ValueError(
             f"shards '{settings['shards']}' hold no captioned sample: pass shards=PATH to val shards"
         )
     kind = "latents" if "latent.npy" in first else "images"
+    if kind == "latents":
+        log.info("reference images: the autoencoder's decodings of latent shards (FID then leaves out the "
+                 "autoencoder's own error); pass shards=IMAGE_SHARDS to score against the real images")  # fmt: skip
     captions = [s["txt"] for s in shard_samples(urls, cfg.max_ref_images, SkipCounter("captions"))]
     source: dict[str, Any] = {"kind": kind, "image_size": int(model.config["image_size"])}
     source.update({"autoencoder": model.autoencoder.identity} if kind == "latents" else
