@@ -76,6 +76,7 @@ class LdmOptunaSweeper(Sweeper):
         self.max_consecutive_failures = max_consecutive_failures
         self.config: DictConfig | None = None
         self.launcher: Launcher | None = None
+        self.exhausted = False  # the sampler stopped the study (every grid point tried)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
@@ -107,7 +108,8 @@ class LdmOptunaSweeper(Sweeper):
             " (run again)" if interrupted and self.retry_interrupted else "", ", ".join(space.distributions),
         )  # fmt: skip
         failures_in_a_row = 0
-        while (remaining := self.n_trials - count_done(study)) > 0:
+        self.exhausted = False
+        while (remaining := self.n_trials - count_done(study)) > 0 and not self.exhausted:
             trials = [study.ask(space.distributions) for _ in range(min(self.n_jobs, remaining))]
             for trial, ret in zip(trials, self.launch(trials, space), strict=True):
                 status = self.tell(study, trial, ret)
@@ -117,6 +119,8 @@ class LdmOptunaSweeper(Sweeper):
                     f"{failures_in_a_row} trials in a row failed with an error (see their train.log under "
                     f"{sweep_dir}); fix it and run the same command again to continue the study"
                 )
+        if self.exhausted:
+            log.info("the sampler has tried every point of the search space: the sweep ends early")
         return self.write_results(study, sweep_dir)
 
     def launch(self, trials: list[Trial], space: SearchSpace) -> Sequence[JobReturn]:
@@ -140,29 +144,31 @@ class LdmOptunaSweeper(Sweeper):
 
         run_dir = run_dir_of(ret)
         trial.set_user_attr("run_dir", run_dir)
+        value: Any = None
         try:
             value = ret.return_value
         except optuna.TrialPruned as exc:
-            trial.set_user_attr("status", "pruned")
-            study.tell(trial, state=TrialState.PRUNED)
+            status, state = "pruned", TrialState.PRUNED
             log.info("trial %d pruned: %s", trial.number, one_line(exc))
-            return "pruned"
-        except Exception as exc:  # the job's own error, already logged in its train.log
-            trial.set_user_attr("status", "failed")
+        except Exception as exc:  # the job's own error, also in its train.log
+            status, state = "failed", TrialState.FAIL
             trial.set_user_attr("error", one_line(exc))
-            study.tell(trial, state=TrialState.FAIL)
             log.error("trial %d failed (%s): %s", trial.number, run_dir, one_line(exc))
-            return "failed"
-        if isinstance(value, int | float) and math.isfinite(value):
-            trial.set_user_attr("status", "finished")
-            study.tell(trial, float(value))
-            return "finished"
-        status = "diverged" if summary_status(run_dir) == "diverged" else "no_metric"
+        else:
+            if isinstance(value, int | float) and math.isfinite(value):
+                status, state = "finished", TrialState.COMPLETE
+            else:
+                status = "diverged" if summary_status(run_dir) == "diverged" else "no_metric"
+                state = TrialState.FAIL
+                log.warning("trial %d %s (returned %r): recorded as failed, the sweep goes on", trial.number, status,
+                            value)  # fmt: skip
         trial.set_user_attr("status", status)
-        study.tell(trial, state=TrialState.FAIL)
-        log.warning(
-            "trial %d %s (returned %r): recorded as failed, the sweep goes on", trial.number, status, value
-        )
+        try:
+            study.tell(trial, float(value) if state == TrialState.COMPLETE else None, state=state)
+        except RuntimeError as exc:  # grid-like samplers call study.stop() once every point was tried
+            if "Study.stop" not in str(exc):
+                raise
+            self.exhausted = True
         return status
 
     # ------------------------------------------------------------------ the study and its files
