@@ -4,6 +4,7 @@ launcher config asks SLURM for GracefulStop's requeue signal."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,9 +20,9 @@ from omegaconf import DictConfig
 optuna = pytest.importorskip("optuna")
 
 ROOT = Path(__file__).resolve().parents[1]
-# seconds-long trials: validation (and so a value for the pruner) every 2 steps; the study searches optim.lr only
-TRIAL = ("+trainer.val_check_interval=2", "trainer.check_val_every_n_epoch=1", "callbacks.sample_grid.steps=2",
-         "net.model_channels=32", "lr_schedule.warmup_steps=0", "optim.weight_decay=0.0")  # fmt: skip
+# seconds-long trials (each test sets how often they validate); the study searches optim.lr only
+TRIAL = ("trainer.check_val_every_n_epoch=1", "callbacks.sample_grid.steps=2", "net.model_channels=32",
+         "lr_schedule.warmup_steps=0", "optim.weight_decay=0.0")  # fmt: skip
 
 
 def sweep_cmd(tiny_data: dict, log_dir: Path, *extra: str) -> list[str]:
@@ -105,18 +106,22 @@ def test_slurm_launcher_asks_for_graceful_stops_requeue_signal(tmp_path: Path, m
 
 
 def test_killed_optuna_sweep_resumes_without_redoing_finished_trials(tiny_data: dict, tmp_path: Path) -> None:
-    """SIGKILL while trial 1 runs; the same command again keeps trial 0, reruns trial 1's params, adds one more."""
+    """SIGKILL once trial 1 saved its first checkpoint; the same command again keeps trial 0, runs trial 1's params
+    again from that checkpoint, and adds one more trial."""
     sweep_dir = tmp_path / "train" / "multiruns" / "emoji_optuna"
-    cmd = sweep_cmd(tiny_data, tmp_path, "trainer.max_steps=2", "hydra.sweeper.n_trials=3")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+    cmd = sweep_cmd(tiny_data, tmp_path, "trainer.max_steps=3", "+trainer.val_check_interval=1",
+                    "callbacks.model_checkpoint.every_n_train_steps=1", "hydra.sweeper.n_trials=3")  # fmt: skip
+    log = (tmp_path / "first.log").open("w")  # a file, not a pipe: a full pipe would block the sweep
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 400
-    while not ((sweep_dir / "0" / "summary.json").exists() and (sweep_dir / "1" / ".hydra").exists()):
-        assert proc.poll() is None, proc.stderr.read()[-3000:] if proc.stderr else ""
-        assert time.monotonic() < deadline, "the first trial did not finish in time"
-        time.sleep(0.2)
+    first_ckpt = sweep_dir / "1" / "checkpoints" / "step_000001.ckpt"  # written atomically (rename)
+    while not ((sweep_dir / "0" / "summary.json").exists() and first_ckpt.exists()):
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "trial 1 did not save a checkpoint in time"
+        time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
+    log.close()
     first = load(sweep_dir).trials[0]
     summary_mtime = (sweep_dir / "0" / "summary.json").stat().st_mtime_ns
 
@@ -131,7 +136,14 @@ def test_killed_optuna_sweep_resumes_without_redoing_finished_trials(tiny_data: 
     assert "status" not in trials[1].user_attrs  # interrupted: not counted, run again as trial 2
     assert trials[2].user_attrs["retry_of"] == 1 and trials[2].params == trials[1].params
     assert [t.user_attrs["run_dir"] for t in trials[2:]] == [str(sweep_dir / "2"), str(sweep_dir / "3")]
-    assert trials[2].intermediate_values == {2: trials[2].value}  # the job reported val/loss at step 2
+    resumed = json.loads((sweep_dir / "2" / "summary.json").read_text())
+    assert resumed["resumed_from"] == trials[2].user_attrs["resume_from"]
+    assert (
+        Path(resumed["resumed_from"]).parent == sweep_dir / "1" / "checkpoints"
+        and resumed["global_step"] == 3
+    )
+    assert list(trials[3].intermediate_values) == [1, 2, 3]  # the job reported val/loss after each step
+    assert trials[2].intermediate_values[3] == trials[2].value
     assert (sweep_dir / "optimization_results.yaml").is_file()
 
     from ldm.report import make_report
@@ -149,7 +161,8 @@ def test_pruned_and_diverged_trials_do_not_stop_a_parallel_sweep(tiny_data: dict
     first validation (the job reports to the shared SQLite study and raises TrialPruned); the sweep exits 0."""
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     sweep_dir = tmp_path / "train" / "multiruns" / "emoji_optuna"
-    cmd = sweep_cmd(tiny_data, tmp_path, "trainer.max_steps=3", "optim.lr=choice(1e12,1e-3)",
+    cmd = sweep_cmd(tiny_data, tmp_path, "trainer.max_steps=3", "+trainer.val_check_interval=2",
+                    "optim.lr=choice(1e12,1e-3)",
                     "trainer.gradient_clip_val=null", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                     "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=2",
                     "hydra.sweeper.sampler._target_=optuna.samplers.BruteForceSampler",
@@ -163,8 +176,6 @@ def test_pruned_and_diverged_trials_do_not_stop_a_parallel_sweep(tiny_data: dict
     diverged, pruned = by_lr[1e12], by_lr[1e-3]
     assert diverged.state.name == "FAIL" and diverged.user_attrs["status"] == "diverged"
     assert pruned.state.name == "PRUNED" and list(pruned.intermediate_values) == [2]
-    import json
-
     summary = json.loads((sweep_dir / str(pruned.number) / "summary.json").read_text())
     assert summary["error"].startswith("TrialPruned: trial") and summary["global_step"] == 2
     diverged_summary = json.loads((sweep_dir / str(diverged.number) / "summary.json").read_text())

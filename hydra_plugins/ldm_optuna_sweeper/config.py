@@ -33,9 +33,8 @@ class LdmOptunaSweeperConf:
     # the search space in Hydra's sweep grammar, e.g. {optim.lr: "tag(log, interval(1e-4, 3e-3))"}; sweep
     # overrides on the command line join it, plain overrides are passed to every trial
     params: Dict[str, str] = field(default_factory=dict)  # noqa: UP006
-    retry_interrupted: bool = (
-        True  # trials killed with the sweep are run again (same params) when it restarts
-    )
+    # trials killed with the sweep run again when it restarts: same params, from their newest checkpoint if any
+    retry_interrupted: bool = True
     max_consecutive_failures: int = 3  # stop the sweep after this many trials in a row raised an error
 
 

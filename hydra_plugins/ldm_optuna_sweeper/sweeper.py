@@ -3,7 +3,8 @@
 - **Persistent and resumable.** Trials live in ``storage`` (SQLite in the sweep directory by default) under
   ``study_name``. Started again with the same command, the sweep loads the study, keeps every finished trial and
   runs only the ``n_trials`` still missing. Trials that were running when the sweep was killed are marked failed
-  and, with ``retry_interrupted``, enqueued again with the same parameters. One sweeper process per study.
+  and, with ``retry_interrupted``, enqueued again with the same parameters, resuming from the newest complete
+  checkpoint of their run directory (``ckpt_path=...``) when they saved one. One sweeper process per study.
 - **Pruning.** Each job learns its trial number from ``LDM_OPTUNA_TRIAL`` (set through ``hydra.job.env_set``, so
   it reaches local, joblib and SLURM jobs alike); the training callback ``ldm.lit.optuna_pruning.OptunaPruning``
   reports the monitored metric after each validation to the shared storage and raises ``optuna.TrialPruned``
@@ -29,7 +30,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from .search_space import SearchSpace, parse_search_space, trial_overrides
+from .search_space import SearchSpace, format_value, parse_search_space, trial_overrides
 
 if TYPE_CHECKING:
     from optuna import Study
@@ -100,7 +101,7 @@ class LdmOptunaSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         study = self.load_study()
         self.write_study_file(sweep_dir)
-        interrupted = recover_interrupted(study, self.retry_interrupted)
+        interrupted = recover_interrupted(study, self.retry_interrupted, sweep_dir)
         done = count_done(study)
         log.info(
             "Optuna study '%s' (%s): %d of %d trials finished, %d interrupted%s; search space: %s",
@@ -130,7 +131,11 @@ class LdmOptunaSweeper(Sweeper):
         for trial in trials:
             trial.set_user_attr("job_num", trial.number)
             env = f"++hydra.job.env_set.{ENV_TRIAL}={trial.number}"
-            overrides.append([*trial_overrides(trial.params, space.fixed), env])
+            resume = trial.user_attrs.get(
+                "resume_from"
+            )  # a killed trial run again from its newest checkpoint
+            extra = [f"ckpt_path={format_value(resume)}"] if resume else []
+            overrides.append([*trial_overrides(trial.params, space.fixed), *extra, env])
         self.validate_batch_is_legal(overrides)  # a bad search space value fails here, before any training
         numbers = [t.number for t in trials]
         if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
@@ -216,15 +221,26 @@ class LdmOptunaSweeper(Sweeper):
 
 
 # ---------------------------------------------------------------------- helpers
-def recover_interrupted(study: Study, retry: bool) -> list[int]:
-    """Trials still RUNNING were killed with a previous sweeper: mark them failed; enqueue their params again."""
+def recover_interrupted(study: Study, retry: bool, sweep_dir: Path) -> list[int]:
+    """Trials still RUNNING were killed with a previous sweeper: mark them failed; with ``retry``, enqueue their
+    params again, resuming from the newest complete checkpoint of their run directory when there is one."""
     from optuna.trial import TrialState
+
+    from ldm.lit.run_dir import newest_checkpoint  # here, not at the top: Hydra's plugin scan stays light
 
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in stale:
         study.tell(trial.number, state=TrialState.FAIL)  # no "status" attribute: an interrupted trial
-        if retry:
-            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        if not retry:
+            continue
+        attrs: dict[str, Any] = {"retry_of": trial.number}
+        found = newest_checkpoint(sweep_dir / str(trial.user_attrs.get("job_num", trial.number)))
+        if found is not None:
+            attrs["resume_from"] = str(found[0])
+            log.info(
+                "trial %d was interrupted at step %d: run again from %s", trial.number, found[1], found[0]
+            )
+        study.enqueue_trial(trial.params, user_attrs=attrs)
     return [t.number for t in stale]
 
 
