@@ -16,8 +16,8 @@ class LdmOptunaSweeperConf:
     _target_: str = "hydra_plugins.ldm_optuna_sweeper.sweeper.LdmOptunaSweeper"
     # the study: trials live in `storage` (an SQLAlchemy URL: sqlite:///path.db, postgresql://...) under
     # `study_name`; a sweep started again with the same two continues the study (finished trials are kept)
-    study_name: str = "${hydra.job.name}"
-    storage: str = "sqlite:///${hydra.sweep.dir}/optuna.db"
+    study_name: str = "${..job.name}"  # relative interpolations resolve wherever the hydra node is read
+    storage: str = "sqlite:///${..sweep.dir}/optuna.db"
     direction: str = "minimize"  # minimize | maximize the value train.py returns (optimized_metric)
     n_trials: int = 20  # trials to finish in this study, counting those already in the storage
     n_jobs: int = 1  # trials per batch handed to the launcher (parallel with joblib / submitit launchers)
