@@ -45,7 +45,8 @@ def run_id() -> str:
 
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("ldm_run_id"):
-        OmegaConf.register_new_resolver("ldm_run_id", run_id)
+        # cached on the config object: a launcher that pickles the config (joblib, submitit) keeps the sweep's name
+        OmegaConf.register_new_resolver("ldm_run_id", run_id, use_cache=True)
 
 
 def is_restart() -> bool:
