@@ -56,9 +56,18 @@ def order_callbacks(callbacks: list[Any]) -> list[Any]:
     return rest[: last_ema + 1] + stops + rest[last_ema + 1 :]
 
 
+def command_line_overrides() -> list[str]:
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # composed without @hydra.main (tests, notebooks)
+        return []
+
+
 def status_of(error: BaseException | None) -> str:
     if error is None:
         return "finished"
+    if type(error).__name__ == "TrialPruned":  # optuna's, raised by ldm.lit.optuna_pruning in a sweep
+        return "pruned"
     if isinstance(error, TrainingInterrupted):
         return "interrupted"
     return "diverged" if isinstance(error, NonFiniteError) else "failed"
@@ -95,6 +104,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     loggers = build_list(cfg.get("logger"))
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    for logger in loggers:  # the run's whole config (and the command line's overrides) beside its metrics
+        logger.log_hyperparams({"overrides": command_line_overrides(), **resolved})
     trainer: L.Trainer = build(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
