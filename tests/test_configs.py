@@ -13,7 +13,7 @@ from hydra_utils import CONFIGS, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = ["net", "autoencoder", "conditioner", "diffusion", "sampler", "data", "model", "optim", "lr_schedule",
-          "trainer", "logger", "callbacks", "experiment", "debug"]  # fmt: skip
+          "trainer", "logger", "callbacks", "experiment", "debug", "hparams_search"]  # fmt: skip
 
 
 def options(group: str) -> list[str]:
