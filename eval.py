@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from numbers import Real
 from pathlib import Path
 from typing import Any
@@ -27,24 +26,15 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
 from ldm.cli import exit_on_user_error
-from ldm.data.decode import check_caption, check_image, check_members, decode_image, decode_latent
 from ldm.data.rgb import parse_background
-from ldm.data.shards import SkipCounter
-from ldm.data.tar_reader import raw_samples
 from ldm.data.urls import expand_urls
-from ldm.evaluation import (
-    EXTRACTORS,
-    ClipScorer,
-    build_extractor,
-    frechet_distance,
-    gaussian_stats,
-    kernel_distance,
-)
-from ldm.evaluation.reference import ReferenceStats, file_identity, load_or_compute
+from ldm.evaluation import EXTRACTORS, ClipScorer, build_extractor
+from ldm.evaluation.reference import ReferenceStats, load_or_compute
 from ldm.evaluation.results import Results, plot, point_key
 from ldm.instantiate import build
 from ldm.lit.loading import SamplingModel, load_for_sampling, read_checkpoint, resolve_checkpoint
 from ldm.pipeline import generate, make_grid, to_pil
+from ldm.quality import reference_batches, reference_identity, score_features, shard_captions, shard_kind
 from ldm.sampling.grids import sampling_sigmas
 from sample import check_out_dir, positive_int
 
@@ -129,94 +119,25 @@ def ref_stats_path(cfg: DictConfig) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- reference data
-def shard_samples(urls: list[str], limit: int, counter: SkipCounter) -> Iterator[dict[str, Any]]:
-    """Raw samples with a usable caption, at most ``limit``; bad ones counted in ``counter`` by reason."""
-    taken = 0
-    for raw in raw_samples(urls, counter):
-        if taken >= limit:
-            return
-
-        def skip(reason: str, why: str = "", raw: dict = raw) -> None:
-            counter.add(reason, detail=f"(key {raw['__key__']}: {why}) ", shard=raw.get("__url__"))
-
-        text = check_caption(raw, skip) if check_members(raw, skip) else None
-        if text is not None:
-            taken += 1
-            yield {**raw, "txt": text}
-
-
-def reference_batches(
-    urls: list[str], cfg: DictConfig, model: SamplingModel, kind: str
-) -> Iterator[torch.Tensor]:
-    """(B, 3, H, W) in [0, 1]: images decoded as in training, or latents decoded by the checkpoint's autoencoder."""
-    counter, size = SkipCounter("reference"), int(model.config["image_size"])
-    background = parse_background(cfg.alpha_background)
-    pending: list[torch.Tensor] = []
-    for raw in tqdm(
-        shard_samples(urls, cfg.max_ref_images, counter), desc="reference", disable=not cfg.progress
-    ):
-        item = reference_item(raw, kind, size, background, counter)  # (3, H, W) in [0, 1] or (C, h, w)
-        if item is not None:
-            pending.append(item)
-        if len(pending) == cfg.batch_size:
-            yield decode_reference(pending, model, kind)
-            pending = []
-    if pending:
-        yield decode_reference(pending, model, kind)
-    if counter.total():
-        log.warning("reference: skipped %s", counter.as_dict())
-
-
-def reference_item(raw: dict[str, Any], kind: str, size: int, background: Any, counter: SkipCounter) -> Any:
-    """One image (3, H, W) in [0, 1] or latent (C, h, w); None once ``counter`` has counted why not."""
-
-    def skip(reason: str, why: str = "") -> None:
-        counter.add(reason, detail=f"(key {raw['__key__']}: {why}) ", shard=raw.get("__url__"))
-
-    if kind == "images":
-        return check_image(raw, skip, lambda data: (decode_image(data, size, background) + 1) / 2)
-    if "latent.npy" not in raw:
-        return skip("missing_latent")
-    try:
-        latent = decode_latent(raw["latent.npy"])
-    except ValueError as err:
-        return skip("decode_error", str(err))
-    return latent if latent is not None else skip("decode_error", "not a finite (C, h, w) float array")
-
-
-def decode_reference(items: list[torch.Tensor], model: SamplingModel, kind: str) -> torch.Tensor:
-    batch = torch.stack(items)
-    if kind == "images":
-        return batch
-    z = batch.to(next(model.denoiser.parameters()).device)  # (B, C, h, w) scaled latents
-    with torch.no_grad():
-        return ((model.autoencoder.decode(z).float() + 1) / 2).clamp(0, 1)  # (B, 3, H, W)
-
-
 def reference(cfg: DictConfig, settings: dict[str, Any], model: SamplingModel, extractor) -> tuple:
-    """(captions, ReferenceStats) of the shards: the prompts and the real-image statistics they are scored by."""
+    """(captions, ReferenceStats) of the shards: the prompts and the image statistics they are scored by."""
     urls = expand_urls(settings["shards"])
-    peek = shard_samples(urls, 1, SkipCounter("reference"))
-    first = next(peek, None)
-    peek.close()  # closes the shard (stops its command, for pipe: and remote urls)
-    if first is None:
-        raise ValueError(
-            f"shards '{settings['shards']}' hold no captioned sample: pass shards=PATH to val shards"
-        )
-    kind = "latents" if "latent.npy" in first else "images"
+    kind = shard_kind(urls)
     if kind == "latents":
         log.info("reference images: the autoencoder's decodings of latent shards (FID then leaves out the "
                  "autoencoder's own error); pass shards=IMAGE_SHARDS to score against the real images")  # fmt: skip
-    captions = [s["txt"] for s in shard_samples(urls, cfg.max_ref_images, SkipCounter("captions"))]
-    source: dict[str, Any] = {"kind": kind, "image_size": int(model.config["image_size"])}
-    source.update({"autoencoder": model.autoencoder.identity} if kind == "latents" else
-                  {"alpha_background": list(parse_background(cfg.alpha_background))})  # fmt: skip
-    identity = {
-        "shards": [file_identity(u) for u in urls],
-        "max_images": cfg.max_ref_images,
-        "source": source,
-    }
-    ref = load_or_compute(ref_stats_path(cfg), identity, extractor, reference_batches(urls, cfg, model, kind))
+    size, background = int(model.config["image_size"]), parse_background(cfg.alpha_background)
+    identity = reference_identity(
+        urls, cfg.max_ref_images, kind, size, model.autoencoder.identity, background
+    )
+    device = next(model.denoiser.parameters()).device
+    batches = reference_batches(
+        urls, kind, size, cfg.max_ref_images, cfg.batch_size, background,
+        decode=lambda z: model.autoencoder.decode(z.to(device)),  # (B, C, h, w) scaled latents -> about [-1, 1]
+        wrap=lambda it: tqdm(it, desc="reference", disable=not cfg.progress),
+    )  # fmt: skip
+    ref = load_or_compute(ref_stats_path(cfg), identity, extractor, batches)
+    captions = shard_captions(urls, cfg.max_ref_images)
     log.info("%d prompts (captions) and %d reference images (%s) from %s", len(captions), ref.n, kind,
              settings["shards"])  # fmt: skip
     return captions, ref
@@ -248,16 +169,13 @@ def score_point(cfg: DictConfig, model: SamplingModel, settings: dict[str, Any],
         bar.update(len(seeds))
     bar.close()
     t0 = time.perf_counter()
-    feats = torch.cat(features)  # (n, D)
-    fid = frechet_distance(ref.stats, gaussian_stats(feats))
-    kid, kid_std = kernel_distance(ref.features, feats, cfg.kid_subsets, cfg.kid_subset_size, seed=cfg.seed)
-    clip_score = float(torch.cat(clip_scores).mean()) if clip_scores else None
+    metrics = score_features(
+        torch.cat(features), ref, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed, clip_scores
+    )
     if grid:
-        make_grid(grid, ncols=min(8, len(grid))).save(
-            Path(cfg.out_dir) / f"grid_step{settings['step']}_cfg{scale:g}.png"
-        )
-    return {**settings, "cfg_scale": scale, "fid": fid, "kid": kid, "kid_std": kid_std, "clip_score": clip_score,
-            "ref_n": ref.n, "sample_seconds": round(sample_s, 2),
+        name = f"grid_step{settings['step']}_cfg{scale:g}.png"
+        make_grid(grid, ncols=min(8, len(grid))).save(Path(cfg.out_dir) / name)
+    return {**settings, "cfg_scale": scale, **metrics, "sample_seconds": round(sample_s, 2),
             "score_seconds": round(score_s + time.perf_counter() - t0, 2), "finished": time.strftime("%FT%T")}  # fmt: skip
 
 
