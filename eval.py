@@ -2,11 +2,12 @@
 
 For each checkpoint and each CFG scale, num_samples images are generated (prompt i = caption i mod C of the
 reference shards, seed = seed + i: the same for every point) and scored against reference statistics of the
-images of those shards (image shards; or latent shards decoded by the checkpoint's autoencoder): FID and KID on Inception-v3 features (``ldm.evaluation``), and the CLIP score when
-clip_model= is set. Writes OUT_DIR/eval.json (every point with n, sampler, steps, CFG scale, seed, EMA, ...),
-eval.csv and plots (fid_vs_cfg.png; fid_vs_clip.png with CLIP; fid_vs_step.png over several checkpoints).
-Finished points in eval.json are not redone. Reference statistics are cached (ref_stats=, OUT_DIR/ref_stats.npz
-by default, out_dir=logs/eval) and refused when the shards, image size, source or extractor changed.
+images of those shards (image shards; or latent shards decoded by the checkpoint's autoencoder): FID and KID
+on Inception-v3 features (``ldm.evaluation``), and the CLIP score when clip_model= is set. Writes OUT_DIR
+(logs/eval by default): eval.json (every point with n, sampler, steps, CFG scale, seed, EMA, ...), eval.csv
+and plots (fid_vs_cfg.png; fid_vs_clip.png with CLIP; fid_vs_step.png over several checkpoints). Finished
+points in eval.json are not redone. Reference statistics are cached (ref_stats=, OUT_DIR/ref_stats.npz by
+default) and refused when the shards, image size, source or extractor changed.
 
 Checkpoints load through ``load_for_sampling`` (allowlisted configs, finite weights). Bad input ends the
 command with one line on stderr and exit status 2 (``ldm.cli.exit_on_user_error``).
