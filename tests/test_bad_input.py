@@ -54,7 +54,9 @@ def test_latent_shards_from_another_autoencoder_are_refused(tiny_data: dict, tmp
     from ldm.autoencoder.loaders import save_kl_autoencoder
 
     other = tmp_path / "other_ae"
-    torch.manual_seed(123)  # not the seed of tiny_data's autoencoder: the global RNG may sit at a fresh seed 0 here
+    torch.manual_seed(
+        123
+    )  # not the seed of tiny_data's autoencoder: the global RNG may sit at a fresh seed 0 here
     save_kl_autoencoder(KLAutoencoder(base_channels=8, channel_mult=(1, 2, 2), norm_groups=8, mid_attention=False),
                         str(other), scale_factor=1.0)  # fmt: skip
     cfg = compose_config(

@@ -155,7 +155,9 @@ def test_two_gloo_ranks_resume_exactly(
     assert stopped.returncode == code, stopped.stderr[-3000:]
     ckpt = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
     saved = load_checkpoint_file(ckpt)
-    assert saved["global_step"] == STOP  # (24 samples per rank: one batch per epoch, so the position is per epoch)
+    assert (
+        saved["global_step"] == STOP
+    )  # (24 samples per rank: one batch per epoch, so the position is per epoch)
     summary = json.loads((tmp_path / "stopped" / "summary.json").read_text())
     assert summary["interrupted"] is (code > 128) and summary["global_step"] == STOP
     resumed = _ddp(tiny_data, tmp_path / "resumed", f"ckpt_path={ckpt}")
