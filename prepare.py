@@ -122,15 +122,18 @@ def cmd_latents(args: argparse.Namespace) -> None:
         )
     buckets = bucket_args(args)
     ae = load_autoencoder(args.autoencoder, args.subfolder, args.scale_factor)
-    if args.check_images > 0 and args.rank in (None, 0):
-        check_autoencoder(args.shards, ae, args.image_size, args.check_images, args.min_psnr,
-                          args.alpha_background, Path(args.out), args.prefix)  # fmt: skip
+    check = None
+    if args.check_images > 0 and args.rank in (None, 0):  # measured first, kept once encoding may write
+        check = reconstruction_check(args.shards, ae, args.image_size, args.check_images, args.min_psnr,
+                                     background=args.alpha_background)  # fmt: skip
     text = text_encoder(args.text_encoder, args.max_length)
     encode.encode_shards(args.shards, args.out, args.prefix, ae, args.image_size, args.batch_size, device=auto_devices(args.device),
                   text=text, num_procs=args.num_procs, rank=args.rank, world_size=args.world_size,
                   overwrite=args.overwrite, threads=args.threads, buckets=buckets, bucket_crop=args.bucket_crop,
                   bucket_seed=args.bucket_seed, latent_multiple=args.latent_multiple,
                   alpha_background=args.alpha_background)  # fmt: skip
+    if check is not None:
+        write_reconstruction(check, ae, Path(args.out), args.prefix)
 
 
 def cmd_latents_merge(args: argparse.Namespace) -> None:
@@ -153,8 +156,6 @@ def cmd_emoji(args: argparse.Namespace) -> None:
     text = text_encoder(args.text_encoder, args.max_length)
     for prefix in ("train", "val"):
         pattern = ",".join(read_index(str(root / "images" / f"{prefix}.json"))["paths"])
-        if prefix == "val":
-            check_autoencoder(pattern, ae, args.size, 64, MIN_PSNR_DB, "white", root / "latents", prefix)
         encode.encode_shards(
             pattern,
             str(root / "latents"),
@@ -166,16 +167,16 @@ def cmd_emoji(args: argparse.Namespace) -> None:
             text=text,
             overwrite=True,
         )  # fmt: skip  (the image shards were just rewritten: every shard is re-encoded)
+        if prefix == "val":  # the shipped autoencoder on held-out emoji
+            write_reconstruction(
+                reconstruction_check(pattern, ae, args.size, 64), ae, root / "latents", prefix
+            )
 
 
-def check_autoencoder(pattern: str, ae: FrozenAutoencoder, size: int, n: int, min_psnr: float, background: str,
-                      out: Path, prefix: str) -> None:  # fmt: skip
-    """The autoencoder's PSNR on the first n images, logged, warned about when low, kept beside the latents."""
-    result = reconstruction_check(pattern, ae, size, n, min_psnr, background=background)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"reconstruction_{prefix}.json").write_text(
-        json.dumps({"autoencoder": ae.identity, **result}, indent=1)
-    )
+def write_reconstruction(result: dict, ae: FrozenAutoencoder, out: Path, prefix: str) -> None:
+    """The reconstruction check's result beside the latents it concerns (written once encoding was allowed)."""
+    text = json.dumps({"autoencoder": ae.identity, **result}, indent=1)
+    (out / f"reconstruction_{prefix}.json").write_text(text)
 
 
 # ---------------------------------------------------------------------------------------------- export

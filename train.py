@@ -104,11 +104,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     loggers = build_list(cfg.get("logger"))
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    for logger in loggers:  # the run's whole config (and the command line's overrides) beside its metrics
-        logger.log_hyperparams({"overrides": command_line_overrides(), **resolved})
     trainer: L.Trainer = build(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
+    for (
+        logger
+    ) in trainer.loggers:  # the whole config (and the overrides) beside the metrics; none in fast_dev_run
+        logger.log_hyperparams({"overrides": command_line_overrides(), **resolved})
 
     if isinstance(trainer.accelerator, CPUAccelerator) and trainer.num_devices > 1:
         # several CPU processes on one machine: share the cores instead of oversubscribing them (2 x 2 threads on
