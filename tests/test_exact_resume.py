@@ -167,6 +167,7 @@ def test_two_gloo_ranks_resume_exactly(
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
+@pytest.mark.slow  # a DDP pair; the single-process halt is in the default suite (test_reliability.py)
 def test_nonfinite_gradient_on_one_rank_halts_both(tiny_data: dict, tmp_path: Path) -> None:
     """A NaN gradient on rank 1 only (after the all-reduce) stops both ranks before the step, exit 3, no NaN saved."""
     poison = "+callbacks.poison={_target_:reliability_helpers.PoisonGradient,step:2,rank:1}"

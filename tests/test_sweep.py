@@ -156,6 +156,7 @@ def test_killed_optuna_sweep_resumes_without_redoing_finished_trials(tiny_data: 
     assert rows[-1].startswith("4,1,incomplete,1,interrupted,")  # the killed job: no summary.json
 
 
+@pytest.mark.slow  # 41 s: two parallel training jobs (joblib)
 def test_pruned_and_diverged_trials_do_not_stop_a_parallel_sweep(tiny_data: dict, tmp_path: Path) -> None:
     """Two trials at once on the joblib launcher: lr=1e12 diverges (NaN -> failed trial), lr=1e-3 is pruned at its
     first validation (the job reports to the shared SQLite study and raises TrialPruned); the sweep exits 0."""
