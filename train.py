@@ -127,7 +127,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     saved_in_loop = stop is not None and stop.final_step_saved == trainer.global_step
     if error is None and not trainer.interrupted and not trainer.fast_dev_run and not saved_in_loop:
         # the end state (max_time, or no GracefulStop callback): resumable, with EMA weights and config
-        trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
+        try:
+            trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
+        except Exception as exc:  # a full disk, non-finite weights: still recorded in summary.json below
+            error = exc
     summary = {
         "output_dir": str(output_dir),
         "status": status_of(error),

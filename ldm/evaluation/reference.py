@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,8 +75,9 @@ def save_reference(ref: ReferenceStats, path: str | Path) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, mu=ref.stats.mu, sigma=ref.stats.sigma, n=np.int64(ref.stats.n), features=ref.features,
              identity=np.array(json.dumps(ref.identity, sort_keys=True)))  # fmt: skip
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buffer.getvalue())
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # one per writer
+    with os.fdopen(fd, "wb") as f:
+        f.write(buffer.getvalue())
     os.replace(tmp, path)
 
 

@@ -18,6 +18,8 @@ from ldm.lit.guards import NonFiniteError, checkpoint_tensors, first_nonfinite
 log = logging.getLogger(__name__)
 
 TMP_SUFFIX = ".tmp"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once at import (setting it is the only way to read it)
 
 
 def load_checkpoint_file(
@@ -66,6 +68,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide checkpoints from the rest of a shared cluster
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)

@@ -93,6 +93,8 @@ class GracefulStop(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Installed after Lightning's own handlers, which save mid-step (SLURM) or exit 0 (SIGTERM)."""
         self.committed_step = trainer.global_step
+        if trainer.received_sigterm and signal.SIGTERM in self.signals:  # arrived before these handlers
+            self.requested = signal.SIGTERM
         for s in self.signals:
             signal.signal(s, self._handle)
 

@@ -79,17 +79,22 @@ def run_checkpoints(run_dir: Path) -> list[Path]:
 
 def newest_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
     """(path, step) of the run's complete checkpoint with the highest step, then the newest file."""
-    best: tuple[int, float, Path] | None = None
+    best: tuple[int, bool, float, Path] | None = None
     for path in run_checkpoints(run_dir):
         if not path.is_file() or path.name.endswith(TMP_SUFFIX):
             continue
         step = checkpoint_step(path)
         if step is None:
             continue
-        key = (step, path.stat().st_mtime, path)
-        if best is None or key[:2] > best[:2]:
+        key = (
+            step,
+            path.name == "last.ckpt",
+            path.stat().st_mtime,
+            path,
+        )  # equal steps: last.ckpt, then newest
+        if best is None or key[:3] > best[:3]:
             best = key
-    return None if best is None else (best[2], best[0])
+    return None if best is None else (best[3], best[0])
 
 
 def resolve_resume(ckpt_path: str | None, output_dir: Path, runs_root: Path) -> Path | None:
@@ -132,25 +137,28 @@ def resolve_resume(ckpt_path: str | None, output_dir: Path, runs_root: Path) -> 
 
 
 def prepare_run_dir(output_dir: Path, ckpt_path: str | None, runs_root: Path) -> Path | None:
-    """Clean up after killed writes, refuse to mix two runs in one directory, and return the checkpoint to resume."""
+    """Clean up after killed writes, refuse to mix two runs in one directory, and return the checkpoint to resume.
+
+    A scheduler restart (SLURM requeue, torchrun restart) resumes from the run's own newest checkpoint on every
+    rank, whatever ``ckpt_path`` says: the progress made before the preemption wins over the starting point.
+    """
+    first = not is_launcher_child()
     checkpoints = output_dir / "checkpoints"
-    if not is_launcher_child() and checkpoints.is_dir():
+    if first and checkpoints.is_dir():
         remove_stale_temporaries(checkpoints)
-    resume = resolve_resume(ckpt_path, output_dir, runs_root)
-    if resume is None and not is_launcher_child():
-        existing = newest_checkpoint(output_dir)
-        if existing is not None and not is_restart():
+    existing = newest_checkpoint(output_dir)
+    if existing is not None and is_restart():
+        log.info("restarted job: resuming from %s (step %d), the newest checkpoint of this run", *existing)
+        resume: Path | None = existing[0]
+    else:
+        resume = resolve_resume(ckpt_path, output_dir, runs_root)
+        if resume is None and existing is not None and first:
             raise UserError(
                 f"run directory {output_dir} already holds checkpoints (newest {existing[0].name}, step "
                 f"{existing[1]}): pass ckpt_path=last to continue that run, or leave hydra.run.dir unset for a new "
                 "directory"
             )
-        if existing is not None:
-            log.info(
-                "restarted job: resuming from %s (step %d), the newest checkpoint of this run", *existing
-            )
-            resume = existing[0]
-    if not is_launcher_child():
+    if first:
         keep_metrics(output_dir)
     return resume
 

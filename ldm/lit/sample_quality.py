@@ -80,7 +80,9 @@ class SampleQuality(L.Callback):
         """Fail before training, not at the first evaluation, on a sampler that does not fit the schedule."""
         check_sampler(self.sampler, pl_module.denoiser.schedule)
         sampling_sigmas(pl_module.denoiser.schedule, self.steps, spacing=self.spacing)
-        self.last_step = trainer.global_step
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.last_step = trainer.global_step  # after a resume has restored it
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -168,7 +170,7 @@ class SampleQuality(L.Callback):
         identity = reference_identity(urls, self.max_ref_images, kind, self.image_size,
                                       pl_module.autoencoder.identity, self.background)  # fmt: skip
         batches = reference_batches(urls, kind, self.image_size, self.max_ref_images, self.batch_size,
-                                    self.background, pl_module.autoencoder.decode)  # fmt: skip
+                                    self.background, lambda z: pl_module.autoencoder.decode(z.to(device)))  # fmt: skip
         ref = load_or_compute(self._cache_path(urls, identity, trainer), identity, extractor, batches)
         self.state = {"captions": captions, "ref": ref, "extractor": extractor, "clip": clip}
         return captions, ref, extractor, clip
