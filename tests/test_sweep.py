@@ -158,12 +158,12 @@ def test_killed_optuna_sweep_resumes_without_redoing_finished_trials(tiny_data: 
 
 @pytest.mark.slow  # 41 s: two parallel training jobs (joblib)
 def test_pruned_and_diverged_trials_do_not_stop_a_parallel_sweep(tiny_data: dict, tmp_path: Path) -> None:
-    """Two trials at once on the joblib launcher: lr=1e12 diverges (NaN -> failed trial), lr=1e-3 is pruned at its
+    """Two trials at once on the joblib launcher: lr=1e30 diverges at step 1 (inf loss -> failed trial), lr=1e-3 is pruned at its
     first validation (the job reports to the shared SQLite study and raises TrialPruned); the sweep exits 0."""
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     sweep_dir = tmp_path / "train" / "multiruns" / "emoji_optuna"
     cmd = sweep_cmd(tiny_data, tmp_path, "trainer.max_steps=3", "+trainer.val_check_interval=2",
-                    "optim.lr=choice(1e12,1e-3)",
+                    "optim.lr=choice(1e30,1e-3)",
                     "trainer.gradient_clip_val=null", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                     "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=2",
                     "hydra.sweeper.sampler._target_=optuna.samplers.BruteForceSampler",
@@ -174,7 +174,7 @@ def test_pruned_and_diverged_trials_do_not_stop_a_parallel_sweep(tiny_data: dict
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
     by_lr = {t.params["optim.lr"]: t for t in load(sweep_dir).trials}
-    diverged, pruned = by_lr[1e12], by_lr[1e-3]
+    diverged, pruned = by_lr[1e30], by_lr[1e-3]
     assert diverged.state.name == "FAIL" and diverged.user_attrs["status"] == "diverged"
     assert pruned.state.name == "PRUNED" and list(pruned.intermediate_values) == [2]
     summary = json.loads((sweep_dir / str(pruned.number) / "summary.json").read_text())
