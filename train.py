@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -28,11 +27,11 @@ from ldm.data.datamodule import ShardDataModule
 from ldm.instantiate import build
 from ldm.lit.callbacks import ConfigInCheckpoint
 from ldm.lit.checkpoint_io import AtomicCheckpointIO
-from ldm.lit.ema import EMA
 from ldm.lit.guards import NonFiniteError
 from ldm.lit.latent_diffusion import LatentDiffusion, check_latent_source
 from ldm.lit.preemption import GracefulStop, TrainingInterrupted
 from ldm.lit.run_dir import is_launcher_child, prepare_run_dir, register_resolvers
+from ldm.lit.run_summary import command_line_overrides, order_callbacks, run_summary
 from ldm.reconstruction import reconstruction_check
 
 log = logging.getLogger("train")
@@ -46,31 +45,6 @@ def build_list(node: DictConfig | None) -> list[Any]:
     if not node:
         return []
     return [build(v) for v in node.values() if v is not None and "_target_" in v]
-
-
-def order_callbacks(callbacks: list[Any]) -> list[Any]:
-    """GracefulStop right after the EMA: a step is complete (and may be saved) once the EMA has blended it."""
-    stops = [c for c in callbacks if isinstance(c, GracefulStop)]
-    rest = [c for c in callbacks if not isinstance(c, GracefulStop)]
-    last_ema = max((i for i, c in enumerate(rest) if isinstance(c, EMA)), default=-1)
-    return rest[: last_ema + 1] + stops + rest[last_ema + 1 :]
-
-
-def command_line_overrides() -> list[str]:
-    try:
-        return list(HydraConfig.get().overrides.task)
-    except ValueError:  # composed without @hydra.main (tests, notebooks)
-        return []
-
-
-def status_of(error: BaseException | None) -> str:
-    if error is None:
-        return "finished"
-    if type(error).__name__ == "TrialPruned":  # optuna's, raised by ldm.lit.optuna_pruning in a sweep
-        return "pruned"
-    if isinstance(error, TrainingInterrupted):
-        return "interrupted"
-    return "diverged" if isinstance(error, NonFiniteError) else "failed"
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -131,20 +105,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
         except Exception as exc:  # a full disk, non-finite weights: still recorded in summary.json below
             error = exc
-    summary = {
-        "output_dir": str(output_dir),
-        "status": status_of(error),
-        "interrupted": isinstance(error, TrainingInterrupted),
-        "error": one_line(error) if error is not None else None,
-        "resumed_from": str(resume) if resume is not None else None,
-        "global_step": trainer.global_step,
-        "fit_wall_s": round(wall, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "peak_accelerator_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        if torch.cuda.is_available()
-        else None,
-        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
-    }
+    summary = run_summary(trainer, output_dir, error, resume, wall)
     if trainer.is_global_zero:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("run summary: %s", json.dumps(summary))
