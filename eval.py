@@ -158,7 +158,7 @@ def score_point(cfg: DictConfig, model: SamplingModel, settings: dict[str, Any],
         prompts = [captions[(s - cfg.seed) % len(captions)] for s in seeds]
         negative = None if cfg.negative_prompt is None else [cfg.negative_prompt] * len(prompts)
         t0 = time.perf_counter()
-        images = generate(model.denoiser, model.conditioner, model.autoencoder.decode, prompts, sampler=sampler,
+        images = generate(model.denoiser, model.conditioner, model.decode_samples, prompts, sampler=sampler,
                           sigmas=sigmas, latent_shape=model.latent_shape, seeds=seeds, cfg_scale=scale,
                           guidance_rescale=cfg.guidance_rescale, negative_prompt=negative)  # fmt: skip
         t1 = time.perf_counter()

@@ -160,7 +160,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         images = generate(
             model.denoiser,
             model.conditioner,
-            model.autoencoder.decode,
+            model.decode_samples,
             batch,
             sampler=sampler,
             sigmas=sigmas,

@@ -86,7 +86,7 @@ def sampling_row(ckpt: str, steps: int, device: torch.device, batch: int) -> tup
     prompts = ["red apple"] * batch
 
     def run() -> None:
-        generate(model.denoiser, model.conditioner, model.autoencoder.decode, prompts, sampler=sampler,
+        generate(model.denoiser, model.conditioner, model.decode_samples, prompts, sampler=sampler,
                  sigmas=sigmas, latent_shape=model.latent_shape, seeds=list(range(batch)), cfg_scale=5.0)  # fmt: skip
 
     run()

@@ -71,7 +71,7 @@ def run_sampler(
 
     def decode(z: torch.Tensor) -> torch.Tensor:
         captured["z"] = z
-        return model.autoencoder.decode(z)
+        return model.decode_samples(z)
 
     def count(*_: object) -> None:
         calls[0] += 1

@@ -41,7 +41,7 @@ def panel(model, sampler_name: str, steps: int, spacing: str | None, args: argpa
     prompts = [p for p in PROMPTS for _ in range(args.seeds)]
     sampler = build(OmegaConf.load(CONFIGS / "sampler" / f"{sampler_name}.yaml"))
     sigmas = sampling_sigmas(model.denoiser.schedule, steps, spacing)
-    images = generate(model.denoiser, model.conditioner, model.autoencoder.decode, prompts, sampler=sampler,
+    images = generate(model.denoiser, model.conditioner, model.decode_samples, prompts, sampler=sampler,
                       sigmas=sigmas, latent_shape=model.latent_shape, seeds=list(range(args.seeds)) * len(PROMPTS),
                       cfg_scale=args.cfg_scale)  # fmt: skip
     tile, label_w, title_h = size * args.zoom, 110, 20

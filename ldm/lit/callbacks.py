@@ -92,7 +92,7 @@ class SampleGrid(L.Callback):
             images = generate(
                 pl_module.denoiser,
                 pl_module.conditioner,
-                pl_module.autoencoder.decode,
+                pl_module.decode_samples,
                 self.prompts,
                 sampler=self.sampler,
                 sigmas=sampling_sigmas(pl_module.denoiser.schedule, self.steps, spacing=self.spacing),

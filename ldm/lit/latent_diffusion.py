@@ -2,7 +2,9 @@
 
 The maths lives in ``ldm.diffusion`` (schedule, denoiser, loss); this module only moves batches through it,
 logs, and builds the optimiser. Latents come from latent shards (``batch["latent"]``, already scaled by the
-autoencoder that wrote them) or are encoded on the fly from ``batch["image"]`` by the frozen autoencoder.
+autoencoder that wrote them) or are encoded on the fly from ``batch["image"]`` by the frozen autoencoder; with
+``latent_norm`` each channel is then normalised by the training shards' statistics, and ``decode_samples`` undoes
+that before decoding.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm.autoencoder.frozen import FrozenAutoencoder
+from ldm.autoencoder.latent_norm import LatentNorm, latent_norm_from_stats
 from ldm.conditioning import dropout_mask, replace_rows
 from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.loss import DiffusionLoss
@@ -55,6 +58,7 @@ class LatentDiffusion(L.LightningModule):
         lr_schedule: Callable[..., Any] | None = None,
         seed: int = 0,
         val_levels: int = 10,
+        latent_norm: Any = "none",
     ) -> None:
         super().__init__()
         check_compatible(denoiser.net, conditioner, autoencoder)
@@ -65,6 +69,12 @@ class LatentDiffusion(L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_schedule_factory = lr_schedule
         self.seed = seed
+        self.latent_norm_spec = latent_norm
+        self.latent_norm = LatentNorm(denoiser.net.in_channels)
+        if not isinstance(latent_norm, str):  # explicit {mean, std}: known now, also without data
+            self.latent_norm.set_stats(*latent_norm_from_stats(latent_norm, None))
+        elif latent_norm not in ("none", "per_channel"):
+            latent_norm_from_stats(latent_norm, None)  # raises the one-line error
         if val_levels < 0:
             raise ValueError(
                 f"model.val_levels={val_levels}: give the number of noise-level bins (0 turns it off)"
@@ -78,7 +88,8 @@ class LatentDiffusion(L.LightningModule):
 
     # ------------------------------------------------------------------ data → latents
     def latents(self, batch: dict[str, Any]) -> Tensor:
-        """(B, C, h, w) scaled latents from a latent batch, or encoded from an image batch."""
+        """(B, C, h, w) diffusion-space latents: a latent batch's (already scaled) or an image batch encoded, then
+        normalised per channel when ``latent_norm`` is on."""
         if "latent" in batch:
             z = batch["latent"]
         elif self.autoencoder is not None:
@@ -92,7 +103,22 @@ class LatentDiffusion(L.LightningModule):
                 f"latents have {z.shape[1]} channels but the network takes {self.net.in_channels}: "
                 f"set net.in_channels={z.shape[1]} or re-encode the shards with the configured autoencoder"
             )
-        return z
+        return self.latent_norm.normalize(z)
+
+    def decode_samples(self, x: Tensor) -> Tensor:
+        """(B, C, h, w) diffusion-space latents (a sampler's output) -> images (B, 3, H, W), about [-1, 1]."""
+        return self.autoencoder.decode(self.latent_norm.denormalize(x))
+
+    def setup(self, stage: str) -> None:
+        """``latent_norm=per_channel``: the channel statistics of the training shards (a resumed run then loads
+        the checkpoint's own, which are the same for the same data)."""
+        if stage != "fit" or self.latent_norm_spec != "per_channel":
+            return
+        meta = getattr(getattr(self.trainer, "datamodule", None), "index_meta", None)
+        mean, std = latent_norm_from_stats("per_channel", meta)
+        self.latent_norm.set_stats(mean, std)
+        log.info("latent_norm=per_channel: channel means %s, stds %s (training shards' index)",
+                 [round(m, 4) for m in mean], [round(s, 4) for s in std])  # fmt: skip
 
     def step_generator(self, device: torch.device, step: int, stream: int, micro: int = 0) -> torch.Generator:
         """Noise, timesteps and caption dropout are a pure function of (seed, step, micro-batch, rank, stream).
@@ -214,6 +240,9 @@ class LatentDiffusion(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         frozen = self.frozen_prefixes()
         own = {k: v for k, v in self.state_dict().items() if k.startswith(frozen)}
+        # checkpoints from before latent_norm existed trained without it: the identity norm
+        identity = LatentNorm(self.net.in_channels).to(self.device).state_dict()
+        own.update({f"latent_norm.{k}": v for k, v in identity.items() if f"latent_norm.{k}" not in checkpoint["state_dict"]})  # fmt: skip
         checkpoint["state_dict"] = {**checkpoint["state_dict"], **own}
 
 

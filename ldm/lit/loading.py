@@ -15,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from ldm.autoencoder.latent_norm import LatentNorm
 from ldm.instantiate import build
 from ldm.lit.checkpoint_io import load_checkpoint_file
 from ldm.lit.ema import EMA_KEY
@@ -33,7 +34,8 @@ class CheckpointError(ValueError):
 class SamplingModel:
     """The parts sampling needs, in eval mode on one device, and the resolved training config.
 
-    ``sampler_config`` is the stored ``sampler`` node (checked like the model's), or None if there is none."""
+    ``sampler_config`` is the stored ``sampler`` node (checked like the model's), or None if there is none;
+    ``latent_norm`` the training run's per-channel latent normalisation (identity when it had none)."""
 
     denoiser: nn.Module
     conditioner: nn.Module
@@ -41,6 +43,13 @@ class SamplingModel:
     config: dict[str, Any]
     checkpoint: Path
     sampler_config: dict[str, Any] | None = None
+    latent_norm: LatentNorm | None = None
+
+    def decode_samples(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) diffusion-space latents (a sampler's output) -> images (B, 3, H, W), about [-1, 1]."""
+        if self.latent_norm is not None:
+            x = self.latent_norm.denormalize(x)
+        return self.autoencoder.decode(x)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -172,6 +181,10 @@ def load_for_sampling(
             f"'{ckpt_path}' weights do not fit its own config ({first_line}): the file was edited or mixed up — "
             "pass ckpt=PATH to an unmodified .ckpt written by train.py"
         ) from None
-    for module in (denoiser, conditioner, autoencoder):
+    latent_norm = LatentNorm(denoiser.net.in_channels)
+    norm_state = strip_prefix(state, "latent_norm.")
+    if norm_state:  # absent in checkpoints from before latent_norm: identity
+        latent_norm.load_state_dict(norm_state, strict=True)
+    for module in (denoiser, conditioner, autoencoder, latent_norm):
         module.to(device).eval()
-    return SamplingModel(denoiser, conditioner, autoencoder, config, ckpt_path, sampler_cfg)
+    return SamplingModel(denoiser, conditioner, autoencoder, config, ckpt_path, sampler_cfg, latent_norm)

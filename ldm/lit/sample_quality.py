@@ -128,7 +128,7 @@ class SampleQuality(L.Callback):
                 images = generate(
                     pl_module.denoiser,
                     pl_module.conditioner,
-                    pl_module.autoencoder.decode,
+                    pl_module.decode_samples,
                     prompts,
                     sampler=self.sampler,
                     sigmas=sigmas,
