@@ -6,7 +6,7 @@ executes this module outside ``sys.modules``, where dataclasses cannot resolve s
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Dict  # noqa: UP035 (OmegaConf reads the typing form on every Python we support)
+from typing import Any, Dict, List  # noqa: UP035 (OmegaConf reads the typing form on every Python we support)
 
 from hydra.core.config_store import ConfigStore
 
@@ -33,6 +33,8 @@ class LdmOptunaSweeperConf:
     # the search space in Hydra's sweep grammar, e.g. {optim.lr: "tag(log, interval(1e-4, 3e-3))"}; sweep
     # overrides on the command line join it, plain overrides are passed to every trial
     params: Dict[str, str] = field(default_factory=dict)  # noqa: UP006
+    # trials to run first when the study is new, e.g. the current default as the baseline: {param: value} each
+    enqueue: List[Dict[str, Any]] = field(default_factory=list)  # noqa: UP006
     # trials killed with the sweep run again when it restarts: same params, from their newest checkpoint if any
     retry_interrupted: bool = True
     max_consecutive_failures: int = 3  # stop the sweep after this many trials in a row raised an error

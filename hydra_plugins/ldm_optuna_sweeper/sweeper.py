@@ -57,6 +57,7 @@ class LdmOptunaSweeper(Sweeper):
         params: DictConfig | dict[str, str] | None,
         retry_interrupted: bool,
         max_consecutive_failures: int,
+        enqueue: Sequence[Any] = (),
     ) -> None:
         if direction not in DIRECTIONS:
             raise ValueError(f"hydra.sweeper.direction={direction}: use minimize or maximize")
@@ -75,6 +76,7 @@ class LdmOptunaSweeper(Sweeper):
         self.params = {str(k): str(v) for k, v in (params or {}).items()}
         self.retry_interrupted = retry_interrupted
         self.max_consecutive_failures = max_consecutive_failures
+        self.enqueue = [dict(OmegaConf.to_container(e) if isinstance(e, DictConfig) else e) for e in enqueue]
         self.config: DictConfig | None = None
         self.launcher: Launcher | None = None
         self.exhausted = False  # the sampler stopped the study (every grid point tried)
@@ -100,6 +102,12 @@ class LdmOptunaSweeper(Sweeper):
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         study = self.load_study()
+        if not study.trials:  # a new study: the given trials first (a restarted sweep does not add them again)
+            for params in self.enqueue:
+                unknown = set(params) - set(space.distributions)
+                if unknown:
+                    raise ValueError(f"hydra.sweeper.enqueue names {sorted(unknown)}, which are not in the search space")
+                study.enqueue_trial(params)
         self.write_study_file(sweep_dir)
         interrupted = recover_interrupted(study, self.retry_interrupted, sweep_dir)
         done = count_done(study)
