@@ -45,16 +45,25 @@ def zero_module(module: nn.Module) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    """Residual block conditioned on the timestep embedding by a per-channel shift (Ho et al. 2020)."""
+    """Residual block conditioned on the timestep embedding by a per-channel shift (Ho et al. 2020).
+
+    ``eps`` is the GroupNorm epsilon (diffusers' ``norm_eps``).
+    """
 
     def __init__(
-        self, in_channels: int, out_channels: int, emb_dim: int, dropout: float, norm_groups: int
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_dim: int,
+        dropout: float,
+        norm_groups: int,
+        eps: float = 1e-5,
     ) -> None:
         super().__init__()
-        self.norm1 = group_norm(in_channels, norm_groups)
+        self.norm1 = group_norm(in_channels, norm_groups, eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, out_channels)
-        self.norm2 = group_norm(out_channels, norm_groups)
+        self.norm2 = group_norm(out_channels, norm_groups, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
@@ -93,9 +102,13 @@ class Attention(nn.Module):
 
     ``mask`` (B, L) bool, True = real token: masked keys get zero attention weight. A sample whose
     mask is all False attends to nothing, so its output is the output-projection bias only (no NaN).
+    ``upcast=True`` computes q, k, v and the softmax in float32 when they are half precision
+    (Stable Diffusion 2.x ``upcast_attention``); a no-op in float32.
     """
 
-    def __init__(self, query_dim: int, context_dim: int | None, num_heads: int, dropout: float) -> None:
+    def __init__(
+        self, query_dim: int, context_dim: int | None, num_heads: int, dropout: float, upcast: bool = False
+    ) -> None:
         super().__init__()
         if query_dim % num_heads != 0:
             raise ValueError(
@@ -104,6 +117,7 @@ class Attention(nn.Module):
             )
         kv_dim = query_dim if context_dim is None else context_dim
         self.num_heads = num_heads
+        self.upcast = upcast
         self.to_q = nn.Linear(query_dim, query_dim, bias=False)
         self.to_k = nn.Linear(kv_dim, query_dim, bias=False)
         self.to_v = nn.Linear(kv_dim, query_dim, bias=False)
@@ -122,7 +136,11 @@ class Attention(nn.Module):
             empty = ~mask.any(dim=1)  # (B,) samples with no real token
             # attend to every key in empty rows (avoids NaN), their output is zeroed below
             attn_mask = (mask | empty[:, None])[:, None, None, :]  # (B, 1, 1, L)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, d)
+        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
+            out = out.to(q.dtype)  # (B, h, N, d)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, d)
         if empty is not None:
             out = out.masked_fill(empty[:, None, None, None], 0.0)
         b, _, n, _ = out.shape
@@ -147,15 +165,17 @@ class GEGLUFeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm block: self-attention, cross-attention to the context (if any), GEGLU feed-forward."""
 
-    def __init__(self, dim: int, context_dim: int | None, num_heads: int, dropout: float) -> None:
+    def __init__(
+        self, dim: int, context_dim: int | None, num_heads: int, dropout: float, upcast: bool = False
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, None, num_heads, dropout)
+        self.attn1 = Attention(dim, None, num_heads, dropout, upcast)
         self.norm2: nn.LayerNorm | None = None
         self.attn2: Attention | None = None
         if context_dim is not None:
             self.norm2 = nn.LayerNorm(dim)
-            self.attn2 = Attention(dim, context_dim, num_heads, dropout)
+            self.attn2 = Attention(dim, context_dim, num_heads, dropout, upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = GEGLUFeedForward(dim, dropout)
 
@@ -166,23 +186,57 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+def _projection(channels: int, use_linear: bool) -> nn.Module:
+    """Channel projection: Linear on (B, N, C) tokens or 1x1 Conv2d on (B, C, H, W) maps."""
+    return nn.Linear(channels, channels) if use_linear else nn.Conv2d(channels, channels, 1)
+
+
 class SpatialTransformer(nn.Module):
     """Transformer over the H*W positions of a feature map (Rombach et al. 2022, Sec. 3.3):
-    GroupNorm, 1x1 proj in, transformer block, zero-initialised 1x1 proj out, residual."""
+    GroupNorm, 1x1 proj in, transformer block(s), zero-initialised 1x1 proj out, residual.
+
+    ``depth`` stacks transformer blocks: the first is ``block`` and the others ``extra_blocks`` (so the
+    depth-1 state-dict keys are unchanged). ``use_linear=True`` projects in and out with Linear layers
+    on the (B, H*W, C) tokens instead of 1x1 convolutions (Stable Diffusion 2.x ``use_linear_projection``).
+    """
 
     def __init__(
-        self, channels: int, context_dim: int | None, num_heads: int, dropout: float, norm_groups: int
+        self,
+        channels: int,
+        context_dim: int | None,
+        num_heads: int,
+        dropout: float,
+        norm_groups: int,
+        depth: int = 1,
+        use_linear: bool = False,
+        upcast: bool = False,
     ) -> None:
         super().__init__()
+        if depth < 1:
+            raise ValueError(f"transformer depth must be >= 1, got {depth}")
+        self.use_linear = use_linear
         self.norm = group_norm(channels, norm_groups, eps=1e-6)
-        self.proj_in = nn.Conv2d(channels, channels, 1)
-        self.block = TransformerBlock(channels, context_dim, num_heads, dropout)
-        self.proj_out = zero_module(nn.Conv2d(channels, channels, 1))
+        self.proj_in = _projection(channels, use_linear)
+        self.block = TransformerBlock(channels, context_dim, num_heads, dropout, upcast)
+        self.extra_blocks = nn.ModuleList(
+            TransformerBlock(channels, context_dim, num_heads, dropout, upcast) for _ in range(depth - 1)
+        )
+        self.proj_out = zero_module(_projection(channels, use_linear))
 
     def forward(self, x: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
         b, c, h, w = x.shape
-        t = self.proj_in(self.norm(x))  # (B, C, H, W)
+        t = self.norm(x)  # (B, C, H, W)
+        if not self.use_linear:
+            t = self.proj_in(t)  # (B, C, H, W)
         t = t.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        if self.use_linear:
+            t = self.proj_in(t)  # (B, H*W, C)
         t = self.block(t, context, mask)  # (B, H*W, C)
+        for block in self.extra_blocks:
+            t = block(t, context, mask)  # (B, H*W, C)
+        if self.use_linear:
+            t = self.proj_out(t)  # (B, H*W, C)
         t = t.transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
-        return x + self.proj_out(t)
+        if not self.use_linear:
+            t = self.proj_out(t)  # (B, C, H, W)
+        return x + t

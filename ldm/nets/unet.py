@@ -32,6 +32,14 @@ class UNet(nn.Module):
     ``attention_resolutions`` lists downsampling factors (1 = input resolution, 2 = after one
     downsample, ...) whose levels get a spatial transformer after each ResBlock; the middle block
     always has one. ``context_dim=None`` builds an unconditional UNet (self-attention only).
+
+    Options for Stable Diffusion 1.x/2.x layouts (``ldm.convert.diffusers_unet`` maps diffusers' names):
+    ``num_head_channels`` (if set) fixes the width per head instead of the head count, so each level
+    gets ``channels // num_head_channels`` heads (SD 2.x: 64; overrides ``num_heads``);
+    ``transformer_depth`` stacks transformer blocks in every spatial transformer;
+    ``use_linear_projection`` projects in/out of the transformers with Linear layers (SD 2.x);
+    ``upcast_attention`` runs half-precision attention in float32; ``norm_eps`` is the GroupNorm epsilon
+    of the ResBlocks and the output norm (the transformers' GroupNorm keeps 1e-6, as in SD).
     """
 
     def __init__(
@@ -47,15 +55,32 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         gradient_checkpointing: bool = False,
         norm_groups: int = 32,
+        num_head_channels: int | None = None,
+        transformer_depth: int = 1,
+        use_linear_projection: bool = False,
+        upcast_attention: bool = False,
+        norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         if len(channel_mult) == 0 or num_res_blocks < 1:
             raise ValueError("channel_mult must be non-empty and num_res_blocks >= 1")
+        if num_head_channels is not None and num_head_channels < 1:
+            raise ValueError(f"num_head_channels must be None or >= 1, got {num_head_channels}")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.model_channels = model_channels
         self.channel_mult = tuple(channel_mult)
+        self.num_res_blocks = num_res_blocks
+        self.attention_resolutions = tuple(attention_resolutions)
+        self.num_heads = num_heads
+        self.num_head_channels = num_head_channels
         self.context_dim = context_dim
+        self.dropout = dropout
+        self.norm_groups = norm_groups
+        self.transformer_depth = transformer_depth
+        self.use_linear_projection = use_linear_projection
+        self.upcast_attention = upcast_attention
+        self.norm_eps = norm_eps
         self.gradient_checkpointing = gradient_checkpointing
         emb_dim = 4 * model_channels
         # (B, model_channels) sinusoid -> (B, 4 * model_channels)
@@ -64,10 +89,24 @@ class UNet(nn.Module):
         )
 
         def res(c_in: int, c_out: int) -> ResBlock:
-            return ResBlock(c_in, c_out, emb_dim, dropout, norm_groups)
+            return ResBlock(c_in, c_out, emb_dim, dropout, norm_groups, norm_eps)
 
         def attn(c: int) -> SpatialTransformer:
-            return SpatialTransformer(c, context_dim, num_heads, dropout, norm_groups)
+            if num_head_channels is not None and c % num_head_channels:
+                raise ValueError(
+                    f"attention width {c} is not a multiple of num_head_channels={num_head_channels}"
+                )
+            heads = num_heads if num_head_channels is None else c // num_head_channels
+            return SpatialTransformer(
+                c,
+                context_dim,
+                heads,
+                dropout,
+                norm_groups,
+                transformer_depth,
+                use_linear=use_linear_projection,
+                upcast=upcast_attention,
+            )
 
         ch = model_channels
         skip_channels = [ch]
@@ -100,7 +139,9 @@ class UNet(nn.Module):
                 self.output_blocks.append(nn.ModuleList(layers))
 
         self.out = nn.Sequential(
-            group_norm(ch, norm_groups), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1))
+            group_norm(ch, norm_groups, norm_eps),
+            nn.SiLU(),
+            zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)),
         )
         log.debug("UNet built: %.2fM parameters", sum(p.numel() for p in self.parameters()) / 1e6)
 
