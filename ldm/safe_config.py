@@ -31,6 +31,7 @@ TRUST_FLAG = "trust_checkpoint_config"
 # what sampling builds: model.denoiser (net, schedule), model.conditioner, model.autoencoder ...
 MODEL_PART_TARGETS = (
     "ldm.nets.unet.UNet",
+    "ldm.nets.dit.DiT",
     "ldm.diffusion.denoiser.Denoiser",
     "ldm.diffusion.schedules.DiscreteSchedule",
     "ldm.diffusion.continuous.EDMSchedule",
