@@ -6,7 +6,7 @@ executes this module outside ``sys.modules``, where dataclasses cannot resolve s
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List  # noqa: UP035 (OmegaConf reads the typing form on every Python we support)
+from typing import Any, Dict, List, Optional  # noqa: UP035 (OmegaConf reads the typing form on every Python we support)
 
 from hydra.core.config_store import ConfigStore
 
@@ -17,7 +17,9 @@ class LdmOptunaSweeperConf:
     # the study: trials live in `storage` (an SQLAlchemy URL: sqlite:///path.db, postgresql://...) under
     # `study_name`; a sweep started again with the same two continues the study (finished trials are kept)
     study_name: str = "${..job.name}"  # relative interpolations resolve wherever the hydra node is read
-    storage: str = "sqlite:///${..sweep.dir}/optuna.db"
+    # null: sqlite:///<hydra.sweep.dir>/optuna.db (computed by the sweeper: Hydra resolves this node before
+    # ${hydra:...} works, so an interpolation of paths.* here would fail); jobs get it as LDM_OPTUNA_STORAGE
+    storage: Optional[str] = None  # noqa: UP045
     direction: str = "minimize"  # minimize | maximize the value train.py returns (optimized_metric)
     n_trials: int = 20  # trials to finish in this study, counting those already in the storage
     n_jobs: int = 1  # trials per batch handed to the launcher (parallel with joblib / submitit launchers)

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENV_TRIAL = "LDM_OPTUNA_TRIAL"
+ENV_STORAGE = "LDM_OPTUNA_STORAGE"
 STUDY_FILE = "optuna_study.yaml"  # where report.py finds the study of a sweep directory
 RESULTS_FILE = "optimization_results.yaml"
 DIRECTIONS = ("minimize", "maximize")
@@ -48,7 +49,7 @@ class LdmOptunaSweeper(Sweeper):
     def __init__(
         self,
         study_name: str,
-        storage: str,
+        storage: str | None,
         direction: str,
         n_trials: int,
         n_jobs: int,
@@ -82,8 +83,10 @@ class LdmOptunaSweeper(Sweeper):
         self.exhausted = False  # the sampler stopped the study (every grid point tried)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
         from hydra.core.plugins import Plugins
 
+        HydraConfig.instance().set_config(config)  # ${hydra:runtime.cwd} in paths.* (the sweep dir) resolves
         self.config = config
         self.hydra_context = hydra_context
         self.launcher = Plugins.instance().instantiate_launcher(
@@ -101,6 +104,7 @@ class LdmOptunaSweeper(Sweeper):
             )
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        self.storage = self.storage or f"sqlite:///{sweep_dir.resolve()}/optuna.db"
         study = self.load_study()
         if not study.trials:  # a new study: the given trials first (a restarted sweep does not add them again)
             for params in self.enqueue:
@@ -139,11 +143,12 @@ class LdmOptunaSweeper(Sweeper):
         for trial in trials:
             trial.set_user_attr("job_num", trial.number)
             env = f"++hydra.job.env_set.{ENV_TRIAL}={trial.number}"
+            env_storage = f"++hydra.job.env_set.{ENV_STORAGE}={format_value(self.storage)}"
             resume = trial.user_attrs.get(
                 "resume_from"
             )  # a killed trial run again from its newest checkpoint
             extra = [f"ckpt_path={format_value(resume)}"] if resume else []
-            overrides.append([*trial_overrides(trial.params, space.fixed), *extra, env])
+            overrides.append([*trial_overrides(trial.params, space.fixed), *extra, env, env_storage])
         self.validate_batch_is_legal(overrides)  # a bad search space value fails here, before any training
         numbers = [t.number for t in trials]
         if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
