@@ -66,7 +66,11 @@ def encode_settings(
         "image_size": image_size,
         "text_encoder": None
         if text is None
-        else {"pretrained": text.pretrained, "max_length": text.max_length},
+        else {
+            "pretrained": text.pretrained,
+            "max_length": text.max_length,
+            **({} if text.mask_padding else {"mask_padding": False}),
+        },
         "latent_shape": [ae.latent_channels, image_size // f, image_size // f],
         "alpha_background": list(parse_background(alpha_background)),
     }

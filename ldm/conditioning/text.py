@@ -78,6 +78,12 @@ class TextConditioner(nn.Module):
     ``forward(captions)`` maps ``B`` strings to ``{"context": (B, L, D), "context_mask": (B, L)}`` with
     ``L = max_length`` (captions are padded to it and truncated at it) and ``D = output_dim``.
     ``tokenizer_subfolder=None`` means the same folder as ``subfolder``.
+
+    ``mask_padding`` (default) hides padding tokens from the encoder and from the UNet's cross-attention
+    (``context_mask`` False there). ``mask_padding=False`` is Stable Diffusion 1.x/2.x's behaviour, which
+    diffusers' pipelines keep: the encoder runs without an attention mask and the UNet attends to all
+    ``max_length`` tokens, padding included (``context_mask`` all True). Use it for imported SD weights and
+    for models you mean to export to a diffusers pipeline.
     """
 
     batch_key: str = "txt"
@@ -90,6 +96,7 @@ class TextConditioner(nn.Module):
         model_class: str = "auto",
         max_length: int = 32,
         dropout_prob: float = 0.1,
+        mask_padding: bool = True,
     ) -> None:
         super().__init__()
         if model_class not in MODEL_CLASSES:
@@ -104,6 +111,7 @@ class TextConditioner(nn.Module):
             raise ValueError(f"max_length={max_length} exceeds the encoder's {limit} positions: lower it")
         self.pretrained = pretrained
         self.max_length = int(max_length)
+        self.mask_padding = bool(mask_padding)
         self.dropout_prob = check_dropout_prob(dropout_prob)
         self.output_dim = int(self.encoder.config.hidden_size)
         self.encoder.requires_grad_(False)
@@ -171,6 +179,9 @@ class TextConditioner(nn.Module):
         device = next(self.encoder.parameters()).device
         ids = tokens["input_ids"].to(device)  # (B, L)
         mask = tokens["attention_mask"].to(device)  # (B, L), 1 = real token
+        if not self.mask_padding:  # SD / diffusers: no mask anywhere, padding tokens are context too
+            out = self.encoder(input_ids=ids)
+            return {"context": out.last_hidden_state, "context_mask": torch.ones_like(mask, dtype=torch.bool)}
         out = self.encoder(input_ids=ids, attention_mask=mask)
         return {"context": out.last_hidden_state, "context_mask": mask.bool()}  # (B, L, D), (B, L)
 

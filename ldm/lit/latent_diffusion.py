@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ldm.autoencoder.frozen import FrozenAutoencoder
 from ldm.autoencoder.latent_norm import LatentNorm, latent_norm_from_stats
 from ldm.conditioning import dropout_mask, replace_rows
+from ldm.convert.pretrained import init_unet_from, parse_init_from
 from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.loss import DiffusionLoss
 from ldm.lit.lr_schedules import optimizers_config
@@ -59,6 +60,8 @@ class LatentDiffusion(L.LightningModule):
         seed: int = 0,
         val_levels: int = 10,
         latent_norm: Any = "none",
+        init_from: str | None = None,
+        init_ignore_keys: list[str] | None = None,
     ) -> None:
         super().__init__()
         check_compatible(denoiser.net, conditioner, autoencoder)
@@ -80,6 +83,9 @@ class LatentDiffusion(L.LightningModule):
                 f"model.val_levels={val_levels}: give the number of noise-level bins (0 turns it off)"
             )
         self.val_levels = val_levels
+        if init_from is not None:
+            parse_init_from(init_from)  # a malformed spec fails now, not after the data is set up
+        self.init_from, self.init_ignore_keys = init_from, list(init_ignore_keys or [])
         self.skipped: Counter[str] = Counter()
 
     @property
@@ -112,6 +118,8 @@ class LatentDiffusion(L.LightningModule):
     def setup(self, stage: str) -> None:
         """``latent_norm=per_channel``: the channel statistics of the training shards (a resumed run then loads
         the checkpoint's own, which are the same for the same data)."""
+        if stage == "fit":
+            self.init_weights()
         if stage != "fit" or self.latent_norm_spec != "per_channel":
             return
         meta = getattr(getattr(self.trainer, "datamodule", None), "index_meta", None)
@@ -119,6 +127,19 @@ class LatentDiffusion(L.LightningModule):
         self.latent_norm.set_stats(mean, std)
         log.info("latent_norm=per_channel: channel means %s, stds %s (training shards' index)",
                  [round(m, 4) for m in mean], [round(s, 4) for s in std])  # fmt: skip
+
+    def init_weights(self) -> None:
+        """``init_from``: the net's weights from a pretrained UNet before a fresh run (``ldm.convert.pretrained``).
+
+        Weights only: optimizer, step and data start fresh, and the EMA callback copies the loaded weights at fit
+        start. A resumed run (``ckpt_path``) skips it: the checkpoint's weights replace these anyway."""
+        if self.init_from is None:
+            return
+        if self._trainer is not None and self.trainer.ckpt_path is not None:
+            log.info("init_from %s skipped: resuming from %s", self.init_from, self.trainer.ckpt_path)
+            return
+        init_unet_from(self.net, self.init_from, self.init_ignore_keys,
+                       schedule=self.denoiser.schedule, prediction=self.denoiser.prediction)  # fmt: skip
 
     def step_generator(self, device: torch.device, step: int, stream: int, micro: int = 0) -> torch.Generator:
         """Noise, timesteps and caption dropout are a pure function of (seed, step, micro-batch, rank, stream).
@@ -260,6 +281,13 @@ def check_latent_source(
         raise ValueError(
             f"latent shards carry embeddings of text encoder '{text.get('pretrained')}' but the configured conditioner is "
             f"'{configured_text}': re-encode with `python prepare.py latents --text-encoder ...` or set conditioner="
+        )
+    shard_masked, masked = (text or {}).get("mask_padding", True), getattr(conditioner, "mask_padding", True)
+    if text and shard_masked != masked:
+        raise ValueError(
+            f"latent shards carry text embeddings made with mask_padding={shard_masked} but the conditioner has "
+            f"mask_padding={masked}: re-encode the shards' text with the same setting, or train on shards without "
+            "embeddings (prepare.py latents --text-encoder none)"
         )
     made_by, configured = shard_meta["autoencoder"], autoencoder.identity
     keys = ("sha256", "scale_factor", "shift_factor", "latent_channels")
