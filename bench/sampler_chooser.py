@@ -24,32 +24,9 @@ from PIL import Image, ImageDraw
 
 from ldm.lit.loading import load_for_sampling, resolve_checkpoint
 from ldm.pipeline import generate, make_grid, to_pil
-from ldm.sampling import (
-    sample_ddim,
-    sample_ddpm,
-    sample_dpmpp_2m,
-    sample_dpmpp_2m_sde,
-    sample_euler,
-    sample_euler_ancestral,
-    sample_flow_euler,
-    sample_heun,
-    sample_plms,
-    sample_unipc,
-)
 from ldm.sampling.grids import sampling_sigmas
+from ldm.sampling.registry import SAMPLERS, samplers_for
 
-VE_SAMPLERS = {
-    "ddim": sample_ddim,
-    "plms": sample_plms,
-    "euler": sample_euler,
-    "heun": sample_heun,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "unipc": sample_unipc,
-    "ddpm": sample_ddpm,
-    "euler_ancestral": sample_euler_ancestral,
-    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
-}
-STOCHASTIC = {"ddpm", "euler_ancestral", "dpmpp_2m_sde"}
 PROMPTS = [
     "red apple",
     "grinning face",
@@ -121,9 +98,9 @@ def main() -> None:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.num_images)]
     seeds = list(range(args.num_images))
     flow = schedule.space == "flow"
-    samplers = {"flow_euler": sample_flow_euler} if flow else VE_SAMPLERS
+    samplers = samplers_for(schedule.space)  # every registered sampler for this model's coordinates
     spacings = ["flow"] if flow else args.spacings
-    ref_sampler = sample_flow_euler if flow else sample_ddim
+    ref_sampler = SAMPLERS["flow_euler" if flow else "ddim"].fn
     ref_sigmas = sampling_sigmas(schedule, args.reference_steps, None if flow else "linspace")
     ref_z, ref_images, ref_time, _ = run_sampler(
         model, ref_sampler, ref_sigmas, prompts, seeds, args.cfg_scale
@@ -140,18 +117,18 @@ def main() -> None:
     )
     print(header + "\n" + "-" * len(header))
     rows = []
-    for name, fn in samplers.items():
+    for name, spec in samplers.items():
         for spacing in spacings:
             cells, first_images = [], None
             for n in args.steps:
-                sampler = functools.partial(fn)
+                sampler = functools.partial(spec.fn)
                 sigmas = sampling_sigmas(schedule, n, spacing)
                 z, images, secs, nfe = run_sampler(
                     model, sampler, sigmas, prompts, seeds, args.cfg_scale, args.repeats
                 )
                 first_images = images if first_images is None else first_images
                 cells.append(f"{rms(images, ref_images):>15.4f} / {rms(z, ref_z):<6.4f}{nfe:>5d}{secs:>7.3f}")
-            tag = " (SDE)" if name in STOCHASTIC else ""
+            tag = " (SDE)" if spec.stochastic else ""
             print(f"{name + tag:<23}{spacing:<9}" + "".join(cells))
             rows.append(labelled_row(first_images, f"{name} {spacing} {args.steps[0]}"))
     rows.append(labelled_row(ref_images, f"reference {args.reference_steps}"))

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from ldm.sampling.grids import check_sampler
 from ldm.sampling.guidance import CFGDenoiser
+from ldm.sampling.registry import check_sampler
 
 
 def latent_shape(

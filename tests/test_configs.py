@@ -12,8 +12,7 @@ from hydra.utils import instantiate
 from hydra_utils import CONFIGS, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
-GROUPS = ["net", "autoencoder", "conditioner", "diffusion", "sampler", "data", "model", "optim", "lr_schedule",
-          "trainer", "logger", "callbacks", "experiment", "debug", "hparams_search"]  # fmt: skip
+GROUPS = sorted(p.name for p in Path(CONFIGS).iterdir() if p.is_dir() and p.name != "hydra")
 
 
 def options(group: str) -> list[str]:

@@ -31,6 +31,7 @@ from ldm.sampling import (
     sample_plms,
     sample_unipc,
 )
+from ldm.sampling.registry import SAMPLERS, samplers_for
 
 MU, S = 0.5, 0.3
 SIGMA_MAX, SIGMA_MIN = 10.0, 0.02
@@ -86,13 +87,8 @@ def ode_errors(sampler, schedule) -> list[float]:
 # these geometric grids the step ratio differs from 1 by O(h), which leaves second order. UniPC-2: UniP-2 plus the
 # UniC corrector is third order (UniC-p raises the order of the update it corrects by one, Zhao et al. 2023).
 ODE_CASES = [
-    ("euler", sample_euler, 1.0),
-    ("ddim", sample_ddim, 1.0),
-    ("heun", sample_heun, 2.0),
-    ("dpmpp_2m", sample_dpmpp_2m, 2.0),
+    *((name, spec.fn, spec.order) for name, spec in samplers_for("ve").items() if not spec.stochastic),
     ("dpmpp_2m_heun", lambda d, x, s: sample_dpmpp_2m(d, x, s, solver_type="heun"), 2.0),
-    ("plms", sample_plms, 2.0),
-    ("unipc_bh2", sample_unipc, 3.0),
     ("unipc_bh1", lambda d, x, s: sample_unipc(d, x, s, solver_type="bh1"), 3.0),
 ]
 
@@ -124,11 +120,10 @@ def test_euler_is_ddim_eta_zero_and_euler_ancestral_eta_one_is_ddpm() -> None:
 # update is an affine combination with weights summing to 1 of quantities with mean MU, plus zero-mean noise); the
 # variance error is the discretisation bias, first order for the ancestral / churned Euler samplers.
 SDE_CASES = [
-    ("ddpm", sample_ddpm, True),
+    *((name, spec.fn, spec.order == 1) for name, spec in samplers_for("ve").items() if spec.stochastic),
     ("euler_ancestral_eta_half", lambda d, x, s, **kw: sample_euler_ancestral(d, x, s, eta=0.5, **kw), True),
     ("euler_churn", lambda d, x, s, **kw: sample_euler(d, x, s, s_churn=5.0, **kw), True),
     ("heun_churn", lambda d, x, s, **kw: sample_heun(d, x, s, s_churn=5.0, **kw), False),
-    ("dpmpp_2m_sde", sample_dpmpp_2m_sde, False),
     (
         "dpmpp_2m_sde_heun",
         lambda d, x, s, **kw: sample_dpmpp_2m_sde(d, x, s, solver_type="heun", **kw),
@@ -170,15 +165,17 @@ def flow_denoiser(x: Tensor, t: Tensor) -> Tensor:
     return MU + (1 - t) * S**2 * (x - (1 - t) * MU) / ((1 - t) ** 2 * S**2 + t**2)
 
 
+@pytest.mark.parametrize("name", samplers_for("flow"))
 @pytest.mark.parametrize("shift", [1.0, 3.0])
-def test_flow_euler_converges_at_order_one(shift: float) -> None:
+def test_flow_samplers_converge_at_their_order(shift: float, name: str) -> None:
     z = torch.randn(2048, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     exact = MU + S * z  # the 1-D flow from N(0, 1) at t = 1 to N(MU, S^2) at t = 0 is affine
     errors = []
     for steps in STEPS:
         ts = get_sigmas_flow(steps, shift).double()
-        errors.append(float((sample_flow_euler(flow_denoiser, z, ts) - exact).abs().max()))
-    assert abs(_slope(STEPS, errors) + 1.0) <= 0.2, errors  # measured -1.00 (shift 1) and -0.98 (shift 3)
+        errors.append(float((SAMPLERS[name].fn(flow_denoiser, z, ts) - exact).abs().max()))
+    # flow_euler measured -1.00 (shift 1) and -0.98 (shift 3)
+    assert abs(_slope(STEPS, errors) + SAMPLERS[name].order) <= 0.2, errors
 
 
 class CountingDenoiser:
@@ -202,16 +199,7 @@ def test_denoiser_calls_per_run(sampler, calls: int) -> None:
     assert den.calls == calls and torch.isfinite(out).all()
 
 
-ALL_SAMPLERS = [
-    sample_euler,
-    sample_euler_ancestral,
-    sample_heun,
-    sample_plms,
-    sample_dpmpp_2m,
-    sample_dpmpp_2m_sde,
-    sample_unipc,
-    sample_flow_euler,
-]
+ALL_SAMPLERS = [spec.fn for spec in SAMPLERS.values()]
 
 
 @pytest.mark.parametrize("sampler", ALL_SAMPLERS, ids=lambda f: f.__name__)

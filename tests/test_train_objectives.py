@@ -15,7 +15,8 @@ import sample
 import train
 from ldm.diffusion import DiscreteSchedule, EDMSchedule, FlowSchedule
 from ldm.sampling import sample_ddim, sample_flow_euler, sample_heun
-from ldm.sampling.grids import check_sampler, sampling_sigmas
+from ldm.sampling.grids import sampling_sigmas
+from ldm.sampling.registry import check_sampler
 
 OBJECTIVES = {
     "edm": ["experiment=edm"],

@@ -29,6 +29,8 @@ class EDMSchedule:
     """
 
     space = "ve"
+    spacings = ("karras",)  # EDM's rho schedule between sigma_min and sigma_max (ldm.sampling.grids)
+    default_spacing = "karras"
 
     def __init__(
         self,
@@ -85,6 +87,8 @@ class FlowSchedule:
     """
 
     space = "flow"
+    spacings = ("flow",)  # the shifted times of diffusers' FlowMatchEulerDiscreteScheduler (ldm.sampling.grids)
+    default_spacing = "flow"
     sigma_data = 1.0
     sigma_min = 0.0
     sigma_max = 1.0

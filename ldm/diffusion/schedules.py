@@ -74,12 +74,15 @@ class DiscreteSchedule:
     All tables are float64 on CPU.
 
     Noise-schedule interface shared with ``EDMSchedule`` and ``FlowSchedule`` (what the denoiser, the loss and the
-    samplers use): ``space``, ``sigma_min``/``sigma_max``, ``sigma_data``, ``coefficients``, ``c_noise``,
-    ``sigma_at_fraction``, ``init_noise_scale``.
+    samplers use; ``ldm.interfaces.Schedule``): ``space``, ``spacings``/``default_spacing``, ``sigma_min``/``sigma_max``,
+    ``sigma_data``, ``alpha_min``, ``coefficients``, ``c_noise``, ``sigma_at_fraction``, ``init_noise_scale``.
     """
 
     space = "ve"  # samplers see x = x0 + sigma * eps
     sigma_data = 1.0  # latents are scaled to about unit variance
+    # sampling grids (ldm.sampling.grids); trailing starts at the last training timestep (Lin et al. 2024)
+    spacings = ("leading", "trailing", "linspace", "karras")
+    default_spacing = "trailing"
 
     def __init__(
         self,

@@ -32,7 +32,8 @@ from ldm.lit.ema import EMA
 from ldm.lit.preemption import GracefulStop
 from ldm.pipeline import generate, latent_shape
 from ldm.quality import reference_batches, reference_identity, score_features, shard_captions, shard_kind
-from ldm.sampling.grids import check_sampler, sampling_sigmas
+from ldm.sampling.grids import sampling_sigmas
+from ldm.sampling.registry import check_sampler
 
 log = logging.getLogger(__name__)
 
