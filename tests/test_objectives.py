@@ -126,13 +126,14 @@ def test_parameterisation_round_trips_and_error_scale(name: str, prediction: str
     x0, eps = _data()
     x_in = alpha * x0 + s * eps
     sd = sched.sigma_data
-    f = param.target(prediction, x0, eps, alpha, s, sd)
-    torch.testing.assert_close(param.to_x0(prediction, f, x_in, alpha, s, sd), x0, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(param.from_x0(prediction, x0, x_in, alpha, s, sd), f, rtol=1e-7, atol=1e-7)
+    p = param.parameterization(prediction)
+    f = p.target(x0, eps, alpha, s, sd)
+    torch.testing.assert_close(p.to_x0(f, x_in, alpha, s, sd), x0, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(p.from_x0(x0, x_in, alpha, s, sd), f, rtol=1e-7, atol=1e-7)
     # k = (dF/dx0)^2 at fixed x_in: perturb x0 by d, F moves by sqrt(k) d
     d = 1e-3 * torch.randn_like(x0)
-    df = param.from_x0(prediction, x0 + d, x_in, alpha, s, sd) - f
-    k = _view(param.error_scale(prediction, alpha.flatten(), s.flatten(), sd))
+    df = p.from_x0(x0 + d, x_in, alpha, s, sd) - f
+    k = _view(p.error_scale(alpha.flatten(), s.flatten(), sd))
     torch.testing.assert_close(df.pow(2), k * d.pow(2), rtol=1e-6, atol=1e-12)
 
 
@@ -145,7 +146,10 @@ def test_named_parameterisations_are_the_textbook_ones() -> None:
     _, alpha, s = (_view(c) for c in sched.coefficients(sched.sigmas[t]))
     x0, eps = _data(1, (3, 2, 4, 4))
     torch.testing.assert_close(
-        param.target("v", x0, eps, alpha, s, 1.0), ref.get_velocity(x0, eps, t).double(), rtol=1e-5, atol=1e-6
+        param.parameterization("v").target(x0, eps, alpha, s, 1.0),
+        ref.get_velocity(x0, eps, t).double(),
+        rtol=1e-5,
+        atol=1e-6,
     )
     # EDM: D = c_skip x + c_out F with c_skip = sd^2/(sigma^2+sd^2), c_out = sigma sd / sqrt(sigma^2+sd^2)
     edm = EDMSchedule(sigma_data=0.5)
@@ -155,7 +159,8 @@ def test_named_parameterisations_are_the_textbook_ones() -> None:
     out = torch.randn_like(x0)
     c_skip = 0.25 / (_view(sigma) ** 2 + 0.25)
     c_out = _view(sigma) * 0.5 / (_view(sigma) ** 2 + 0.25).sqrt()
-    torch.testing.assert_close(param.to_x0("edm", out, alpha * x, alpha, s, 0.5), c_skip * x + c_out * out)
+    edm_x0 = param.parameterization("edm").to_x0(out, alpha * x, alpha, s, 0.5)
+    torch.testing.assert_close(edm_x0, c_skip * x + c_out * out)
 
 
 class _Recorder(nn.Module):
@@ -177,7 +182,7 @@ def test_denoiser_preconditions_and_recovers_x0(name: str, prediction: str) -> N
     _, alpha, s = (_view(c) for c in sched.coefficients(level))
     x0, eps = _data(2)
     x = x0 + _view(level) * eps if sched.space == "ve" else alpha * x0 + s * eps
-    net = _Recorder(param.target(prediction, x0, eps, alpha, s, sched.sigma_data))
+    net = _Recorder(param.parameterization(prediction).target(x0, eps, alpha, s, sched.sigma_data))
     den = Denoiser(net, sched, prediction)
     torch.testing.assert_close(den(x, level), x0, rtol=1e-8, atol=1e-8)
     torch.testing.assert_close(net.seen["x"], alpha * x0 + s * eps)  # the net sees its training input
@@ -227,7 +232,7 @@ def test_min_snr_weights_match_the_diffusers_training_script(prediction: str) ->
     snr = compute_snr(ref, t).double()
     expected = snr.clamp(max=5.0) / (snr if prediction == "eps" else snr + 1)  # train_text_to_image.py
     _, alpha, s = sched.coefficients(sched.sigmas[t])
-    k = param.error_scale(prediction, alpha, s, 1.0)
+    k = param.parameterization(prediction).error_scale(alpha, s, 1.0)
     torch.testing.assert_close(MinSNRWeighting(5.0)(alpha, s, k, 1.0), expected, rtol=1e-4, atol=0)
 
 
@@ -235,10 +240,10 @@ def test_edm_weighting_is_one_for_edm_preconditioning() -> None:
     sched = EDMSchedule(sigma_data=0.5)
     sigma = torch.tensor([0.002, 0.3, 5.0, 80.0], dtype=torch.float64)
     _, alpha, s = sched.coefficients(sigma)
-    k = param.error_scale("edm", alpha, s, 0.5)
+    k = param.parameterization("edm").error_scale(alpha, s, 0.5)
     torch.testing.assert_close(EDMWeighting()(alpha, s, k, 0.5), torch.ones(4, dtype=torch.float64))
     lam = (sigma**2 + 0.25) / (0.5 * sigma) ** 2  # EDM Table 1, lambda(sigma) on the x0 error
-    k_eps = param.error_scale("eps", alpha, s, 0.5)
+    k_eps = param.parameterization("eps").error_scale(alpha, s, 0.5)
     torch.testing.assert_close(EDMWeighting()(alpha, s, k_eps, 0.5) * k_eps, lam)
 
 
@@ -275,7 +280,7 @@ def test_loss_value_is_the_weighted_mse(name: str, prediction: str, weighting) -
     net = _OffsetOracle(loss, x0, draw, delta=0.1)
     value = loss(net, x0, generator=torch.Generator().manual_seed(5))
     _, alpha, s = sched.coefficients(draw["sigma"])
-    k = param.error_scale(prediction, alpha, s, sched.sigma_data)
+    k = param.parameterization(prediction).error_scale(alpha, s, sched.sigma_data)
     w = torch.ones(6, dtype=torch.float64) if weighting is None else weighting(alpha, s, k, sched.sigma_data)
     assert float(value) == pytest.approx(float((w * 0.01).mean()), rel=1e-9)
     torch.testing.assert_close(net.inputs[0], loss.q_sample(x0, draw["sigma"], draw["eps"]))

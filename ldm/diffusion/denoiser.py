@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ldm.diffusion import parameterization as param
-from ldm.diffusion.parameterization import PREDICTIONS, check_prediction, check_prediction_for
+from ldm.diffusion.parameterization import PREDICTIONS, check_prediction, parameterization_for
 
 __all__ = ["PREDICTIONS", "Denoiser", "append_dims", "check_prediction"]
 
@@ -31,7 +30,8 @@ class Denoiser(nn.Module):
         super().__init__()
         self.net = net
         self.schedule = schedule
-        self.prediction = check_prediction_for(prediction, schedule)
+        self.parameterization = parameterization_for(prediction, schedule)
+        self.prediction = prediction
 
     def _batch_sigma(self, x: Tensor, sigma: Tensor | float) -> Tensor:
         """Scalar or (B,) sigma -> (B,) tensor on x's device."""
@@ -64,17 +64,17 @@ class Denoiser(nn.Module):
                 f"net output {tuple(out.shape)} must match its input {tuple(x.shape)}; "
                 "set the net's out_channels to the latent channels."
             )
-        x0 = param.to_x0(self.prediction, out.to(x.dtype), x_in, alpha, s, self.schedule.sigma_data)
+        x0 = self.parameterization.to_x0(out.to(x.dtype), x_in, alpha, s, self.schedule.sigma_data)
         return x0.to(x.dtype)
 
     def prediction_from_x0(self, x: Tensor, sigma: Tensor, x0: Tensor) -> Tensor:
         """The net output that gives ``x0`` at (x, sigma): the model's own prediction space (guidance rescale)."""
         sigma = self._batch_sigma(x, sigma)
         a, alpha, s = self._coefficients(x, sigma)
-        return param.from_x0(self.prediction, x0, x * a, alpha, s, self.schedule.sigma_data)
+        return self.parameterization.from_x0(x0, x * a, alpha, s, self.schedule.sigma_data)
 
     def x0_from_prediction(self, x: Tensor, sigma: Tensor, out: Tensor) -> Tensor:
         """Inverse of ``prediction_from_x0``."""
         sigma = self._batch_sigma(x, sigma)
         a, alpha, s = self._coefficients(x, sigma)
-        return param.to_x0(self.prediction, out, x * a, alpha, s, self.schedule.sigma_data)
+        return self.parameterization.to_x0(out, x * a, alpha, s, self.schedule.sigma_data)

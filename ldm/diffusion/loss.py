@@ -19,9 +19,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ldm.diffusion import parameterization as param
 from ldm.diffusion.denoiser import append_dims
-from ldm.diffusion.parameterization import check_prediction_for
+from ldm.diffusion.parameterization import parameterization_for
 from ldm.diffusion.weighting import UniformTimesteps, UniformWeighting
 
 
@@ -43,7 +42,8 @@ class DiffusionLoss:
                 f"{offset_noise} and {input_perturbation}."
             )
         self.schedule = schedule
-        self.prediction = check_prediction_for(prediction, schedule)
+        self.parameterization = parameterization_for(prediction, schedule)
+        self.prediction = prediction
         self.timesteps = timesteps if timesteps is not None else UniformTimesteps()
         self.weighting = weighting if weighting is not None else UniformWeighting()
         self.offset_noise = float(offset_noise)
@@ -69,7 +69,7 @@ class DiffusionLoss:
     def target(self, x0: Tensor, sigma: Tensor, eps: Tensor) -> Tensor:
         """The regression target of the parameterisation (eps, v = alpha eps - s x0, x0, eps - x0, EDM's F)."""
         alpha, s = self.coefficients(x0, sigma)
-        return param.target(self.prediction, x0, eps, alpha, s, self.schedule.sigma_data)
+        return self.parameterization.target(x0, eps, alpha, s, self.schedule.sigma_data)
 
     def draw(self, x0: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """sigma (B,) float64, eps (B, ...) (with offset noise) and the input noise (with perturbation).
@@ -118,9 +118,9 @@ class DiffusionLoss:
                 "set the net's out_channels to the latent channels."
             )
         dtype = torch.promote_types(pred.dtype, torch.float32)  # fp16/bf16 nets: reduce in float32
-        tgt = param.target(self.prediction, x0, draw["eps"], alpha_x, s_x, self.schedule.sigma_data).to(dtype)
+        tgt = self.parameterization.target(x0, draw["eps"], alpha_x, s_x, self.schedule.sigma_data).to(dtype)
         per_sample = (pred.to(dtype) - tgt).pow(2).flatten(1).mean(1)  # (B,)
-        k = param.error_scale(self.prediction, alpha, s, self.schedule.sigma_data)
+        k = self.parameterization.error_scale(alpha, s, self.schedule.sigma_data)
         weight = self.weighting(alpha, s, k, self.schedule.sigma_data).to(dtype)  # (B,)
         weighted = weight * per_sample  # (B,)
         return weighted.mean() if reduce else weighted
