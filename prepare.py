@@ -13,6 +13,8 @@
     python prepare.py latents-merge --shards '...' --out data/mine/latents   # the index, if no process wrote it
     python prepare.py export-autoencoder --ckpt logs/autoencoder/runs/<run>/checkpoints/last.ckpt \
         --shards 'data/emoji32/images/train-{000000..000007}.tar' --out ldm/autoencoder/weights/emoji_kl_f4
+    python prepare.py export-diffusers --ckpt logs/train/runs/<run>/checkpoints/last.ckpt --out exported/sd
+                                      # a StableDiffusionPipeline directory (EMA weights; ldm/convert/export_pipeline.py)
 
 No command writes over its input: an --out (and --prefix) whose files would be, or resolve to, an input shard,
 shard index or image is refused before anything is written (ldm/data/overwrite.py).
@@ -213,6 +215,17 @@ def cmd_export(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_export_diffusers(args: argparse.Namespace) -> None:
+    """Latent-diffusion checkpoint -> a StableDiffusionPipeline directory (``ldm.convert.export_pipeline``)."""
+    from ldm.convert.export_pipeline import export_sd_pipeline
+    from ldm.lit.loading import load_for_sampling
+
+    model = load_for_sampling(Path(args.ckpt), use_ema=not args.raw_weights, device=torch.device("cpu"))
+    export_sd_pipeline(args.out, denoiser=model.denoiser, conditioner=model.conditioner,
+                       autoencoder=model.autoencoder, image_size=int(model.config["image_size"]),
+                       latent_norm=model.latent_norm, allow_padding_attention=args.allow_padding_attention)  # fmt: skip
+
+
 def add_text_encoder_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument(
         "--text-encoder",
@@ -359,6 +372,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--recipe", default="python train.py experiment=autoencoder_emoji")
     add_background_arg(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "export-diffusers", help="latent-diffusion checkpoint -> StableDiffusionPipeline directory"
+    )
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--out", required=True, help="a new (or empty) directory")
+    p.add_argument("--raw-weights", action="store_true", help="the raw weights instead of the EMA weights")
+    p.add_argument("--allow-padding-attention", action="store_true",
+                   help="export a model trained with conditioner.mask_padding=true anyway (its images will differ)")  # fmt: skip
+    p.set_defaults(func=cmd_export_diffusers)
 
     args = parser.parse_args(argv)
     args.func(args)
