@@ -257,7 +257,17 @@ class _OffsetOracle(nn.Module):
 
     def forward(self, x: Tensor, c_noise: Tensor, context=None, context_mask=None) -> Tensor:
         self.inputs.append(x)
-        return self.loss.target(self.x0, self.draw["sigma"], self.draw["eps"]) + self.delta
+        return _target(self.loss, self.x0, self.draw["sigma"], self.draw["eps"]) + self.delta
+
+
+def _coefficients(loss: DiffusionLoss, x0: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+    _, alpha, s = loss.schedule.coefficients(sigma)
+    return _view(alpha).to(x0.dtype), _view(s).to(x0.dtype)  # (B, 1, 1, 1) as the loss uses them
+
+
+def _target(loss: DiffusionLoss, x0: Tensor, sigma: Tensor, eps: Tensor) -> Tensor:
+    alpha, s = _coefficients(loss, x0, sigma)
+    return loss.parameterization.target(x0, eps, alpha, s, loss.schedule.sigma_data)
 
 
 @pytest.mark.parametrize(
@@ -283,7 +293,8 @@ def test_loss_value_is_the_weighted_mse(name: str, prediction: str, weighting) -
     k = param.parameterization(prediction).error_scale(alpha, s, sched.sigma_data)
     w = torch.ones(6, dtype=torch.float64) if weighting is None else weighting(alpha, s, k, sched.sigma_data)
     assert float(value) == pytest.approx(float((w * 0.01).mean()), rel=1e-9)
-    torch.testing.assert_close(net.inputs[0], loss.q_sample(x0, draw["sigma"], draw["eps"]))
+    alpha, s = _coefficients(loss, x0, draw["sigma"])
+    torch.testing.assert_close(net.inputs[0], alpha * x0 + s * draw["eps"])
 
 
 def test_offset_noise_shifts_channel_means_and_is_the_target() -> None:

@@ -25,12 +25,12 @@ from diffusers import (
 from torch import Tensor, nn
 
 from ldm.diffusion import Denoiser, DiscreteSchedule
+from ldm.diffusion.schedules import vp_init_noise_scale
 from ldm.sampling import (
     get_sigmas_discrete,
     get_sigmas_flow,
     get_sigmas_karras,
     get_timesteps_discrete,
-    init_noise_scale,
     sample_dpmpp_2m,
     sample_dpmpp_2m_sde,
     sample_euler,
@@ -135,7 +135,7 @@ def test_euler_and_heun_match_diffusers(sampler: str, spacing: str, prediction: 
     ref = cls(**SCHED_KW, steps_offset=1, prediction_type=PRED_TYPE[prediction], **kw)
     ref.set_timesteps(steps)
     sigmas = _ve_sigmas(ref, spacing, steps)
-    x = _noise() * init_noise_scale(sigmas[0])
+    x = _noise() * vp_init_noise_scale(sigmas[0])
     expected = _run_ve(ref, x)
     fn = sample_euler if sampler == "euler" else sample_heun
     assert _rel_err(fn(_denoiser(prediction), x, sigmas), expected) <= TOL
@@ -150,7 +150,7 @@ def test_euler_ancestral_matches_diffusers(spacing: str, prediction: str, steps:
     )
     ref.set_timesteps(steps)
     sigmas = _ve_sigmas(ref, spacing, steps)
-    x = _noise() * init_noise_scale(sigmas[0])
+    x = _noise() * vp_init_noise_scale(sigmas[0])
     expected = _run_ve(ref, x, seed=5)
     ours = sample_euler_ancestral(
         _denoiser(prediction), x, sigmas, generator=torch.Generator().manual_seed(5)
@@ -199,7 +199,7 @@ def test_plms_matches_pndm_skip_prk(spacing: str, final: str, prediction: str, s
     if final == "sigma_min":
         sigmas[-1] = SCHED.sigma_min
     expected = _run_pndm_eps(ref, prediction)
-    ours = sample_plms(_denoiser(prediction), _noise() * init_noise_scale(sigmas[0]), sigmas)
+    ours = sample_plms(_denoiser(prediction), _noise() * vp_init_noise_scale(sigmas[0]), sigmas)
     ours = ours / math.sqrt(1.0 + float(sigmas[-1]) ** 2)  # VE -> VP at the final sigma
     assert _rel_err(ours, expected) <= TOL
 
@@ -247,7 +247,7 @@ def test_dpmpp_2m_matches_diffusers(
         prediction_type=PRED_TYPE[prediction],
     )
     expected = _run_vp(ref, _noise(), seed=9 if sde else None)
-    x, den = _noise() * init_noise_scale(sigmas[0]), _denoiser(prediction, round_t)
+    x, den = _noise() * vp_init_noise_scale(sigmas[0]), _denoiser(prediction, round_t)
     if sde:
         ours = sample_dpmpp_2m_sde(
             den, x, sigmas, solver_type=solver_type, generator=torch.Generator().manual_seed(9)
@@ -296,7 +296,7 @@ def test_unipc_matches_diffusers(
         prediction_type=PRED_TYPE[prediction],
     )
     expected = _run_vp(ref, _noise())
-    x = _noise() * init_noise_scale(sigmas[0])
+    x = _noise() * vp_init_noise_scale(sigmas[0])
     ours = sample_unipc(_denoiser(prediction, round_t), x, sigmas, order=order, solver_type=solver_type)
     ours = ours / math.sqrt(1.0 + float(sigmas[-1]) ** 2)  # VE -> VP at the final sigma
     assert _rel_err(ours, expected) <= TOL

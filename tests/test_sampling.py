@@ -8,11 +8,11 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import Tensor, nn
 
 from ldm.diffusion import Denoiser, DiscreteSchedule
+from ldm.diffusion.schedules import vp_init_noise_scale
 from ldm.sampling import (
     CFGDenoiser,
     get_sigmas_discrete,
     get_timesteps_discrete,
-    init_noise_scale,
     sample_ddim,
     sample_ddpm,
 )
@@ -56,7 +56,7 @@ def test_timesteps_match_diffusers(spacing: str, steps_offset: int) -> None:
 
 
 def test_sigma_helpers_reject_bad_input() -> None:
-    assert init_noise_scale(2.0) == pytest.approx(5**0.5)
+    assert vp_init_noise_scale(2.0) == pytest.approx(5**0.5)
     with pytest.raises(ValueError, match="spacing must be one of"):
         get_timesteps_discrete(1000, 10, "karras")
     with pytest.raises(ValueError, match="steps must be in"):
@@ -113,7 +113,7 @@ def test_ddim_matches_diffusers(prediction: str, spacing: str, eta: float) -> No
 
     sched = DiscreteSchedule()
     sigmas = get_sigmas_discrete(sched, steps, spacing, steps_offset=1)
-    x = _noise() * init_noise_scale(sigmas[0])
+    x = _noise() * vp_init_noise_scale(sigmas[0])
     ours = sample_ddim(
         Denoiser(FnNet(), sched, prediction), x, sigmas, eta=eta, generator=torch.Generator().manual_seed(7)
     )
@@ -139,7 +139,9 @@ def test_ddim_linspace_matches_unpatched_first_order_dpm_solver(prediction: str)
 
     sched = DiscreteSchedule()
     sigmas = get_sigmas_discrete(sched, 20, "linspace")
-    ours = sample_ddim(Denoiser(FnNet(), sched, prediction), _noise() * init_noise_scale(sigmas[0]), sigmas)
+    ours = sample_ddim(
+        Denoiser(FnNet(), sched, prediction), _noise() * vp_init_noise_scale(sigmas[0]), sigmas
+    )
     assert _rel_err(ours, expected) <= 1e-4
 
 
@@ -162,7 +164,7 @@ def test_ddpm_matches_diffusers_on_a_strided_grid(prediction: str, spacing: str)
 
     sched = DiscreteSchedule()
     sigmas = get_sigmas_discrete(sched, steps, spacing, steps_offset=0)
-    x = _noise() * init_noise_scale(sigmas[0])
+    x = _noise() * vp_init_noise_scale(sigmas[0])
     ours = sample_ddpm(
         Denoiser(FnNet(), sched, prediction), x, sigmas, generator=torch.Generator().manual_seed(11)
     )
@@ -173,7 +175,7 @@ def test_ddpm_is_deterministic_given_a_seed_and_equals_ddim_eta_one() -> None:
     sched = DiscreteSchedule()
     den = Denoiser(FnNet(), sched, "eps")
     sigmas = get_sigmas_discrete(sched, 15)
-    x = _noise() * init_noise_scale(sigmas[0])
+    x = _noise() * vp_init_noise_scale(sigmas[0])
     a = sample_ddpm(den, x, sigmas, generator=torch.Generator().manual_seed(3))
     b = sample_ddpm(den, x, sigmas, generator=torch.Generator().manual_seed(3))
     c = sample_ddpm(den, x, sigmas, generator=torch.Generator().manual_seed(4))
@@ -186,7 +188,7 @@ def test_callback_sees_every_step() -> None:
     sched = DiscreteSchedule()
     sigmas = get_sigmas_discrete(sched, 6)
     seen: list[dict] = []
-    x = _noise() * init_noise_scale(sigmas[0])
+    x = _noise() * vp_init_noise_scale(sigmas[0])
     sample_ddim(Denoiser(FnNet(), sched), x, sigmas, callback=seen.append)
     assert [d["i"] for d in seen] == list(range(6))
     assert torch.equal(torch.stack([d["sigma"] for d in seen]), sigmas[:-1])
@@ -242,7 +244,7 @@ def test_cfg_scale_one_is_the_cond_denoiser_with_one_half_size_call() -> None:
 def test_cfg_makes_exactly_one_inner_call_per_sampler_step() -> None:
     inner, (cond, uncond) = CountingDenoiser(), _conds(2, 1, uncond_len=3)  # shorter negative prompt: padded
     sigmas = get_sigmas_discrete(DiscreteSchedule(), 12)
-    x = _noise() * init_noise_scale(sigmas[0])
+    x = _noise() * vp_init_noise_scale(sigmas[0])
     sample_ddpm(
         CFGDenoiser(inner, cond, uncond, scale=4.0), x, sigmas, generator=torch.Generator().manual_seed(0)
     )

@@ -9,15 +9,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
-
-def pad_tokens(context: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
-    """Zero-pad (B, L, D) context and (B, L) mask to ``length`` tokens (padding is masked out)."""
-    extra = length - context.shape[1]
-    if extra <= 0:
-        return context, mask
-    return F.pad(context, (0, 0, 0, extra)), F.pad(mask, (0, extra), value=False)
+from ldm.tensors import pad_tokens
 
 
 def replace_rows(
@@ -30,8 +23,9 @@ def replace_rows(
     n_real = int(null_mask[0].sum())
     null_context, null_mask = null_context[:, :n_real], null_mask[:, :n_real]  # (1, L0, D), (1, L0)
     length = max(context.shape[1], n_real)
-    context, mask = pad_tokens(context, mask, length)
-    null_context, null_mask = pad_tokens(null_context.to(context), null_mask.to(mask.device), length)
+    context, mask = pad_tokens(context, length), pad_tokens(mask, length)  # (B, length, D), (B, length)
+    null_context = pad_tokens(null_context.to(context), length)  # (1, length, D)
+    null_mask = pad_tokens(null_mask.to(mask.device), length)  # (1, length), padding False
     keep = ~drop.to(context.device)  # (B,)
     context = torch.where(keep[:, None, None], context, null_context)
     mask = torch.where(keep[:, None], mask, null_mask)

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from ldm.diffusion.schedules import _work_dtype
+from ldm.tensors import float_dtype, work_dtype
 
 
 def shift_time(t, shift: float):
@@ -29,7 +29,7 @@ class EDMSchedule:
     """
 
     space = "ve"
-    spacings = ("karras",)  # EDM's rho schedule between sigma_min and sigma_max (ldm.sampling.grids)
+    spacings = ("karras",)  # sampling grid (ldm.sampling.grids): EDM's rho schedule
     default_spacing = "karras"
 
     def __init__(
@@ -58,19 +58,18 @@ class EDMSchedule:
 
     def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(a, alpha, s) = (c_in, c_in, sigma * c_in): a * x = c_in * x0 + c_in * sigma * eps."""
-        sigma = sigma.to(_work_dtype(sigma.device))
+        sigma = sigma.to(work_dtype(sigma.device))
         c_in = (sigma**2 + self.sigma_data**2).rsqrt()
         return c_in, c_in, sigma * c_in
 
     def c_noise(self, sigma: Tensor) -> Tensor:
         """(1/4) ln(sigma), times ``c_noise_scale`` (EDM Table 1)."""
-        dtype = torch.float64 if sigma.dtype == torch.float64 else torch.float32
-        return (0.25 * self.c_noise_scale * sigma.to(_work_dtype(sigma.device)).log()).to(dtype)
+        return (0.25 * self.c_noise_scale * sigma.to(work_dtype(sigma.device)).log()).to(float_dtype(sigma))
 
     def sigma_at_fraction(self, u: Tensor) -> Tensor:
         """u in [0, 1) -> sigma log-uniform on [sigma_min, sigma_max]."""
         lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
-        return torch.exp(lo + u.to(_work_dtype(u.device)) * (hi - lo))
+        return torch.exp(lo + u.to(work_dtype(u.device)) * (hi - lo))
 
     def init_noise_scale(self, sigma: float) -> float:
         """x_N = sigma_max * N(0, I) (EDM Algorithm 1, line 1)."""
@@ -87,7 +86,8 @@ class FlowSchedule:
     """
 
     space = "flow"
-    spacings = ("flow",)  # the shifted times of diffusers' FlowMatchEulerDiscreteScheduler (ldm.sampling.grids)
+    # sampling grid (ldm.sampling.grids): the shifted times of diffusers' FlowMatchEulerDiscreteScheduler
+    spacings = ("flow",)
     default_spacing = "flow"
     sigma_data = 1.0
     sigma_min = 0.0
@@ -109,16 +109,15 @@ class FlowSchedule:
 
     def coefficients(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(a, alpha, s) = (1, 1 - t, t): x itself is the net input."""
-        t = t.to(_work_dtype(t.device))
+        t = t.to(work_dtype(t.device))
         return torch.ones_like(t), 1.0 - t, t
 
     def c_noise(self, t: Tensor) -> Tensor:
-        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
-        return (t.to(_work_dtype(t.device)) * self.num_timesteps).to(dtype)
+        return (t.to(work_dtype(t.device)) * self.num_timesteps).to(float_dtype(t))
 
     def sigma_at_fraction(self, u: Tensor) -> Tensor:
         """u in [0, 1) -> shifted t, kept inside [1e-5, 1] so that eps- and x0-style targets stay finite."""
-        return self.shift_t(u.to(_work_dtype(u.device))).clamp(1e-5, 1.0)
+        return self.shift_t(u.to(work_dtype(u.device))).clamp(1e-5, 1.0)
 
     def init_noise_scale(self, sigma: float) -> float:
         """x_1 = eps: N(0, I) as is."""

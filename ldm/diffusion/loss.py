@@ -56,21 +56,6 @@ class DiffusionLoss:
             f"input_perturbation={self.input_perturbation})"
         )
 
-    def coefficients(self, x0: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
-        """alpha, s as (B, 1, ..., 1) in x0's dtype and device, for noise levels sigma (B,)."""
-        _, alpha, s = self.schedule.coefficients(sigma.to(x0.device))
-        return append_dims(alpha, x0.ndim).to(x0.dtype), append_dims(s, x0.ndim).to(x0.dtype)
-
-    def q_sample(self, x0: Tensor, sigma: Tensor, eps: Tensor) -> Tensor:
-        """x_in = alpha x0 + s eps (VP: Ho et al. 2020, eq. 4). x0, eps (B, ...); sigma (B,)."""
-        alpha, s = self.coefficients(x0, sigma)
-        return alpha * x0 + s * eps  # (B, ...)
-
-    def target(self, x0: Tensor, sigma: Tensor, eps: Tensor) -> Tensor:
-        """The regression target of the parameterisation (eps, v = alpha eps - s x0, x0, eps - x0, EDM's F)."""
-        alpha, s = self.coefficients(x0, sigma)
-        return self.parameterization.target(x0, eps, alpha, s, self.schedule.sigma_data)
-
     def draw(self, x0: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """sigma (B,) float64, eps (B, ...) (with offset noise) and the input noise (with perturbation).
 
@@ -109,7 +94,7 @@ class DiffusionLoss:
         sigma = draw["sigma"]  # (B,)
         _, alpha, s = self.schedule.coefficients(sigma)  # (B,) float64, once per step
         alpha_x, s_x = (append_dims(c, x0.ndim).to(x0.dtype) for c in (alpha, s))  # (B, 1, 1, 1)
-        x_in = alpha_x * x0 + s_x * draw["noise_in"]  # (B, C, H, W), as q_sample
+        x_in = alpha_x * x0 + s_x * draw["noise_in"]  # (B, C, H, W) (VP: Ho et al. 2020, eq. 4)
         c_noise = self.schedule.c_noise(sigma).float()  # (B,)
         pred = net(x_in, c_noise, context=context, context_mask=context_mask)  # (B, C, H, W)
         if pred.shape != x0.shape:

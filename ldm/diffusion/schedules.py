@@ -11,20 +11,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ldm.tensors import float_dtype, work_dtype
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 ZERO_SNR_ALPHA_CUMPROD = (
     2.0**-24
 )  # abar_T used in the sigma view of a zero-terminal-SNR schedule (sigma_max 4096)
-
-
-def _float_dtype(x: Tensor) -> torch.dtype:
-    """float64 stays float64; every other dtype (ints, halves, float32) gives float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _work_dtype(device: torch.device) -> torch.dtype:
-    """float64 for the interpolation maths, except on backends without float64 (Apple MPS)."""
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def cosine_betas(num_timesteps: int, offset: float = 0.008, max_beta: float = 0.999) -> Tensor:
@@ -48,7 +40,11 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
 
 
 def vp_init_noise_scale(sigma: float) -> float:
-    """sqrt(1 + sigma^2): N(0, I) (the VP prior x_T) in VE coordinates x = x_T / sqrt(abar_T)."""
+    """VP only: sqrt(1 + sigma_max^2) scales N(0, I), the VP prior x_T, into the sigma view x = x_T / sqrt(abar_T).
+
+    EDM starts from sigma_max * N(0, I) and rectified flow from N(0, I): for any schedule use
+    ``schedule.init_noise_scale(sigmas[0])``.
+    """
     return float(1.0 + float(sigma) ** 2) ** 0.5
 
 
@@ -58,7 +54,7 @@ def vp_coefficients(sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     The net input a * x = alpha * x0 + s * eps with a = alpha = 1/sqrt(1 + sigma^2), s = sigma * alpha
     (EDM, Table 1, "VP" column: c_in). Computed in float64 (float32 on MPS).
     """
-    sigma = sigma.to(_work_dtype(sigma.device))
+    sigma = sigma.to(work_dtype(sigma.device))
     alpha = (1.0 + sigma**2).rsqrt()
     return alpha, alpha, sigma * alpha
 
@@ -142,7 +138,7 @@ class DiscreteSchedule:
 
     def sigma_at_fraction(self, u: Tensor) -> Tensor:
         """u in [0, 1) -> the sigma of training timestep floor(u * T): u ~ U[0, 1) gives t ~ U{0..T-1} (DDPM)."""
-        work = _work_dtype(u.device)
+        work = work_dtype(u.device)
         t = (u.to(work) * self.num_timesteps).floor().long().clamp(0, self.num_timesteps - 1)
         return self.sigmas.to(device=u.device, dtype=work)[t]
 
@@ -156,7 +152,7 @@ class DiscreteSchedule:
         its own dtype returns that grid index). Sigmas outside [sigma_min, sigma_max] clamp to t in [0, T-1].
         Output: same shape and device as ``sigma``; float64 if sigma is float64, else float32.
         """
-        work = _work_dtype(sigma.device)
+        work = work_dtype(sigma.device)
         log_grid = self.log_sigmas.to(device=sigma.device, dtype=work)  # (T,) ascending
         log_sigma = sigma.to(work).log()  # (...)
         flat = log_sigma.reshape(-1)  # (N,)
@@ -170,14 +166,14 @@ class DiscreteSchedule:
             hits = sigma.reshape(-1, 1) == grid.reshape(1, -1)  # (N, T)
             index = hits.to(torch.int64).argmax(dim=1).to(work)  # (N,)
             t = torch.where(hits.any(dim=1), index, t)
-        return t.reshape(sigma.shape).to(_float_dtype(sigma))
+        return t.reshape(sigma.shape).to(float_dtype(sigma))
 
     def t_to_sigma(self, t: Tensor) -> Tensor:
         """sigma at continuous timestep t (log-linear interpolation between grid points; exact on the grid).
 
         Output: same shape and device as ``t``; float64 if t is float64, else float32.
         """
-        work = _work_dtype(t.device)
+        work = work_dtype(t.device)
         t_work = t.to(work).clamp(0.0, self.num_timesteps - 1)  # (...)
         low = t_work.floor().to(torch.int64)  # (...)
         high = (low + 1).clamp(max=self.num_timesteps - 1)  # (...)
@@ -186,4 +182,4 @@ class DiscreteSchedule:
         log_sigmas = self.log_sigmas.to(device=t.device, dtype=work)  # (T,)
         # sigma_low * exp(w * (log sigma_high - log sigma_low)) == exp of the interpolated log-sigma
         sigma = sigmas[low] * torch.exp(w * (log_sigmas[high] - log_sigmas[low]))
-        return sigma.to(_float_dtype(t))
+        return sigma.to(float_dtype(t))

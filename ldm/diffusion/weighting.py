@@ -13,19 +13,14 @@ error (min-SNR, EDM) are divided by the parameterisation's ``error_scale`` k:
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-
-def _dtype(device: torch.device) -> torch.dtype:
-    """float64 draws, except on backends without float64 (Apple MPS)."""
-    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+from ldm.tensors import work_dtype
 
 
 def _uniform(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    return torch.rand(n, generator=generator, device=device, dtype=_dtype(device))
+    return torch.rand(n, generator=generator, device=device, dtype=work_dtype(device))
 
 
 class UniformTimesteps:
@@ -47,7 +42,7 @@ class LogitNormalTimesteps:
         self.mean, self.std = float(mean), float(std)
 
     def __call__(self, schedule, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
-        normal = torch.randn(n, generator=generator, device=device, dtype=_dtype(device))
+        normal = torch.randn(n, generator=generator, device=device, dtype=work_dtype(device))
         u = torch.sigmoid(self.mean + self.std * normal)
         return schedule.sigma_at_fraction(u.clamp(max=1.0 - 1e-12))
 
@@ -66,7 +61,7 @@ class LogNormalSigmas:
     def __call__(self, schedule, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
         if schedule.space != "ve":
             raise ValueError("LogNormalSigmas draws VE sigmas; for rectified flow use LogitNormalTimesteps.")
-        normal = torch.randn(n, generator=generator, device=device, dtype=_dtype(device))
+        normal = torch.randn(n, generator=generator, device=device, dtype=work_dtype(device))
         return torch.exp(self.mean + self.std * normal).clamp(schedule.sigma_min, schedule.sigma_max)
 
     def __repr__(self) -> str:
@@ -111,9 +106,3 @@ class EDMWeighting:
 
     def __repr__(self) -> str:
         return "EDMWeighting()"
-
-
-def logit_normal_density(t: Tensor, mean: float = 0.0, std: float = 1.0) -> Tensor:
-    """Density of sigmoid(N(mean, std^2)) at t in (0, 1) (SD3, eq. 19), for tests and plots."""
-    logit = torch.log(t / (1 - t))
-    return torch.exp(-((logit - mean) ** 2) / (2 * std**2)) / (std * math.sqrt(2 * math.pi) * t * (1 - t))

@@ -8,7 +8,6 @@ from ldm.sampling.sigmas import (
     get_sigmas_flow,
     get_sigmas_karras,
     get_timesteps_discrete,
-    init_noise_scale,
 )
 from ldm.sampling.solvers import sample_euler, sample_euler_ancestral, sample_flow_euler, sample_heun
 
@@ -18,7 +17,6 @@ __all__ = [
     "get_sigmas_flow",
     "get_sigmas_karras",
     "get_timesteps_discrete",
-    "init_noise_scale",
     "sample_ddim",
     "sample_ddpm",
     "sample_dpmpp_2m",

@@ -17,16 +17,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from ldm.tensors import pad_tokens
+
 CONTEXT_KEYS = ("context", "context_mask")
-
-
-def _pad_tokens(t: Tensor, length: int) -> Tensor:
-    """Zero/False-pad dim 1 (tokens) of (B, L, ...) to ``length``."""
-    pad = [0, 0] * (t.ndim - 2) + [0, length - t.shape[1]]
-    return F.pad(t, pad)
 
 
 def _batched_pair(cond: dict[str, Tensor], uncond: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -44,7 +39,7 @@ def _batched_pair(cond: dict[str, Tensor], uncond: dict[str, Tensor]) -> dict[st
         )
     out: dict[str, Tensor] = {}
     for key in cond:
-        c, u = _pad_tokens(cond[key], length), _pad_tokens(uncond[key], length)  # (B, L, ...), (1|B, L, ...)
+        c, u = pad_tokens(cond[key], length), pad_tokens(uncond[key], length)  # (B, L, ...), (1|B, L, ...)
         if u.shape[0] == 1 and batch > 1:
             u = u.expand(batch, *u.shape[1:])
         if u.shape != c.shape:

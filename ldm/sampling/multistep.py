@@ -14,8 +14,8 @@ import math
 import torch
 from torch import Tensor
 
-from ldm.sampling.samplers import Callback, Denoiser, _check_sigmas, _denoise, _noise_like
-from ldm.sampling.solvers import _heun_step
+from ldm.sampling.samplers import Callback, Denoiser, check_sigmas, denoise, noise_like
+from ldm.sampling.solvers import heun_step
 
 SOLVER_TYPES = ("midpoint", "heun")
 UNIPC_VARIANTS = ("bh1", "bh2")
@@ -53,18 +53,18 @@ def sample_plms(
     ``schedule.sigma_min``. Other spacings make diffusers step off its own list, which no sigma list expresses.
     For v-prediction nets diffusers averages the raw v outputs; this averages the implied eps (parameterisation-free).
     """
-    values = _check_sigmas(sigmas)
+    values = check_sigmas(sigmas)
     sigmas_dev = sigmas.to(x.device)  # (N+1,)
     steps = len(values) - 1
     history: list[Tensor] = []  # eps estimates, oldest first, at most 4
     for i in range(steps):
-        denoised = _denoise(denoiser, x, sigmas_dev[i], extra_args)  # (B, ...)
+        denoised = denoise(denoiser, x, sigmas_dev[i], extra_args)  # (B, ...)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": sigmas_dev[i], "denoised": denoised})
         eps = (x - denoised) / values[i]  # (B, ...)
         history = (history + [eps])[-4:]
         if i == 0 and steps > 1:
-            x = _heun_step(denoiser, x, eps, values[0], sigmas_dev[1], extra_args)
+            x = heun_step(denoiser, x, eps, values[0], sigmas_dev[1], extra_args)
             continue
         weights = _ADAMS_BASHFORTH[len(history) - 1]
         eps_ab = sum(w * e for w, e in zip(weights, reversed(history), strict=True))  # (B, ...)
@@ -98,13 +98,13 @@ def _dpmpp_2m_loop(
     The first step and the step to sigma = 0 are first order (c = 0); the noise keeps the marginals N(x0, sigma^2)
     for any eta >= 0. One draw per step after the denoiser call, none on the step to 0.
     """
-    values = _check_sigmas(sigmas)
+    values = check_sigmas(sigmas)
     sigmas_dev = sigmas.to(x.device)  # (N+1,)
     old_denoised: Tensor | None = None
     h_last = math.nan
     for i in range(len(values) - 1):
         sigma, sigma_next = values[i], values[i + 1]
-        denoised = _denoise(denoiser, x, sigmas_dev[i], extra_args)  # (B, ...)
+        denoised = denoise(denoiser, x, sigmas_dev[i], extra_args)  # (B, ...)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": sigmas_dev[i], "denoised": denoised})
         if sigma_next == 0.0:
@@ -119,7 +119,7 @@ def _dpmpp_2m_loop(
             coef = 0.5 * one_minus if solver_type == "midpoint" else 1.0 - one_minus / big_h
             x = x + coef * d1
         if eta > 0.0:
-            x = x + sigma_next * math.sqrt(-math.expm1(-2.0 * eta * h)) * s_noise * _noise_like(x, generator)
+            x = x + sigma_next * math.sqrt(-math.expm1(-2.0 * eta * h)) * s_noise * noise_like(x, generator)
         old_denoised, h_last = denoised, h
     return x
 
@@ -278,14 +278,14 @@ def sample_unipc(
         raise ValueError(
             f"solver_type must be one of {UNIPC_VARIANTS} (the B(h) choice), got {solver_type!r}."
         )
-    values = _check_sigmas(sigmas)
+    values = check_sigmas(sigmas)
     sigmas_dev = sigmas.to(x.device)  # (N+1,)
     steps = len(values) - 1
     lambdas: list[float] = []
     outputs: list[Tensor] = []
     x_last, last_order = x, 0
     for i in range(steps):
-        denoised = _denoise(denoiser, x, sigmas_dev[i], extra_args)  # (B, ...) at the predicted x
+        denoised = denoise(denoiser, x, sigmas_dev[i], extra_args)  # (B, ...) at the predicted x
         if callback is not None:
             callback({"i": i, "x": x, "sigma": sigmas_dev[i], "denoised": denoised})
         if i > 0:  # UniC: correct x_i with the output at the predicted x_i

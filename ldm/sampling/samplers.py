@@ -2,7 +2,7 @@
 
 Each sampler is a pure function ``sample_*(denoiser, x, sigmas, *, extra_args, callback, generator)``:
 ``denoiser(x, sigma_batch, **extra_args)`` returns the x0 estimate, ``x`` is the initial noise already scaled by
-``init_noise_scale(sigmas[0])`` and ``sigmas`` is a descending 1-D schedule that normally ends in 0. The final
+``schedule.init_noise_scale(sigmas[0])`` and ``sigmas`` is a descending 1-D schedule that normally ends in 0. The final
 x (at sigma = 0) is the clean sample.
 
 DDIM / DDPM are the discrete-time updates rewritten with sigma_t = sqrt((1 - abar_t) / abar_t): dividing
@@ -11,7 +11,7 @@ Song et al. 2021, eq. 12 by sqrt(abar_{t'}) gives x' = x0 + sigma_down * eps + s
 (their eq. 16 for the variance), and eta = 1 is the DDPM posterior (Ho et al. 2020, eqs. 6-7). Since
 x0 + sigma_down * eps = x + (sigma_down - sigma) * (x - x0) / sigma, this is an Euler step of the probability-flow
 ODE dx/dsigma = (x - D(x; sigma)) / sigma (Karras et al. 2022, eq. 4 with s = 1) down to sigma_down followed by
-fresh noise: ``_euler_loop`` below is shared by DDIM, DDPM, Euler (with Karras' churn) and Euler ancestral.
+fresh noise: ``euler_loop`` below is shared by DDIM, DDPM, Euler (with Karras' churn) and Euler ancestral.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ Denoiser = Callable[..., Tensor]
 Callback = Callable[[dict], None]
 
 
-def _check_sigmas(sigmas: Tensor) -> list[float]:
+def check_sigmas(sigmas: Tensor) -> list[float]:
     """Validate a 1-D descending schedule and return it as Python floats (float64 coefficient maths)."""
     if sigmas.ndim != 1 or sigmas.numel() < 2:
         raise ValueError(
@@ -39,7 +39,7 @@ def _check_sigmas(sigmas: Tensor) -> list[float]:
     return values
 
 
-def _noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     """N(0, I) like x, drawn on the generator's device (reproducible across devices), then moved to x."""
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device).to(x)
@@ -53,25 +53,25 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, 
     return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
 
 
-def _denoise(denoiser: Denoiser, x: Tensor, sigma: Tensor, extra_args: dict | None) -> Tensor:
+def denoise(denoiser: Denoiser, x: Tensor, sigma: Tensor, extra_args: dict | None) -> Tensor:
     """One denoiser call with sigma broadcast to the batch: (B, ...) -> x0 estimate (B, ...)."""
     sigma_batch = sigma.expand(x.shape[0])  # (B,)
     return denoiser(x, sigma_batch, **(extra_args or {}))
 
 
-def _check_eta(eta: float) -> None:
+def check_eta(eta: float) -> None:
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM), got {eta}.")
 
 
-def _check_churn(s_churn: float, s_noise: float) -> None:
+def check_churn(s_churn: float, s_noise: float) -> None:
     if s_churn < 0.0 or s_noise < 0.0:
         raise ValueError(
             f"s_churn and s_noise must be >= 0, got {s_churn=} {s_noise=}; use s_churn=0 for none."
         )
 
 
-def _churn(
+def churn(
     x: Tensor,
     sigmas_dev: Tensor,
     i: int,
@@ -88,7 +88,7 @@ def _churn(
     if gamma <= 0.0:
         return x, sigma, sigmas_dev[i]
     sigma_hat = sigma * (1.0 + gamma)
-    x = x + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * _noise_like(x, generator)  # (B, ...)
+    x = x + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * noise_like(x, generator)  # (B, ...)
     return x, sigma_hat, sigmas_dev.new_tensor(sigma_hat)
 
 
@@ -99,7 +99,7 @@ def churn_gamma(s_churn: float, steps: int, sigma: float, s_tmin: float, s_tmax:
     return min(s_churn / steps, math.sqrt(2.0) - 1.0)
 
 
-def _euler_loop(
+def euler_loop(
     denoiser: Denoiser,
     x: Tensor,
     sigmas: Tensor,
@@ -118,20 +118,20 @@ def _euler_loop(
     Noise order per step: the churn draw (only when gamma > 0) before the denoiser call, the ancestral draw (only
     when sigma_up > 0, i.e. eta > 0 and sigma_next > 0) after it.
     """
-    values = _check_sigmas(sigmas)
+    values = check_sigmas(sigmas)
     sigmas_dev = sigmas.to(x.device)  # (N+1,)
     steps = len(values) - 1
     for i in range(steps):
         gamma = churn_gamma(s_churn, steps, values[i], s_tmin, s_tmax)
-        x, sigma_hat, sigma_hat_t = _churn(x, sigmas_dev, i, gamma, s_noise, generator)
-        denoised = _denoise(denoiser, x, sigma_hat_t, extra_args)  # (B, ...)
+        x, sigma_hat, sigma_hat_t = churn(x, sigmas_dev, i, gamma, s_noise, generator)
+        denoised = denoise(denoiser, x, sigma_hat_t, extra_args)  # (B, ...)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": sigmas_dev[i], "sigma_hat": sigma_hat_t, "denoised": denoised})
         sigma_down, sigma_up = ancestral_step(sigma_hat, values[i + 1], eta)
         d = (x - denoised) / sigma_hat  # (B, ...) dx/dsigma = eps implied by the x0 estimate (Karras eq. 4)
         x = denoised + sigma_down * d  # (B, ...) = x + (sigma_down - sigma_hat) d, Song et al. eq. 12
         if sigma_up > 0.0:
-            x = x + sigma_up * s_noise * _noise_like(x, generator)
+            x = x + sigma_up * s_noise * noise_like(x, generator)
     return x
 
 
@@ -150,8 +150,8 @@ def sample_ddim(
 
     The same update as ``sample_euler`` (eta = 0) and ``sample_euler_ancestral`` (eta > 0); one draw per step.
     """
-    _check_eta(eta)
-    return _euler_loop(
+    check_eta(eta)
+    return euler_loop(
         denoiser,
         x,
         sigmas,

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ldm.diffusion.continuous import shift_time as flow_shift
-from ldm.diffusion.schedules import DiscreteSchedule, vp_init_noise_scale
+from ldm.diffusion.schedules import DiscreteSchedule
 
 SPACINGS = ("leading", "trailing", "linspace")
 
@@ -49,11 +49,6 @@ def get_sigmas_discrete(
     ts = get_timesteps_discrete(schedule.num_timesteps, steps, spacing, steps_offset)  # (steps,)
     sigmas = schedule.sigmas[ts]  # (steps,) float64
     return torch.cat([sigmas, sigmas.new_zeros(1)]).to(torch.float32)  # (steps + 1,)
-
-
-def init_noise_scale(sigma_max: float) -> float:
-    """sqrt(1 + sigma_max^2): scales N(0, I) (the VP prior x_T) into VE coordinates x = x_T / sqrt(abar_T)."""
-    return vp_init_noise_scale(sigma_max)
 
 
 def get_sigmas_karras(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:

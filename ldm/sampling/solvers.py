@@ -4,7 +4,7 @@ All integrate the probability-flow ODE dx/dsigma = d(x, sigma) = (x - D(x; sigma
 eq. 4 with s(t) = 1, sigma(t) = t), optionally with Karras' "churn" (Alg. 2): before step i the noise level is raised
 to sigma_hat = (1 + gamma_i) sigma_i by adding sqrt(sigma_hat^2 - sigma_i^2) * s_noise * z, z ~ N(0, I).
 
-Plain Euler, DDIM (eta = 0) and Euler ancestral share one loop (``samplers._euler_loop``): in VE form the DDIM
+Plain Euler, DDIM (eta = 0) and Euler ancestral share one loop (``samplers.euler_loop``): in VE form the DDIM
 update x0 + sigma' * eps is exactly the Euler step x + (sigma' - sigma) d.
 """
 
@@ -18,13 +18,13 @@ from torch import Tensor
 from ldm.sampling.samplers import (
     Callback,
     Denoiser,
-    _check_churn,
-    _check_eta,
-    _check_sigmas,
-    _churn,
-    _denoise,
-    _euler_loop,
+    check_churn,
+    check_eta,
+    check_sigmas,
+    churn,
     churn_gamma,
+    denoise,
+    euler_loop,
 )
 
 
@@ -49,8 +49,8 @@ def sample_euler(
     (diffusers' EulerDiscreteScheduler instead calls the net on the un-churned x at sigma and adds the churn
     afterwards, so churned runs differ from it; s_churn = 0 matches it.)
     """
-    _check_churn(s_churn, s_noise)
-    return _euler_loop(
+    check_churn(s_churn, s_noise)
+    return euler_loop(
         denoiser,
         x,
         sigmas,
@@ -82,9 +82,9 @@ def sample_euler_ancestral(
     This is the DDIM update with the same eta (eta = 1: DDPM's posterior sample, like ``sample_ddpm``); one draw
     per step after the denoiser call, none on the step to sigma = 0.
     """
-    _check_eta(eta)
-    _check_churn(0.0, s_noise)
-    return _euler_loop(
+    check_eta(eta)
+    check_churn(0.0, s_noise)
+    return euler_loop(
         denoiser,
         x,
         sigmas,
@@ -99,7 +99,7 @@ def sample_euler_ancestral(
     )
 
 
-def _heun_step(
+def heun_step(
     denoiser: Denoiser,
     x: Tensor,
     d: Tensor,
@@ -113,7 +113,7 @@ def _heun_step(
     """
     h = float(sigma_next) - sigma
     x_euler = x + h * d  # (B, ...) Euler predictor
-    denoised_next = _denoise(denoiser, x_euler, sigma_next, extra_args)  # (B, ...)
+    denoised_next = denoise(denoiser, x_euler, sigma_next, extra_args)  # (B, ...)
     d_next = (x_euler - denoised_next) / float(sigma_next)  # (B, ...)
     return x + h * 0.5 * (d + d_next)  # (B, ...)
 
@@ -137,21 +137,21 @@ def sample_heun(
     Two denoiser calls per step except the last step to sigma = 0, which is an Euler step (Alg. 1 line 6): 2N - 1
     calls for N steps ending in 0. One churn draw per churned step, before the first call.
     """
-    _check_churn(s_churn, s_noise)
-    values = _check_sigmas(sigmas)
+    check_churn(s_churn, s_noise)
+    values = check_sigmas(sigmas)
     sigmas_dev = sigmas.to(x.device)  # (N+1,)
     steps = len(values) - 1
     for i in range(steps):
         gamma = churn_gamma(s_churn, steps, values[i], s_tmin, s_tmax)
-        x, sigma_hat, sigma_hat_t = _churn(x, sigmas_dev, i, gamma, s_noise, generator)
-        denoised = _denoise(denoiser, x, sigma_hat_t, extra_args)  # (B, ...)
+        x, sigma_hat, sigma_hat_t = churn(x, sigmas_dev, i, gamma, s_noise, generator)
+        denoised = denoise(denoiser, x, sigma_hat_t, extra_args)  # (B, ...)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": sigmas_dev[i], "sigma_hat": sigma_hat_t, "denoised": denoised})
         d = (x - denoised) / sigma_hat  # (B, ...) Karras eq. 4
         if values[i + 1] == 0.0:
             x = denoised  # Euler step to sigma = 0: x + (0 - sigma_hat) d
         else:
-            x = _heun_step(denoiser, x, d, sigma_hat, sigmas_dev[i + 1], extra_args)
+            x = heun_step(denoiser, x, d, sigma_hat, sigmas_dev[i + 1], extra_args)
     return x
 
 
@@ -173,7 +173,7 @@ def sample_flow_euler(
     """
     if float(ts.max()) > 1.0:
         raise ValueError(f"flow times must lie in [0, 1], got max {float(ts.max())}; use get_sigmas_flow.")
-    return _euler_loop(
+    return euler_loop(
         denoiser,
         x,
         ts,
