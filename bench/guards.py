@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
 import time
-from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from hydra_utils import compose_config  # noqa: E402
-
-from ldm.lit.guards import _all_finite, checkpoint_tensors, first_nonfinite  # noqa: E402
-from ldm.lit.latent_diffusion import LatentDiffusion  # noqa: E402
+from ldm.config_utils import compose_config
+from ldm.lit.guards import _all_finite, checkpoint_tensors, first_nonfinite
+from ldm.lit.latent_diffusion import LatentDiffusion
 
 
 def run(module: LatentDiffusion, batch: dict, steps: int, guarded: bool, shadow: dict) -> float:

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
-from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from hydra_utils import compose_config  # noqa: E402
-
-from ldm.lit.latent_diffusion import LatentDiffusion  # noqa: E402
+from ldm.config_utils import compose_config
+from ldm.lit.latent_diffusion import LatentDiffusion
 
 CAPTIONS = [
     "woman detective: medium-dark skin tone",

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_overrides
-from hydra_utils import compose_config
 
 import train
+from ldm.config_utils import compose_config
 from ldm.instantiate import build as instantiate
 
 

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_overrides
-from hydra_utils import compose_config
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -22,6 +21,7 @@ import prepare
 import train
 from ldm.autoencoder.kl import KLAutoencoder
 from ldm.autoencoder.loaders import load_kl_autoencoder, save_kl_autoencoder
+from ldm.config_utils import compose_config
 from ldm.data import ShardDataModule, ShardDataset, SkipCounter, write_shards
 from ldm.data.buckets import (
     bucket_batches,

@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, tiny_overrides
-from hydra_utils import compose_config
 
 import sample
 import train
+from ldm.config_utils import compose_config
 from ldm.safe_config import (
     ALLOWED_TARGETS,
     SAMPLING_TARGETS,

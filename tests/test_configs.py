@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
-from hydra_utils import CONFIGS, compose_config
+
+from ldm.config_utils import CONFIGS, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = sorted(p.name for p in Path(CONFIGS).iterdir() if p.is_dir() and p.name != "hydra")

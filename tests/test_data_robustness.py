@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import tiny_overrides
-from hydra_utils import compose_config
 from PIL import Image
 from torch.utils.data import DataLoader
 
 import train
+from ldm.config_utils import compose_config
 from ldm.data import ShardDataModule, ShardDataset, SkipCounter
 from ldm.data.tar_reader import raw_samples, tar_members
 from ldm.data.urls import ShardStream

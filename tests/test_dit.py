@@ -11,11 +11,11 @@ import pytest
 import torch
 from conftest import ROOT, tiny_overrides
 from hydra.utils import instantiate
-from hydra_utils import compose_config
 from omegaconf import OmegaConf
 from PIL import Image
 
 import ldm.nets.dit as dit_module
+from ldm.config_utils import compose_config
 from ldm.nets import DIT_SIZES, DiT, build_dit
 from ldm.nets.dit import sincos_pos_embed_2d
 

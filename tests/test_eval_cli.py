@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import tiny_overrides
-from hydra_utils import compose_config
 from test_evaluation_clip import save_tiny_clip
 
 import eval as eval_py
 import train
+from ldm.config_utils import compose_config
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
-from hydra_utils import CONFIGS, compose_config
 
+from ldm.config_utils import CONFIGS, compose_config
 from ldm.interfaces import BACKBONE_ARGS, Backbone, Conditioner, Schedule
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import nbformat
 from conftest import tiny_overrides
-from hydra_utils import compose_config
 from nbclient import NotebookClient
 
 import train
+from ldm.config_utils import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_overrides
-from hydra_utils import compose_config
 
 import train
 from ldm.cli import UserError
+from ldm.config_utils import compose_config
 from ldm.lit.checkpoint_io import atomic_torch_save, load_checkpoint_file
 from ldm.lit.ema import EMA
 from ldm.lit.guards import NonFiniteError

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_overrides
-from hydra_utils import compose_config
 from resume_helpers import CONFIGS, EPOCHS, read_keys, read_losses
 from torch.utils.data import DataLoader
 
 import train
+from ldm.config_utils import compose_config
 from ldm.data import ShardDataset
 from ldm.data.plan import make_plan, resume_rotation, worker_share
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, tiny_overrides
-from hydra_utils import compose_config
 
 import sample
 import train
+from ldm.config_utils import compose_config
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +205,7 @@ def test_disk_full_while_writing_metadata(
 EFBIG_DRIVER = """
 import resource, signal, sys
 sys.path[:0] = [{root!r}, {tests!r}]
-from hydra_utils import compose_config
+from ldm.config_utils import compose_config
 import sample
 cfg = compose_config("sample", {overrides!r})
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() fails with EFBIG instead of the process being killed

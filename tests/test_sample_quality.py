@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_overrides
-from hydra_utils import compose_config
 
 import train
+from ldm.config_utils import compose_config
 
 QUALITY = ["callbacks.sample_quality.extractor=tiny", "callbacks.sample_quality.num_samples=8",
            "callbacks.sample_quality.batch_size=4", "callbacks.sample_quality.every_n_steps=3",

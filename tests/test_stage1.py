@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 from conftest import tiny_overrides
-from hydra_utils import compose_config
 
 import prepare
 import train
 from ldm.autoencoder.loaders import kl_autoencoder_from_checkpoint, load_kl_autoencoder
 from ldm.autoencoder.loss import psnr
+from ldm.config_utils import compose_config
 
 
 def test_autoencoder_experiment_trains_reports_psnr_and_exports(tiny_data: dict, tmp_path: Path) -> None:

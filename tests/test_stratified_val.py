@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 from conftest import tiny_overrides
-from hydra_utils import compose_config
 
 import train
+from ldm.config_utils import compose_config
 from ldm.diffusion.denoiser import append_dims
 from ldm.diffusion.loss import DiffusionLoss
 from ldm.diffusion.schedules import DiscreteSchedule

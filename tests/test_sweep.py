@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_overrides
-from hydra_utils import CONFIGS
 from omegaconf import DictConfig
+
+from ldm.config_utils import CONFIGS
 
 optuna = pytest.importorskip("optuna")
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_overrides
-from hydra_utils import compose_config
 from PIL import Image
 
 import sample
 import train
+from ldm.config_utils import compose_config
 from ldm.lit.checkpoint_io import load_checkpoint_file
 from ldm.sampling.registry import samplers_for
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_overrides
-from hydra_utils import compose_config
 
 import sample
 import train
+from ldm.config_utils import compose_config
 from ldm.diffusion import DiscreteSchedule, EDMSchedule, FlowSchedule
 from ldm.sampling import sample_ddim, sample_flow_euler, sample_heun
 from ldm.sampling.grids import sampling_sigmas
