@@ -73,3 +73,41 @@ def reconstruction_check(
             name, result["psnr_db"], result["n"], result["worst_db"], min_psnr_db, FIX,
         )  # fmt: skip
     return result
+
+
+@torch.no_grad()
+def encoded_channel_stats(
+    pattern: str | list[str],
+    ae: FrozenAutoencoder,
+    image_size: int,
+    num_images: int = 512,
+    batch_size: int = 64,
+    background: str | Sequence[int] = "white",
+) -> dict[str, list[float]]:
+    """Per-channel mean/std of ``ae``'s scaled latents of the first ``num_images`` images of the shards, in shard
+    order (the same on every rank): ``model.latent_norm=per_channel`` on image shards, whose index has no stats."""
+    urls = expand_urls(pattern) if isinstance(pattern, str) else list(pattern)
+    device = next(ae.parameters()).device
+    total = total_sq = None
+    n = 0
+    counter = SkipCounter("latent statistics")
+    for batch in image_batches(
+        urls, image_size, batch_size, counter, background=parse_background(background)
+    ):
+        x = torch.stack([s["image"] for s in batch])[: num_images - n].to(device)
+        z = ae.encode(x).double()  # (B, C, h, w)
+        total = z.sum((0, 2, 3)) if total is None else total + z.sum((0, 2, 3))
+        total_sq = (z * z).sum((0, 2, 3)) if total_sq is None else total_sq + (z * z).sum((0, 2, 3))
+        n += len(x)
+        count = n * z.shape[2] * z.shape[3]
+        if n >= num_images:
+            break
+    if total is None or n < 2:
+        raise ValueError(
+            f"latent statistics: fewer than 2 decodable images in {urls[0]}...: check the shards"
+        )
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp_min(0).sqrt()
+    log.info("latent statistics of %d images: channel means %s, stds %s", n,
+             [round(float(m), 4) for m in mean], [round(float(s), 4) for s in std])  # fmt: skip
+    return {"channel_mean": mean.tolist(), "channel_std": std.tolist(), "count": n}

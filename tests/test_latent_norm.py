@@ -89,3 +89,24 @@ def test_explicit_stats(tiny_data: dict, tmp_path: Path) -> None:
     assert module.latent_norm.mean.tolist() == [1, 2, 3, 4]
     z = torch.ones(1, 4, 1, 1)
     assert module.latents({"latent": z}).flatten().tolist() == [0.0, -1.0, -1.0, -1.5]
+
+
+def test_per_channel_on_image_shards_uses_the_first_images_latents(tiny_data: dict, tmp_path: Path) -> None:
+    from ldm.autoencoder.loaders import load_kl_autoencoder
+    from ldm.reconstruction import encoded_channel_stats
+
+    images = tiny_data["images"]
+    out = tmp_path / "run"
+    shards = f"{images}/train-{{000000..000002}}.tar"
+    cfg = compose_config("train", tiny_overrides(tiny_data, out, "data.kind=images", f"data.train_shards='{shards}'",
+                                                 f"data.val_shards={images}/val-000000.tar", "trainer.max_steps=2",
+                                                 "model.latent_norm=per_channel", "check_autoencoder=0"))  # fmt: skip
+    train.run(cfg)
+    state = load_checkpoint_file(out / "checkpoints" / "last.ckpt")["state_dict"]
+    ae = load_kl_autoencoder(str(tiny_data["ae"]))
+    stats = encoded_channel_stats(shards, ae, 32)
+    assert stats["count"] == 114  # every training image (fewer than 512; 6 of the 120 are validation)
+    # the latent shards of the same images hold the same statistics (fp16 storage aside)
+    index = json.loads((tiny_data["latents"] / "train.json").read_text())["meta"]["latent_stats"]
+    assert torch.allclose(torch.tensor(stats["channel_mean"]), torch.tensor(index["channel_mean"]), atol=2e-3)
+    assert torch.allclose(state["latent_norm.std"], torch.tensor(stats["channel_std"], dtype=torch.float64))

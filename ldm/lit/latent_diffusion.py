@@ -27,6 +27,7 @@ from ldm.convert.pretrained import init_unet_from, parse_init_from
 from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.loss import DiffusionLoss
 from ldm.lit.lr_schedules import optimizers_config
+from ldm.reconstruction import encoded_channel_stats
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +117,19 @@ class LatentDiffusion(L.LightningModule):
         return self.autoencoder.decode(self.latent_norm.denormalize(x))
 
     def setup(self, stage: str) -> None:
-        """``latent_norm=per_channel``: the channel statistics of the training shards (a resumed run then loads
-        the checkpoint's own, which are the same for the same data)."""
+        """``latent_norm=per_channel``: the channel statistics of the training latent shards' index, or of the
+        first 512 training images' latents for image shards (a resumed run then loads the checkpoint's own)."""
         if stage == "fit":
             self.init_weights()
         if stage != "fit" or self.latent_norm_spec != "per_channel":
             return
-        meta = getattr(getattr(self.trainer, "datamodule", None), "index_meta", None)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        meta = getattr(datamodule, "index_meta", None) or {}
+        if "latent_stats" not in meta and getattr(datamodule, "kind", None) == "images" and self.autoencoder:
+            # image shards have no index stats: those of the first images' latents, the same on every rank
+            stats = encoded_channel_stats(datamodule.train_urls, self.autoencoder, datamodule.image_size,
+                                          background=datamodule.alpha_background)  # fmt: skip
+            meta = {"latent_stats": stats}
         mean, std = latent_norm_from_stats("per_channel", meta)
         self.latent_norm.set_stats(mean, std)
         log.info("latent_norm=per_channel: channel means %s, stds %s (training shards' index)",
