@@ -21,6 +21,24 @@ from ldm.lit.guards import NonFiniteError, first_nonfinite
 EMA_KEY = "ema_state_dict"
 
 
+@torch.no_grad()
+def blend(shadow: dict[str, Tensor], state: dict[str, Tensor], weight: float) -> None:
+    """shadow <- shadow + weight * (state - shadow) for floating tensors, one fused ``torch._foreach_lerp_`` per
+    (device, dtype) group; other tensors (step counters) are copied. Bit-identical to ``shadow[k].lerp_(...)`` per
+    tensor: the foreach kernel computes the same lerp (on CPU it loops over that very op)."""
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    for name, value in state.items():
+        ema = shadow[name]
+        if value.dtype.is_floating_point:
+            emas, values = groups.setdefault((ema.device, ema.dtype), ([], []))
+            emas.append(ema)
+            values.append(value.detach().to(ema.dtype))
+        else:
+            ema.copy_(value)
+    for emas, values in groups.values():
+        torch._foreach_lerp_(emas, values, weight)  # ema <- decay*ema + (1-decay)*value
+
+
 class EMA(L.Callback):
     def __init__(self, decay: float = 0.999, update_every: int = 1) -> None:
         if not 0.0 <= decay < 1.0:
@@ -61,12 +79,7 @@ class EMA(L.Callback):
             )
         self.num_updates += 1
         decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        for name, value in state.items():
-            ema = self.shadow[name]
-            if value.dtype.is_floating_point:
-                ema.lerp_(value.detach().to(ema.dtype), 1.0 - decay)  # ema <- decay*ema + (1-decay)*value
-            else:
-                ema.copy_(value)
+        blend(self.shadow, state, 1.0 - decay)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint[EMA_KEY] = {k: v.detach().cpu().clone() for k, v in self.shadow.items()}
