@@ -106,11 +106,15 @@ class LdmOptunaSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         self.storage = self.storage or f"sqlite:///{sweep_dir.resolve()}/optuna.db"
         study = self.load_study()
-        if not study.trials:  # a new study: the given trials first (a restarted sweep does not add them again)
+        if (
+            not study.trials
+        ):  # a new study: the given trials first (a restarted sweep does not add them again)
             for params in self.enqueue:
                 unknown = set(params) - set(space.distributions)
                 if unknown:
-                    raise ValueError(f"hydra.sweeper.enqueue names {sorted(unknown)}, which are not in the search space")
+                    raise ValueError(
+                        f"hydra.sweeper.enqueue names {sorted(unknown)}, which are not in the search space"
+                    )
                 study.enqueue_trial(params)
         self.write_study_file(sweep_dir)
         interrupted = recover_interrupted(study, self.retry_interrupted, sweep_dir)
