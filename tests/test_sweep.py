@@ -71,7 +71,8 @@ def test_search_space_grammar_and_the_shipped_study() -> None:
     cfg = compose_with_hydra(["hparams_search=emoji_optuna"])
     hydra_cfg = cfg.hydra
     assert hydra_cfg.sweeper._target_.endswith("LdmOptunaSweeper") and cfg.optimized_metric == "val/loss"
-    assert hydra_cfg.sweeper.storage is None  # the sweeper puts it in the sweep dir (Hydra resolves it too early)
+    # null: the sweeper puts the study in the sweep dir (Hydra resolves this node too early for paths.*)
+    assert hydra_cfg.sweeper.storage is None
     assert hydra_cfg.sweep.dir.endswith("multiruns/emoji_optuna")
     shipped = parse_search_space([f"{k}={v}" for k, v in hydra_cfg.sweeper.params.items()]).distributions
     assert shipped["optim.lr"] == FloatDistribution(1e-4, 3e-3, log=True) and len(shipped) == 4
