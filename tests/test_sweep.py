@@ -183,3 +183,23 @@ def test_pruned_and_diverged_trials_do_not_stop_a_parallel_sweep(tiny_data: dict
     assert summary["error"].startswith("TrialPruned: trial") and summary["global_step"] == 2
     diverged_summary = json.loads((sweep_dir / str(diverged.number) / "summary.json").read_text())
     assert diverged_summary["status"] == "diverged"
+
+
+def test_emoji_fid_study_enqueues_points_of_its_own_space_at_equal_time() -> None:
+    from hydra_plugins.ldm_optuna_sweeper.search_space import parse_search_space
+
+    cfg = compose_with_hydra(["hparams_search=emoji_fid"])
+    sweeper = cfg.hydra.sweeper
+    assert cfg.optimized_metric == "eval/fid" and cfg.callbacks.sample_quality.at_end
+    space = parse_search_space([f"{k}={v}" for k, v in sweeper.params.items()]).distributions
+    for params in sweeper.enqueue:  # optuna would reject a value outside the distribution at ask()
+        assert set(params) == set(space)
+        for key, value in params.items():
+            assert space[key]._contains(space[key].to_internal_repr(value)), (key, value)
+    budget = "hparams_search/budget@budget"
+    steps = {}
+    for option in space[budget].choices:
+        option_cfg = compose_with_hydra(["hparams_search=emoji_fid", f"{budget}={option}"])
+        steps[option] = option_cfg.trainer.max_steps
+        assert option_cfg.net.model_channels == int(option[1:3])
+    assert steps["c64_r1"] == 300 and steps["c32_r1"] > steps["c48_r1"] > steps["c64_r1"] > steps["c96_r1"]
