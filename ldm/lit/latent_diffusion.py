@@ -27,6 +27,7 @@ from ldm.convert.pretrained import init_unet_from, parse_init_from
 from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.loss import DiffusionLoss
 from ldm.lit.lr_schedules import optimizers_config
+from ldm.nets.compile import compile_backbone
 from ldm.reconstruction import encoded_channel_stats
 
 log = logging.getLogger(__name__)
@@ -63,9 +64,11 @@ class LatentDiffusion(L.LightningModule):
         latent_norm: Any = "none",
         init_from: str | None = None,
         init_ignore_keys: list[str] | None = None,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         check_compatible(denoiser.net, conditioner, autoencoder)
+        compile_backbone(denoiser.net, compile)  # in place, lazy: state_dict keys unchanged (ldm/nets/compile.py)
         self.denoiser = denoiser
         self.loss_fn = loss
         self.conditioner = conditioner
