@@ -24,8 +24,9 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ldm.cli import exit_on_user_error
+from ldm.img2img import check_init_inputs, keep_mask_latent, load_init_inputs
 from ldm.instantiate import build
-from ldm.lit.loading import load_for_sampling, resolve_checkpoint
+from ldm.lit.loading import SamplingModel, load_for_sampling, resolve_checkpoint
 from ldm.pipeline import generate, make_grid, to_pil
 from ldm.sampling.grids import sampling_sigmas
 
@@ -120,6 +121,18 @@ def write(path: Path, save: Callable[[Path], Any], cleanup: bool = True) -> None
         raise OSError(err.errno, f"could not write '{path}': {cause} ({code}) — {fix}") from None
 
 
+def init_inputs(
+    model: SamplingModel, images: list[str], masks: list[str], device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """init_image= / mask=: (K, C, h, w) encoded init latents and (K, 1, h, w) keep masks (or None)."""
+    if not images:
+        return None, None
+    f = model.autoencoder.downsample_factor
+    pixels, repaint = load_init_inputs(images, masks, tuple(d * f for d in model.latent_shape[1:]))
+    keep = keep_mask_latent(repaint, f).to(device) if repaint is not None else None
+    return model.encode_images(pixels.to(device)), keep
+
+
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
     # everything the arguments can get wrong fails here, before the checkpoint is read
     positive_int(cfg, "num_images")
@@ -129,12 +142,17 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     out_dir = Path(cfg.out_dir)
     check_out_dir(out_dir)
     prompts = read_prompts(cfg)
+    init_paths, mask_paths, strength = check_init_inputs(
+        cfg.get("init_image"), cfg.get("mask"), cfg.get("strength", 0.6)
+    )
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
     ckpt_path = resolve_checkpoint(str(cfg.ckpt), cfg.log_dir)
     trust = bool(cfg.get("trust_checkpoint_config", False))
-    model = load_for_sampling(ckpt_path, cfg.use_ema, device, trust_checkpoint_config=trust)
+    model = load_for_sampling(ckpt_path, cfg.use_ema, device, trust_checkpoint_config=trust,
+                              lora_scale=float(cfg.get("lora_scale", 1.0)), lora_base=cfg.get("lora_base"))  # fmt: skip
+    init_latents, keep = init_inputs(model, init_paths, mask_paths, device)
     sigmas = sampling_sigmas(model.denoiser.schedule, cfg.steps, spacing=cfg.spacing)
     # no sampler= given: the one the checkpoint's sample grid used in training (checked by load_for_sampling)
     if cfg.sampler is None and model.sampler_config is None:
@@ -151,12 +169,18 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         "guidance_rescale": cfg.guidance_rescale,
         "guidance_interval": interval,
     }
+    if model.lora is not None:
+        sampler_settings["lora_scale"] = float(cfg.get("lora_scale", 1.0))
     write(out_dir, lambda p: p.mkdir(parents=True, exist_ok=True), cleanup=False)
     records: list[dict[str, Any]] = []
     pil_images = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
         seeds = [cfg.seed + start + i for i in range(len(batch))]
+        which = [(start + i) % len(init_paths) for i in range(len(batch))] if init_paths else []
+        init = {} if init_latents is None else {"init_latents": init_latents[which], "strength": strength}
+        if keep is not None:
+            init["keep_mask"] = keep[which]
         images = generate(
             model.denoiser,
             model.conditioner,
@@ -170,6 +194,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             guidance_rescale=cfg.guidance_rescale,
             guidance_interval=interval,
             negative_prompt=[cfg.negative_prompt] * len(batch),
+            **init,
         )
         for i, (prompt, seed, image) in enumerate(zip(batch, seeds, to_pil(images), strict=True)):
             name = f"{start + i:04d}_{slug(prompt)}_seed{seed}.png"
@@ -186,6 +211,10 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
                     "checkpoint": str(ckpt_path.resolve()),
                 }
             )
+            if which:  # image-to-image: which init image (and mask) this one started from
+                j = which[i]
+                records[-1].update(init_image=init_paths[j], strength=strength,
+                                   mask=mask_paths[min(j, len(mask_paths) - 1)] if mask_paths else None)  # fmt: skip
     write(out_dir / "grid.png", make_grid(pil_images, ncols=min(8, len(pil_images))).save)
     metadata = json.dumps({"images": records}, indent=2)
     write(out_dir / "metadata.json", lambda p: p.write_text(metadata))

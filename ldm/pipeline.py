@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from ldm.img2img import InpaintDenoiser, forward_noise, truncate_sigmas
 from ldm.sampling.guidance import CFGDenoiser
 from ldm.sampling.registry import check_sampler
 
@@ -53,6 +54,9 @@ def generate(
     guidance_interval: Sequence[float] | None = None,
     negative_prompt: Sequence[Any] | None = None,
     callback: Callable[[dict], None] | None = None,
+    init_latents: Tensor | None = None,
+    strength: float = 1.0,
+    keep_mask: Tensor | None = None,
 ) -> Tensor:
     """Returns images (B, 3, H, W) in [0, 1].
 
@@ -60,6 +64,10 @@ def generate(
     ``negative_prompt`` (one per prompt) replaces the unconditional input of classifier-free guidance; by default
     the conditioner's null input (the empty caption the model saw under caption dropout) is used.
     ``guidance_rescale`` and ``guidance_interval`` are passed to ``CFGDenoiser``.
+
+    Image-to-image (``ldm.img2img``): ``init_latents`` (B, C, h, w) are noised with the seeds' noise to the level
+    where the last int(N * ``strength``) steps of the grid remain, and only those run (strength 0: the latents
+    as given). ``keep_mask`` (B | 1, 1, h, w), 1 = keep: inpainting, the kept region pinned to ``init_latents``.
     """
     if len(seeds) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
@@ -76,10 +84,20 @@ def generate(
         to_prediction=denoiser.prediction_from_x0, from_prediction=denoiser.x0_from_prediction,
     )  # fmt: skip
     sigmas = sigmas.to(device)
-    scale = denoiser.schedule.init_noise_scale(float(sigmas[0]))
-    x = initial_noise(seeds, latent_shape, device) * scale  # (B, C, h, w)
+    noise = initial_noise(seeds, latent_shape, device)  # (B, C, h, w)
     generator = torch.Generator().manual_seed(int(seeds[0]))  # noise injected by stochastic samplers
-    z = sampler(guided, x, sigmas, callback=callback, generator=generator)
+    if init_latents is None:
+        if keep_mask is not None:
+            raise ValueError("keep_mask (inpainting) needs init_latents: pass the init image")
+        x = noise * denoiser.schedule.init_noise_scale(float(sigmas[0]))
+        z = sampler(guided, x, sigmas, callback=callback, generator=generator)
+    else:
+        z0 = init_latents.to(device=device, dtype=noise.dtype)  # (B, C, h, w)
+        sigmas = truncate_sigmas(sigmas, strength)
+        if keep_mask is not None:
+            guided = InpaintDenoiser(guided, denoiser.schedule, z0, noise, keep_mask.to(device))
+        x = forward_noise(denoiser.schedule, z0, noise, sigmas[0])
+        z = sampler(guided, x, sigmas, callback=callback, generator=generator) if sigmas.numel() > 1 else z0
     images = decoder(z)  # (B, 3, H, W) in about [-1, 1]
     return ((images.float() + 1) / 2).clamp(0, 1)
 

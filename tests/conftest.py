@@ -70,3 +70,15 @@ def tiny_overrides(data: dict[str, Path], out_dir: Path, *extra: str) -> list[st
         f"paths.log_dir={out_dir.parent}",
         *extra,
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """last.ckpt of a 3-step tiny run (EMA, DDPM eps, unipc sample grid): a base for LoRA and image-to-image tests."""
+    import train
+    from ldm.config_utils import compose_config
+
+    out = tmp_path_factory.mktemp("tiny_checkpoint") / "run"
+    cfg = compose_config("train", tiny_overrides(tiny_data, out, "trainer.max_steps=3"))
+    assert train.run(cfg)["global_step"] == 3
+    return out / "checkpoints" / "last.ckpt"

@@ -21,6 +21,13 @@ from ldm.lit.guards import NonFiniteError, first_nonfinite
 EMA_KEY = "ema_state_dict"
 
 
+def averaged_state(net: nn.Module) -> dict[str, Tensor]:
+    """The net's state without its frozen parameters: they never change (a LoRA's base), so they are not averaged
+    and not stored twice; for a fully trained net this is the whole state dict."""
+    frozen = {name for name, p in net.named_parameters() if not p.requires_grad}
+    return {k: v for k, v in net.state_dict().items() if k not in frozen}
+
+
 @torch.no_grad()
 def blend(shadow: dict[str, Tensor], state: dict[str, Tensor], weight: float) -> None:
     """shadow <- shadow + weight * (state - shadow) for floating tensors, one fused ``torch._foreach_lerp_`` per
@@ -59,7 +66,7 @@ class EMA(L.Callback):
             )
         net = self.target(pl_module)
         if not self.shadow:
-            self.shadow = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            self.shadow = {k: v.detach().clone() for k, v in averaged_state(net).items()}
         self.shadow = {k: v.to(pl_module.device) for k, v in self.shadow.items()}
 
     @torch.no_grad()
@@ -70,7 +77,7 @@ class EMA(L.Callback):
             return  # not an optimizer step yet (gradient accumulation)
         if trainer.global_step % self.update_every:
             return
-        state = self.target(pl_module).state_dict()
+        state = averaged_state(self.target(pl_module))
         bad = first_nonfinite(state.items())
         if bad is not None:  # never blend a diverged step into the average
             raise NonFiniteError(
@@ -95,9 +102,13 @@ class EMA(L.Callback):
     def swapped_in(self, pl_module: L.LightningModule) -> Iterator[None]:
         """Temporarily load the EMA weights into the network (for sampling during training)."""
         net = self.target(pl_module)
-        backup = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        net.load_state_dict(self.shadow)
+        backup = {k: v.detach().clone() for k, v in averaged_state(net).items()}
+        if set(self.shadow) != set(backup):
+            raise KeyError(
+                "the EMA weights do not match the net's trained tensors: resume with the same model.lora"
+            )
+        net.load_state_dict(self.shadow, strict=False)  # the frozen base tensors stay as they are
         try:
             yield
         finally:
-            net.load_state_dict(backup)
+            net.load_state_dict(backup, strict=False)

@@ -26,8 +26,10 @@ from ldm.conditioning import dropout_mask, replace_rows
 from ldm.convert.pretrained import init_unet_from, parse_init_from
 from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.loss import DiffusionLoss
+from ldm.lit.lora_base import LORA_KEY, attach_lora, base_source, check_same_base, frozen_net_keys
 from ldm.lit.lr_schedules import optimizers_config
 from ldm.nets.compile import compile_backbone
+from ldm.lora import LoraSettings
 from ldm.reconstruction import encoded_channel_stats
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class LatentDiffusion(L.LightningModule):
         latent_norm: Any = "none",
         init_from: str | None = None,
         init_ignore_keys: list[str] | None = None,
+        lora: dict[str, Any] | None = None,
         compile: bool | str = False,
     ) -> None:
         super().__init__()
@@ -90,6 +93,10 @@ class LatentDiffusion(L.LightningModule):
         if init_from is not None:
             parse_init_from(init_from)  # a malformed spec fails now, not after the data is set up
         self.init_from, self.init_ignore_keys = init_from, list(init_ignore_keys or [])
+        # model.lora: only adapters train; the base comes from init_from or lora.base (ldm.lit.lora_base)
+        self.lora = LoraSettings.from_config(lora)
+        self.lora_source = base_source(self.lora, init_from, self.init_ignore_keys) if self.lora else None
+        self.lora_base: dict[str, Any] | None = None  # {sha256, source} once the adapters are attached
         self.skipped: Counter[str] = Counter()
 
     @property
@@ -143,6 +150,11 @@ class LatentDiffusion(L.LightningModule):
 
         Weights only: optimizer, step and data start fresh, and the EMA callback copies the loaded weights at fit
         start. A resumed run (``ckpt_path``) skips it: the checkpoint's weights replace these anyway."""
+        if self.lora is not None:  # the base is needed on resume too: LoRA checkpoints do not hold it
+            if self.lora_base is None:
+                self.lora_base = attach_lora(self.net, self.lora, self.lora_source, seed=self.seed,
+                                             schedule=self.denoiser.schedule, prediction=self.denoiser.prediction)  # fmt: skip
+            return
         if self.init_from is None:
             return
         if self._trainer is not None and self.trainer.ckpt_path is not None:
@@ -267,10 +279,22 @@ class LatentDiffusion(L.LightningModule):
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)
         }
+        if self.lora is not None:  # adapters only, plus the base's identity
+            for key in frozen_net_keys(checkpoint["state_dict"]):
+                del checkpoint["state_dict"][key]
+            checkpoint[LORA_KEY] = {"settings": self.lora.to_dict(), "base": self.lora_base}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         frozen = self.frozen_prefixes()
         own = {k: v for k, v in self.state_dict().items() if k.startswith(frozen)}
+        # LoRA: the base was loaded in setup; it must be the one the adapters were trained on
+        if self.lora is not None:
+            if LORA_KEY not in checkpoint:
+                raise ValueError("resuming a LoRA run from a checkpoint without LoRA tensors: drop model.lora or "
+                                 "pass model.init_from/lora.base and start fresh")  # fmt: skip
+            check_same_base(checkpoint[LORA_KEY]["base"], self.lora_base or {}, "resume")
+            state = self.state_dict()
+            own.update({k: state[k] for k in frozen_net_keys(state)})
         # checkpoints from before latent_norm existed trained without it: the identity norm
         identity = LatentNorm(self.net.in_channels).to(self.device).state_dict()
         own.update({f"latent_norm.{k}": v for k, v in identity.items() if f"latent_norm.{k}" not in checkpoint["state_dict"]})  # fmt: skip

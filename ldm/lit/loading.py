@@ -19,6 +19,7 @@ from ldm.autoencoder.latent_norm import LatentNorm
 from ldm.instantiate import build
 from ldm.lit.checkpoint_io import load_checkpoint_file
 from ldm.lit.ema import EMA_KEY
+from ldm.lit.lora_base import LORA_KEY, merged_lora_net
 from ldm.pipeline import latent_shape
 from ldm.safe_config import SAMPLING_TARGETS, check_or_trust
 
@@ -44,12 +45,18 @@ class SamplingModel:
     checkpoint: Path
     sampler_config: dict[str, Any] | None = None
     latent_norm: LatentNorm | None = None
+    lora: dict[str, Any] | None = None  # a LoRA checkpoint's settings and base (merged into denoiser)
 
     def decode_samples(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) diffusion-space latents (a sampler's output) -> images (B, 3, H, W), about [-1, 1]."""
         if self.latent_norm is not None:
             x = self.latent_norm.denormalize(x)
         return self.autoencoder.decode(x)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, C, h, w) diffusion-space latents (``decode_samples`` inverts it)."""
+        z = self.autoencoder.encode(images)
+        return self.latent_norm.normalize(z) if self.latent_norm is not None else z
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -141,12 +148,15 @@ def check_finite(path: Path, groups: dict[str, dict[str, Any]], raw_net: dict[st
 
 
 def load_for_sampling(
-    ckpt_path: Path, use_ema: bool, device: torch.device, *, trust_checkpoint_config: bool = False
-) -> SamplingModel:
+    ckpt_path: Path, use_ema: bool, device: torch.device, *, trust_checkpoint_config: bool = False,
+    lora_scale: float = 1.0, lora_base: str | None = None,
+) -> SamplingModel:  # fmt: skip
     """Denoiser (EMA weights unless ``use_ema`` is False), conditioner and autoencoder as configured in training.
 
     The stored model and sampler nodes must only name allowlisted targets (ldm.safe_config) unless
-    ``trust_checkpoint_config``; weights must be finite. Both are checked before anything is built."""
+    ``trust_checkpoint_config``; weights must be finite. Both are checked before anything is built. A LoRA
+    checkpoint's adapters are merged at strength ``lora_scale`` into its base (recorded path, or ``lora_base``),
+    whose sha256 must be the recorded one (``ldm.lit.lora_base``)."""
     ckpt_path = Path(ckpt_path)
     checkpoint = read_checkpoint(ckpt_path)
     config = stored_config(checkpoint, ckpt_path)
@@ -171,8 +181,13 @@ def load_for_sampling(
     model_cfg = OmegaConf.create(to_check["model"])
     denoiser, conditioner = build(model_cfg.denoiser), build(model_cfg.conditioner)
     autoencoder = build(model_cfg.autoencoder)
+    lora = checkpoint.get(LORA_KEY)
+    if lora is not None:
+        merged_lora_net(denoiser.net, lora, net_state, scale=lora_scale, base_path=lora_base,
+                        schedule=denoiser.schedule, prediction=denoiser.prediction, where=f"'{ckpt_path}'")  # fmt: skip
     try:
-        denoiser.net.load_state_dict(net_state, strict=True)
+        if lora is None:
+            denoiser.net.load_state_dict(net_state, strict=True)
         if cond_state:
             conditioner.load_state_dict(cond_state, strict=True)
     except RuntimeError as err:
@@ -187,4 +202,6 @@ def load_for_sampling(
         latent_norm.load_state_dict(norm_state, strict=True)
     for module in (denoiser, conditioner, autoencoder, latent_norm):
         module.to(device).eval()
-    return SamplingModel(denoiser, conditioner, autoencoder, config, ckpt_path, sampler_cfg, latent_norm)
+    return SamplingModel(
+        denoiser, conditioner, autoencoder, config, ckpt_path, sampler_cfg, latent_norm, lora
+    )
