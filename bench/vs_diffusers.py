@@ -1,0 +1,189 @@
+"""Ours vs diffusers at the same weights (ldm.convert): forward, training step and peak memory, interleaved.
+
+Two sizes: the default emoji UNet (configs/net/unet_small.yaml, 8x8x4 latents, 32x384 context) and an
+SD-1.x-shaped UNet scaled down (SD's block layout, heads and 768-d context at model_channels=64, 16x16 latents).
+A training step is forward + MSE + backward + fused AdamW + EMA (the same ``ldm.lit.ema.blend`` on both).
+Peak memory: the rise of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs after
+``malloc_trim``) during one training step — RSS, not tracemalloc, which does not see torch's CPU allocator.
+Ratios are diffusers' time / ours (> 1: ours faster) and ours' memory / diffusers', per interleaved repeat.
+
+``--sampling``: the full text-to-image path (text encoding, 25 DDIM steps with CFG, decode) of the default model
+vs ``StableDiffusionPipeline`` built from the same components by ``ldm.convert.export_pipeline``.
+
+    python bench/vs_diffusers.py [--repeats 5] [--sizes emoji,sd_small]
+    python bench/vs_diffusers.py --sampling [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+
+from ldm.config_utils import compose_config
+from ldm.convert.diffusers_unet import unet_to_diffusers
+from ldm.lit.ema import blend
+from ldm.nets.unet import UNet
+
+SIZES = {  # name: (UNet kwargs, batch, latent side, context tokens)
+    "emoji": (None, 64, 8, 32),
+    "sd_small": (dict(model_channels=64, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_resolutions=(1, 2, 4),
+                      num_heads=8, context_dim=768), 4, 16, 77),
+}  # fmt: skip
+PROMPTS = [
+    "red apple",
+    "woman detective: medium-dark skin tone",
+    "blue heart",
+    "family: man, woman, girl, boy",
+]
+
+
+def rss_peak_rise(fn: Callable[[], object]) -> float:
+    """MiB by which the process's peak RSS rises above its current RSS while ``fn`` runs (Linux)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+    def field(name: str) -> int:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(name))
+        return int(line.split()[1])
+
+    before = field("VmRSS:")
+    fn()
+    return (field("VmHWM:") - before) / 1024
+
+
+def timed(fn: Callable[[], object], n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n
+
+
+def unet_parts(size: str) -> dict[str, dict[str, Callable[[], object]]]:
+    kwargs, batch, side, tokens = SIZES[size]
+    torch.manual_seed(0)
+    ours = instantiate(compose_config("train", ["net=unet_small"]).net) if kwargs is None else UNet(**kwargs)
+    with torch.no_grad():
+        ours.out[-1].weight.normal_(std=0.02)  # non-zero output, so that the equality check means something
+    theirs = unet_to_diffusers(ours).train()
+    x, t = torch.randn(batch, 4, side, side), torch.randint(0, 1000, (batch,)).float()
+    ctx = torch.randn(batch, tokens, ours.context_dim)
+    calls = {"ours": lambda: ours(x, t, ctx), "diffusers": lambda: theirs(x, t, ctx).sample}
+    with torch.no_grad():
+        torch.testing.assert_close(calls["ours"](), calls["diffusers"](), rtol=1e-4, atol=1e-4)
+    parts: dict[str, dict[str, Callable[[], object]]] = {}
+    for name, net in (("ours", ours), ("diffusers", theirs)):
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-5, fused=True)
+        shadow = {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+        def train_step(net=net, opt=opt, shadow=shadow, call=calls[name]) -> None:
+            loss = (call() - x).square().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            blend(shadow, net.state_dict(), 1e-3)
+
+        def forward(call=calls[name]) -> None:
+            with torch.no_grad():
+                call()
+
+        parts[name] = {"forward": forward, "training step": train_step}
+    return parts
+
+
+def sampling_parts(steps: int, cfg: float) -> dict[str, dict[str, Callable[[], object]]]:
+    from ldm.convert.export_pipeline import build_sd_pipeline
+    from ldm.pipeline import generate, initial_noise
+    from ldm.sampling import sample_ddim
+    from ldm.sampling.grids import sampling_sigmas
+
+    model = instantiate(compose_config("train", ["conditioner.mask_padding=false"]).model).eval()
+    ae = model.autoencoder
+    shape = (model.net.in_channels, 8, 8)
+    pipe = build_sd_pipeline(model.denoiser, model.conditioner, ae, image_size=8 * ae.downsample_factor)
+    pipe.set_progress_bar_config(disable=True)
+    seeds = list(range(len(PROMPTS)))
+    sigmas = sampling_sigmas(model.denoiser.schedule, steps)
+
+    def ours() -> torch.Tensor:
+        with torch.no_grad():
+            return generate(model.denoiser, model.conditioner, model.decode_samples, PROMPTS,
+                            sampler=functools.partial(sample_ddim), sigmas=sigmas, latent_shape=shape, seeds=seeds,
+                            cfg_scale=cfg)  # fmt: skip
+
+    def theirs() -> torch.Tensor:
+        side = 8 * ae.downsample_factor
+        return pipe(PROMPTS, num_inference_steps=steps, guidance_scale=cfg, height=side, width=side,
+                    output_type="pt", latents=initial_noise(seeds, shape, torch.device("cpu"))).images  # fmt: skip
+
+    diff = float((ours() - theirs()).abs().max())
+    print(f"sampling: max |ours - pipeline| over the images = {diff:.2e}")
+    return {"ours": {"text-to-image": ours}, "diffusers": {"text-to-image": theirs}}
+
+
+def report(title: str, times: dict[tuple[str, str], list[float]], memory: dict[str, list[float]]) -> None:
+    print(f"\n{title}")
+    print(f"| {'measure':<14} | {'ours ms':>9} | {'diffusers ms':>12} | {'diffusers/ours min-med-max':>27} |")
+    print(f"|{'-' * 16}|{'-' * 11}|{'-' * 14}|{'-' * 29}|")
+    for what in dict.fromkeys(w for _, w in times):
+        a, b = times["ours", what], times["diffusers", what]
+        r = sorted(y / x for x, y in zip(a, b, strict=True))
+        print(f"| {what:<14} | {statistics.median(a) * 1e3:>9.1f} | {statistics.median(b) * 1e3:>12.1f} | "
+              f"{f'{r[0]:.2f} - {statistics.median(r):.2f} - {r[-1]:.2f}x':>27} |")  # fmt: skip
+    if memory:
+        r = sorted(x / y for x, y in zip(memory["ours"], memory["diffusers"], strict=True))
+        print(f"| {'peak RSS rise':<14} | {statistics.median(memory['ours']):>7.0f}MB | "
+              f"{statistics.median(memory['diffusers']):>10.0f}MB | "
+              f"{f'ours/diffusers {r[0]:.2f} - {statistics.median(r):.2f} - {r[-1]:.2f}x':>27} |")  # fmt: skip
+
+
+def run(parts: dict[str, dict[str, Callable[[], object]]], repeats: int, n: int, memory: bool) -> tuple:
+    for impl in parts:  # warm-up
+        for fn in parts[impl].values():
+            fn()
+    times: dict[tuple[str, str], list[float]] = {}
+    mem: dict[str, list[float]] = {}
+    for _ in range(repeats):  # interleaved: ours, diffusers, ours, ...
+        for impl, fns in parts.items():
+            for what, fn in fns.items():
+                times.setdefault((impl, what), []).append(timed(fn, n))
+            if memory:
+                mem.setdefault(impl, []).append(rss_peak_rise(fns["training step"]))
+    return times, mem
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--n", type=int, default=2, help="calls per timing")
+    parser.add_argument("--sizes", default="emoji,sd_small")
+    parser.add_argument("--sampling", action="store_true")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--cfg", type=float, default=5.0)
+    args = parser.parse_args()
+    machine = (
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.repeats} interleaved repeats"
+    )
+    if args.sampling:
+        times, _ = run(sampling_parts(args.steps, args.cfg), args.repeats, 1, memory=False)
+        report(f"text-to-image, default emoji model, {len(PROMPTS)} prompts, {args.steps} DDIM steps, CFG "
+               f"{args.cfg}, ours vs StableDiffusionPipeline ({machine})", times, {})  # fmt: skip
+        return
+    for size in args.sizes.split(","):
+        parts = unet_parts(size)
+        _, batch, side, tokens = SIZES[size]
+        times, mem = run(parts, args.repeats, args.n, memory=True)
+        report(
+            f"{size}: batch {batch}, {side}x{side}x4 latents, {tokens} tokens, fp32 ({machine})", times, mem
+        )
+
+
+if __name__ == "__main__":
+    main()
