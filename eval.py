@@ -204,6 +204,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)  # grids land here before eval.json is first written
     results = Results(cfg.out_dir)
     scorer = Scorer(cfg, device)
     keys: list[str] = []

@@ -102,19 +102,23 @@ def test_one_checkpoint_with_clip_then_resume(
 
 def test_run_directory_scores_each_step_once(run_dir: Path, tmp_path: Path, monkeypatch) -> None:
     calls = Calls(monkeypatch)
-    records = eval_py.run(eval_cfg(run_dir, tmp_path / "eval"))
+    out, ref = (
+        tmp_path / "new" / "eval",
+        f"ref_stats={tmp_path / 'ref.npz'}",
+    )  # out_dir made by eval.py itself
+    records = eval_py.run(eval_cfg(run_dir, out, ref))
     assert [(r["step"], r["cfg_scale"]) for r in records] == [(3, 1.0), (3, 4.0), (6, 1.0), (6, 4.0)]
     assert [p.name for p in calls.loads] == [
         "step_000003.ckpt",
         "step_000006.ckpt",
     ]  # last.ckpt is step 6 again
     assert len(calls.generate) == 8  # 2 checkpoints x 2 scales x 2 batches
-    assert (tmp_path / "eval" / "fid_vs_step.png").is_file()
+    assert (out / "fid_vs_step.png").is_file() and (out / "grid_step3_cfg1.png").is_file()
     assert records[0]["fid"] != records[2]["fid"]  # other weights, other images
     calls.generate.clear()
     calls.loads.clear()
     # a third scale later: only the new points are computed
-    more = eval_py.run(eval_cfg(run_dir, tmp_path / "eval", "cfg_scale=[1,4,7]"))
+    more = eval_py.run(eval_cfg(run_dir, out, ref, "cfg_scale=[1,4,7]"))
     assert [(r["step"], r["cfg_scale"]) for r in more if r["cfg_scale"] == 7.0] == [(3, 7.0), (6, 7.0)]
     assert {c[2] for c in calls.generate} == {7.0} and len(more) == 6
 
