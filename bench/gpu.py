@@ -137,7 +137,7 @@ def flops_per_sample(impl: str, base: UNet, side: int, tokens: int, device: torc
 
 
 def measure(impl: str, base: UNet, ckpt: bool, compiled: bool, batch: int, side: int, tokens: int,
-            device: torch.device, steps: int) -> dict[str, float]:  # fmt: skip
+            device: torch.device, steps: int) -> dict[str, float | None]:  # fmt: skip
     net = build(impl, base, ckpt, compiled, device)
     step, _ = make_step(impl, net, batch, side, tokens, device, bf16=device.type == "cuda")
     if device.type == "cuda":
@@ -152,7 +152,7 @@ def measure(impl: str, base: UNet, ckpt: bool, compiled: bool, batch: int, side:
         step()
     sync(device)
     seconds = (time.perf_counter() - start) / steps
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {"samples_per_s": batch / seconds, "step_s": seconds, "warmup_s": warmup, "peak_gib": peak}
 
 
@@ -213,7 +213,7 @@ def print_ratios(rows: list[dict[str, Any]]) -> None:
         if ref is not None:
             print(f"ours/diffusers at {ours['image']}², compile {'on' if ours['compile'] else 'off'}, ckpt "
                   f"{'on' if ours['grad_ckpt'] else 'off'}: {ours['samples_per_s'] / ref['samples_per_s']:.2f}x "
-                  f"samples/s, {ours['peak_gib'] / ref['peak_gib']:.2f}x peak memory (batch {ours['batch']} vs "
+                  f"samples/s, {(ours['peak_gib'] or 0) / (ref['peak_gib'] or 1):.2f}x peak memory (batch {ours['batch']} vs "
                   f"{ref['batch']})")  # fmt: skip
 
 
@@ -231,7 +231,7 @@ def print_row(r: dict[str, Any], first: bool, device: str, params: float) -> Non
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
     print(f"| {r['image']:>5} | {r['impl']:<9} | {'on' if r['compile'] else 'off':<7} | "
           f"{'on' if r['grad_ckpt'] else 'off':<4} | {r['batch']:>5} | {r['samples_per_s']:>9.2f} | "
-          f"{r['peak_gib']:>8.2f} | {r['gflop_per_sample']:>12.1f} | {mfu:>6} | {r['warmup_s']:>9.1f} |", flush=True)  # fmt: skip
+          f"{r['peak_gib'] or float('nan'):>8.2f} | {r['gflop_per_sample']:>12.1f} | {mfu:>6} | {r['warmup_s']:>9.1f} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
