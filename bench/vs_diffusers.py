@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import functools
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -45,6 +46,17 @@ PROMPTS = [
 ]
 
 
+def uniform_groups() -> int:
+    """The default UNet's GroupNorm group count made uniform: ours falls back to gcd(groups, width) per layer,
+    diffusers needs one count that divides every width (48-channel default: 16 groups at 48, 32 at 96 -> 16)."""
+    net = compose_config("train", ["net=unet_small"]).net
+    groups = math.gcd(net.get("norm_groups", 32), *(net.model_channels * m for m in net.channel_mult))
+    print(
+        f"default UNet with norm_groups={groups} everywhere (diffusers needs one count dividing every width)"
+    )
+    return groups
+
+
 def rss_peak_rise(fn: Callable[[], object]) -> float:
     """MiB by which the process's peak RSS rises above its current RSS while ``fn`` runs (Linux)."""
     ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -69,7 +81,12 @@ def timed(fn: Callable[[], object], n: int) -> float:
 def unet_parts(size: str) -> dict[str, dict[str, Callable[[], object]]]:
     kwargs, batch, side, tokens = SIZES[size]
     torch.manual_seed(0)
-    ours = instantiate(compose_config("train", ["net=unet_small"]).net) if kwargs is None else UNet(**kwargs)
+    if kwargs is None:  # the default emoji UNet
+        ours = instantiate(
+            compose_config("train", ["net=unet_small", f"+net.norm_groups={uniform_groups()}"]).net
+        )
+    else:
+        ours = UNet(**kwargs)
     with torch.no_grad():
         ours.out[-1].weight.normal_(std=0.02)  # non-zero output, so that the equality check means something
     theirs = unet_to_diffusers(ours).train()
@@ -104,7 +121,8 @@ def sampling_parts(steps: int, cfg: float) -> dict[str, dict[str, Callable[[], o
     from ldm.sampling import sample_ddim
     from ldm.sampling.grids import sampling_sigmas
 
-    model = instantiate(compose_config("train", ["conditioner.mask_padding=false"]).model).eval()
+    overrides = ["conditioner.mask_padding=false", f"+net.norm_groups={uniform_groups()}"]
+    model = instantiate(compose_config("train", overrides).model).eval()
     ae = model.autoencoder
     shape = (model.net.in_channels, 8, 8)
     pipe = build_sd_pipeline(model.denoiser, model.conditioner, ae, image_size=8 * ae.downsample_factor)
