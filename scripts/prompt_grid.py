@@ -1,6 +1,6 @@
 """A labelled picture of a checkpoint: one row per prompt, one column per seed (used for the README image).
 
-python scripts/prompt_grid.py --ckpt latest --out docs/images/default_samples.png [--sampler unipc ddpm --steps 25 100]
+python scripts/prompt_grid.py --ckpt latest --out docs/images/default_samples.png [--sampler euler_ancestral unipc --steps 50 25]
 
 The checkpoint's stored config may only name the project's own classes (ldm/safe_config.py) unless
 --trust-checkpoint-config is given; the samplers come from this repository's configs/sampler/*.yaml.
@@ -66,13 +66,13 @@ def main() -> None:
     parser.add_argument("--out", default="docs/images/default_samples.png")
     parser.add_argument("--seeds", type=int, default=6)
     parser.add_argument(
-        "--sampler", nargs="+", default=["unipc", "ddpm"], help="configs/sampler/*.yaml names"
+        "--sampler", nargs="+", default=["euler_ancestral", "unipc"], help="configs/sampler/*.yaml names"
     )
-    parser.add_argument("--steps", type=int, nargs="+", default=[25, 100], help="one per sampler")
+    parser.add_argument("--steps", type=int, nargs="+", default=[50, 25], help="one per sampler")
     parser.add_argument(
         "--spacing", default=None, help="leading | trailing | linspace | karras (default: the schedule's)"
     )
-    parser.add_argument("--cfg-scale", type=float, default=5.0)
+    parser.add_argument("--cfg-scale", type=float, default=3.0)
     parser.add_argument("--zoom", type=int, default=3)
     parser.add_argument(
         "--trust-checkpoint-config",

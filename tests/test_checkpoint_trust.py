@@ -185,6 +185,8 @@ def test_every_experiment_stores_a_config_that_passes_the_check(experiment: str 
     from omegaconf import OmegaConf
 
     overrides = [f"experiment={experiment}"] if experiment else []
+    if experiment == "finetune_sd":  # its one mandatory value: the pipeline directory
+        overrides.append("paths.pretrained_pipeline=/models/sd15")
     cfg = compose_config("train", [*overrides, "autoencoder.path=/x.safetensors"]
                          if experiment in (None, "edm", "rectified_flow") else overrides)  # fmt: skip
     stored = OmegaConf.to_container(cfg, resolve=True)
