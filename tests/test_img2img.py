@@ -172,8 +172,16 @@ def test_sample_py_img2img_and_inpainting(
     keep[4:28, 4:28] = False  # the repainted square grown by one latent pixel (f = 4)
     kept_err = np.abs(out - rec)[keep].mean()
     new_err = np.abs(out - rec)[8:24, 8:24].mean()
-    assert kept_err < 0.25 * new_err, (kept_err, new_err)
+    # the latents of the kept region are exactly the init's (test above); in pixels the tiny decoder carries the
+    # new content across the border, so only "closer to the reconstruction than the repainted region" holds here
+    assert kept_err < 0.6 * new_err, (kept_err, new_err)
     assert records[0]["mask"] == str(pictures["mask"])
+    # an all-keep mask: the reconstruction (to 8-bit rounding)
+    write_png(tmp_path / "black.png", np.zeros((32, 32)))
+    records = run_sample(
+        tiny_checkpoint, tmp_path / "k", f"init_image={pictures['a']}", f"mask={tmp_path / 'black.png'}"
+    )
+    assert np.abs(pixels(tmp_path / "k" / records[0]["file"]) - rec).max() <= 1
 
 
 def test_sample_py_refuses_bad_input_before_loading(pictures: dict[str, Path], tmp_path: Path) -> None:
