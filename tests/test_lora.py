@@ -28,7 +28,7 @@ from ldm.lora import (
 )
 from ldm.nets.unet import UNet
 
-LORA = ("+model.lora.rank=4", "+model.lora.alpha=8")
+LORA = ("++model.lora.rank=4", "++model.lora.alpha=8")
 
 
 def tiny_unet() -> UNet:
@@ -123,7 +123,7 @@ def test_init_from_base_is_referenced_by_sha256(tmp_path: Path) -> None:
 def lora_run(tiny_data: dict, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """4 LoRA steps on the tiny checkpoint, checkpoints at steps 2 and 4."""
     out = tmp_path_factory.mktemp("lora") / "run"
-    extra = (*LORA, f"+model.lora.base={tiny_checkpoint}", "trainer.max_steps=4", "optim.lr=1e-2",
+    extra = (*LORA, f"++model.lora.base={tiny_checkpoint}", "trainer.max_steps=4", "optim.lr=1e-2",
              "callbacks.model_checkpoint.every_n_train_steps=2")  # fmt: skip
     assert train.run(compose_config("train", tiny_overrides(tiny_data, out, *extra)))["global_step"] == 4
     return out
@@ -144,7 +144,7 @@ def test_lora_checkpoint_holds_adapters_and_base_reference(lora_run: Path, tiny_
 
 
 def test_lora_resume_is_exact(lora_run: Path, tiny_data: dict, tiny_checkpoint: Path, tmp_path: Path) -> None:
-    extra = (*LORA, f"+model.lora.base={tiny_checkpoint}", "trainer.max_steps=4", "optim.lr=1e-2",
+    extra = (*LORA, f"++model.lora.base={tiny_checkpoint}", "trainer.max_steps=4", "optim.lr=1e-2",
              f"ckpt_path={lora_run / 'checkpoints' / 'step_000002.ckpt'}")  # fmt: skip
     train.run(compose_config("train", tiny_overrides(tiny_data, tmp_path / "resumed", *extra)))
     a = load_checkpoint_file(lora_run / "checkpoints" / "last.ckpt")
