@@ -76,7 +76,7 @@ def test_traced_backbone_equals_eager_and_keeps_its_keys(mode: str) -> None:
 
 
 def test_model_compile_from_the_config_keeps_checkpoint_keys() -> None:
-    cfg = compose_config("train", ["net=unet_tiny", "+model.compile=regional"])
+    cfg = compose_config("train", ["net=unet_tiny", "model.compile=regional"])
     module = instantiate(cfg.model)
     assert is_compiled(module.net)
     keys = list(module.state_dict())
