@@ -75,7 +75,13 @@ def test_one_checkpoint_with_clip_then_resume(
         ((captions * 2)[4:6], [4, 5]),
     ] * 2
     for r in records:
-        assert r["n"] == 6 and r["sampler"] == "unipc" and r["steps"] == 3 and r["seed"] == 0 and r["use_ema"]
+        assert (
+            r["n"] == 6
+            and r["sampler"] == "euler_ancestral"
+            and r["steps"] == 3
+            and r["seed"] == 0
+            and r["use_ema"]
+        )
         assert (
             r["ref_n"] == len(captions)
             and r["extractor"] == "tiny"

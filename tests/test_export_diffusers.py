@@ -86,7 +86,9 @@ def test_import_of_export_is_bitwise(exported: tuple[Path, Path]) -> None:
         all(torch.equal(v, ema[k]) for k, v in back.state_dict().items()) and len(ema) == report.num_tensors
     )
     fresh = UNet(**report.unet_kwargs)  # the init_from path, scheduler config checked against our schedule
-    init_unet_from(fresh, f"diffusers:{target}", schedule=model.denoiser.schedule, prediction="eps")
+    init_unet_from(
+        fresh, f"diffusers:{target}", schedule=model.denoiser.schedule, prediction=model.denoiser.prediction
+    )
     assert all(torch.equal(v, ema[k]) for k, v in fresh.state_dict().items())
     ours_ae = model.autoencoder.model
     vae = AutoencoderKL.from_pretrained(target, subfolder="vae", local_files_only=True)

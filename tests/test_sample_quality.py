@@ -31,7 +31,9 @@ def test_fid_is_logged_every_n_steps_and_at_the_end(tiny_data: dict, tmp_path: P
     for record in lines:
         assert record["n"] == 8 and record["extractor"] == "tiny" and record["steps"] == 3
         assert (
-            record["sampler"] == "sample_unipc" and record["use_ema"] is True and record["cfg_scale"] == 5.0
+            record["sampler"] == "sample_euler_ancestral"
+            and record["use_ema"] is True
+            and record["cfg_scale"] == 3.0
         )
         assert math.isfinite(record["fid"]) and record["fid"] > 0 and math.isfinite(record["kid"])
     assert summary["metrics"]["eval/fid"] == pytest.approx(

@@ -80,7 +80,9 @@ def test_sample_writes_images_grid_metadata_and_is_deterministic(trained_run: Pa
         assert a.read_bytes() == b.read_bytes()  # same seed -> byte-identical PNG
         assert r["prompt"] == "red apple" and r["negative_prompt"] == "blurry" and r["steps"] == 5
         assert (
-            r["cfg_scale"] == 3 and r["sampler"]["_target_"].endswith("sample_unipc") and r["use_ema"] is True
+            r["cfg_scale"] == 3
+            and r["sampler"]["_target_"].endswith("sample_euler_ancestral")
+            and r["use_ema"] is True
         )
         assert r["checkpoint"] == str(ckpt.resolve())
     meta = json.loads((tmp_path / "a" / "metadata.json").read_text())
