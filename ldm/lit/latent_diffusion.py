@@ -28,8 +28,8 @@ from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.loss import DiffusionLoss
 from ldm.lit.lora_base import LORA_KEY, attach_lora, base_source, check_same_base, frozen_net_keys
 from ldm.lit.lr_schedules import optimizers_config
-from ldm.nets.compile import compile_backbone
 from ldm.lora import LoraSettings
+from ldm.nets.compile import compile_backbone
 from ldm.reconstruction import encoded_channel_stats
 
 log = logging.getLogger(__name__)
@@ -127,8 +127,9 @@ class LatentDiffusion(L.LightningModule):
         return self.autoencoder.decode(self.latent_norm.denormalize(x))
 
     def setup(self, stage: str) -> None:
-        """``latent_norm=per_channel``: the channel statistics of the training latent shards' index, or of the
-        first 512 training images' latents for image shards (a resumed run then loads the checkpoint's own)."""
+        """Before fitting: ``init_from`` / LoRA weights (``init_weights``), then for ``latent_norm=per_channel`` the
+        channel statistics of the training latent shards' index, or of the first 512 training images' latents for
+        image shards (a resumed run then loads the checkpoint's own)."""
         if stage == "fit":
             self.init_weights()
         if stage != "fit" or self.latent_norm_spec != "per_channel":
@@ -142,7 +143,7 @@ class LatentDiffusion(L.LightningModule):
             meta = {"latent_stats": stats}
         mean, std = latent_norm_from_stats("per_channel", meta)
         self.latent_norm.set_stats(mean, std)
-        log.info("latent_norm=per_channel: channel means %s, stds %s (training shards' index)",
+        log.info("latent_norm=per_channel: channel means %s, stds %s (training data)",
                  [round(m, 4) for m in mean], [round(s, 4) for s in std])  # fmt: skip
 
     def init_weights(self) -> None:
