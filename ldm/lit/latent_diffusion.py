@@ -71,7 +71,9 @@ class LatentDiffusion(L.LightningModule):
     ) -> None:
         super().__init__()
         check_compatible(denoiser.net, conditioner, autoencoder)
-        compile_backbone(denoiser.net, compile)  # in place, lazy: state_dict keys unchanged (ldm/nets/compile.py)
+        compile_backbone(
+            denoiser.net, compile
+        )  # in place, lazy: state_dict keys unchanged (ldm/nets/compile.py)
         self.denoiser = denoiser
         self.loss_fn = loss
         self.conditioner = conditioner
