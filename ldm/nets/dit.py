@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ldm.nets.layers import Attention, timestep_embedding
+from ldm.nets.layers import Attention, check_backbone_inputs, timestep_embedding
 
 log = logging.getLogger(__name__)
 
@@ -214,48 +214,10 @@ class DiT(nn.Module):
     def _check_inputs(
         self, x: Tensor, c_noise: Tensor, context: Tensor | None, context_mask: Tensor | None
     ) -> tuple[Tensor, Tensor | None]:
-        """Returns c_noise (B,) and the mask as bool (B, L) or None; raises with the fix for bad inputs."""
-        if x.ndim != 4:
-            raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"x has {x.shape[1]} channels but the DiT expects in_channels={self.in_channels}; "
-                "set net.in_channels to the autoencoder's latent channels"
-            )
         p = self.patch_size
-        if x.shape[2] % p or x.shape[3] % p:
-            raise ValueError(
-                f"latent size {tuple(x.shape[2:])} is not divisible by net.patch_size={p}: use an image size "
-                f"(image_size / data buckets) that is a multiple of {p} x the autoencoder factor, or a smaller net.patch_size"
-            )
-        b = x.shape[0]
-        c_noise = c_noise.reshape(-1)
-        if c_noise.numel() == 1:
-            c_noise = c_noise.expand(b)
-        if c_noise.numel() != b:
-            raise ValueError(f"c_noise must have shape (B,) = ({b},), got {c_noise.numel()} values")
-        if self.context_dim is None:
-            if context is not None:
-                raise ValueError(
-                    "context given to an unconditional DiT; set net.context_dim to the conditioner's output dim"
-                )
-            return c_noise, None
-        if context is None:
-            raise ValueError(f"DiT has context_dim={self.context_dim} but no context was passed")
-        if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != self.context_dim:
-            raise ValueError(
-                f"context must be (B={b}, L, {self.context_dim}), got {tuple(context.shape)}; "
-                "set net.context_dim to the conditioner's output dim"
-            )
-        if context_mask is None:
-            return c_noise, None
-        if context_mask.shape != context.shape[:2]:
-            raise ValueError(
-                f"context_mask must be (B, L) = {tuple(context.shape[:2])}, got {tuple(context_mask.shape)}"
-            )
-        if context_mask.is_floating_point():
-            raise ValueError("context_mask must be bool (True = real token) or integer 1/0, not float")
-        return c_noise, context_mask.bool()
+        size_fix = (f"net.patch_size={p}: use an image size (image_size / data buckets) that is a multiple of {p} x "
+                    "the autoencoder factor, or a smaller net.patch_size")  # fmt: skip
+        return check_backbone_inputs(self, x, c_noise, context, context_mask, multiple=p, size_fix=size_fix)
 
     # ------------------------------------------------------------------ forward
     def unpatchify(self, tokens: Tensor, grid_h: int, grid_w: int) -> Tensor:

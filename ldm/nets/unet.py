@@ -18,6 +18,7 @@ from ldm.nets.layers import (
     ResBlock,
     SpatialTransformer,
     Upsample,
+    check_backbone_inputs,
     group_norm,
     timestep_embedding,
     zero_module,
@@ -149,50 +150,12 @@ class UNet(nn.Module):
     def _check_inputs(
         self, x: Tensor, c_noise: Tensor, context: Tensor | None, context_mask: Tensor | None
     ) -> tuple[Tensor, Tensor | None]:
-        if x.ndim != 4:
-            raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"x has {x.shape[1]} channels but the UNet expects in_channels={self.in_channels}; "
-                "set net.in_channels to the autoencoder's latent channels"
-            )
         factor = 2 ** (len(self.channel_mult) - 1)
-        if x.shape[2] % factor or x.shape[3] % factor:
-            raise ValueError(
-                f"latent size {tuple(x.shape[2:])} is not divisible by {factor} (2**(len(channel_mult)-1)); "
-                f"use an image/latent size that is a multiple of {factor} or fewer channel_mult levels"
-            )
-        b = x.shape[0]
-        c_noise = c_noise.reshape(-1)
-        if c_noise.numel() == 1:
-            c_noise = c_noise.expand(b)
-        if c_noise.numel() != b:
-            raise ValueError(f"c_noise must have shape (B,) = ({b},), got {c_noise.numel()} values")
-        if self.context_dim is None:
-            if context is not None:
-                raise ValueError(
-                    "context given to an unconditional UNet; set net.context_dim to the conditioner's "
-                    "output dim or do not pass context"
-                )
-            return c_noise, None
-        if context is None:
-            raise ValueError(f"UNet has context_dim={self.context_dim} but no context was passed")
-        if context.ndim != 3 or context.shape[0] != b:
-            raise ValueError(f"context must be (B={b}, L, D), got shape {tuple(context.shape)}")
-        if context.shape[-1] != self.context_dim:
-            raise ValueError(
-                f"context last dim is {context.shape[-1]} but the UNet has context_dim={self.context_dim}; "
-                "set net.context_dim to the conditioner's output dim"
-            )
-        if context_mask is None:
-            return c_noise, None
-        if context_mask.shape != context.shape[:2]:
-            raise ValueError(
-                f"context_mask must be (B, L) = {tuple(context.shape[:2])}, got {tuple(context_mask.shape)}"
-            )
-        if context_mask.is_floating_point():
-            raise ValueError("context_mask must be bool (True = real token) or integer 1/0, not float")
-        return c_noise, context_mask.bool()
+        size_fix = (f"{factor} (2**(len(channel_mult)-1)); use an image/latent size that is a multiple of {factor} "
+                    "or fewer channel_mult levels")  # fmt: skip
+        return check_backbone_inputs(
+            self, x, c_noise, context, context_mask, multiple=factor, size_fix=size_fix
+        )
 
     # ------------------------------------------------------------------ forward
     def _run_layer(
