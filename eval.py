@@ -32,9 +32,9 @@ from ldm.data.urls import expand_urls
 from ldm.evaluation import EXTRACTORS, ClipScorer, build_extractor
 from ldm.evaluation.reference import ReferenceStats, load_or_compute
 from ldm.evaluation.results import Results, plot, point_key
+from ldm.generate import generate, make_grid, to_pil
 from ldm.instantiate import build
 from ldm.lit.loading import SamplingModel, load_for_sampling, read_checkpoint, resolve_checkpoint
-from ldm.pipeline import generate, make_grid, to_pil
 from ldm.quality import reference_batches, reference_identity, score_features, shard_captions, shard_kind
 from ldm.sampling.grids import sampling_sigmas
 from sample import check_out_dir, positive_int

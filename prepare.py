@@ -46,9 +46,9 @@ from ldm.data.buckets import Bucket, buckets_for_area, parse_buckets
 from ldm.data.emoji import emoji_samples, is_validation_key
 from ldm.data.folder import folder_samples, image_files
 from ldm.data.overwrite import input_files, refuse_outputs_among, refuse_overwrite, tmp_of
-from ldm.data.pipeline import expand_urls
 from ldm.data.rgb import parse_background
 from ldm.data.shards import SkipCounter, read_index, write_shards
+from ldm.data.urls import expand_urls
 from ldm.encode import image_batches, merge_latent_index
 from ldm.reconstruction import MIN_PSNR_DB, reconstruction_check
 

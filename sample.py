@@ -24,10 +24,10 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ldm.cli import exit_on_user_error
+from ldm.generate import generate, make_grid, to_pil
 from ldm.img2img import check_init_inputs, keep_mask_latent, load_init_inputs
 from ldm.instantiate import build
 from ldm.lit.loading import SamplingModel, load_for_sampling, resolve_checkpoint
-from ldm.pipeline import generate, make_grid, to_pil
 from ldm.sampling.grids import sampling_sigmas
 
 log = logging.getLogger("sample")

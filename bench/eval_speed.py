@@ -75,9 +75,9 @@ def metric_rows(n: int = 2500, d: int = 2048) -> list[tuple[str, float]]:
 
 
 def sampling_row(ckpt: str, steps: int, device: torch.device, batch: int) -> tuple[str, float]:
+    from ldm.generate import generate
     from ldm.instantiate import build
     from ldm.lit.loading import load_for_sampling
-    from ldm.pipeline import generate
     from ldm.sampling.grids import sampling_sigmas
 
     model = load_for_sampling(Path(ckpt), True, device)

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from ldm.generate import generate, make_grid, to_pil
 from ldm.lit.loading import load_for_sampling, resolve_checkpoint
-from ldm.pipeline import generate, make_grid, to_pil
 from ldm.sampling.grids import sampling_sigmas
 from ldm.sampling.registry import SAMPLERS, samplers_for
 

@@ -117,7 +117,7 @@ def unet_parts(size: str) -> dict[str, dict[str, Callable[[], object]]]:
 
 def sampling_parts(steps: int, cfg: float) -> dict[str, dict[str, Callable[[], object]]]:
     from ldm.convert.export_pipeline import build_sd_pipeline
-    from ldm.pipeline import generate, initial_noise
+    from ldm.generate import generate, initial_noise
     from ldm.sampling import sample_ddim
     from ldm.sampling.grids import sampling_sigmas
 

@@ -7,7 +7,7 @@ These are structural (``typing.Protocol``): a new part needs no base class, only
 Who uses what:
     Backbone     ``Denoiser`` and ``DiffusionLoss`` call it; ``LatentDiffusion`` checks its channels against the
                  autoencoder and its ``context_dim`` against the conditioner.
-    Conditioner  ``LatentDiffusion`` (batch[batch_key] -> drop -> forward) and ``ldm.pipeline.generate``
+    Conditioner  ``LatentDiffusion`` (batch[batch_key] -> drop -> forward) and ``ldm.generate.generate``
                  (forward on prompts and on ``null_inputs`` for classifier-free guidance).
     Schedule     ``Denoiser``, ``DiffusionLoss``, the timestep samplers and weightings, ``sampling_sigmas`` and
                  ``check_sampler``: the net sees a * x = alpha * x0 + s * eps (``coefficients``).

@@ -1,6 +1,6 @@
 """Sample quality of a model on its own data: prompts and reference images from shards, generated images scored.
 
-The glue between ``ldm.data`` (shards), ``ldm.evaluation`` (torch-only metrics) and ``ldm.pipeline`` (sampling),
+The glue between ``ldm.data`` (shards), ``ldm.evaluation`` (torch-only metrics) and ``ldm.generate`` (sampling),
 shared by ``eval.py`` and the training callback ``ldm.lit.sample_quality.SampleQuality``:
 
 - ``shard_kind`` / ``shard_captions``: what the (validation) shards hold, and their captions as prompts;

@@ -16,9 +16,9 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
 from ldm.cli import exit_on_user_error
+from ldm.generate import generate, to_pil
 from ldm.instantiate import build
 from ldm.lit.loading import load_for_sampling, resolve_checkpoint
-from ldm.pipeline import generate, to_pil
 from ldm.sampling.grids import sampling_sigmas
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

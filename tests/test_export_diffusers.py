@@ -20,9 +20,9 @@ from ldm.convert import unet_from_diffusers
 from ldm.convert.diffusers_vae import kl_from_diffusers_state
 from ldm.convert.export_pipeline import build_sd_pipeline, folded_scaling_factor
 from ldm.convert.pretrained import init_unet_from
+from ldm.generate import generate, initial_noise
 from ldm.lit.loading import load_for_sampling
 from ldm.nets.unet import UNet
-from ldm.pipeline import generate, initial_noise
 from ldm.sampling import sample_ddim
 from ldm.sampling.grids import sampling_sigmas
 from tests.hydra_utils import compose_config

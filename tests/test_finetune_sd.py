@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import save_file
 
 from ldm.convert.sd_checkpoint import unet_to_ldm_state_dict
+from ldm.generate import generate, initial_noise
 from ldm.instantiate import build
 from ldm.lit.ema import EMA
-from ldm.pipeline import generate, initial_noise
 from ldm.sampling import get_sigmas_discrete, sample_ddim
 from tests.hydra_utils import compose_config
 from tests.sd_tiny import finetune_overrides, save_tiny_sd_pipeline

@@ -1,4 +1,4 @@
-"""Image-to-image (SDEdit) and inpainting through ``ldm.pipeline.generate`` and ``sample.py``: strength 0 is the
+"""Image-to-image (SDEdit) and inpainting through ``ldm.generate.generate`` and ``sample.py``: strength 0 is the
 init's reconstruction, strength 1 is text-to-image, the kept region of an inpainting ends at the init latent for
 every sampler, bad input is a one-line error naming the fix."""
 
@@ -17,10 +17,10 @@ from ldm.config_utils import compose_config
 from ldm.diffusion.continuous import FlowSchedule
 from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.schedules import DiscreteSchedule
+from ldm.generate import generate, to_pil
 from ldm.img2img import check_init_inputs, keep_mask_latent, truncate_sigmas
 from ldm.lit.loading import load_for_sampling
 from ldm.nets.unet import UNet
-from ldm.pipeline import generate, to_pil
 from ldm.sampling.grids import sampling_sigmas
 from ldm.sampling.registry import SAMPLERS, samplers_for
 

@@ -8,7 +8,7 @@ import torch
 from ldm.autoencoder.kl import KLAutoencoder
 from ldm.autoencoder.loaders import load_kl_autoencoder, save_kl_autoencoder
 from ldm.conditioning.text import TextConditioner
-from ldm.data.pipeline import pad_embeddings
+from ldm.data.shard_dataset import pad_embeddings
 from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.loss import DiffusionLoss
 from ldm.diffusion.schedules import DiscreteSchedule

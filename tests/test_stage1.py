@@ -50,8 +50,8 @@ def test_autoencoder_experiment_trains_reports_psnr_and_exports(tiny_data: dict,
 
 
 def test_shipped_autoencoder_reconstructs_held_out_emoji() -> None:
+    from ldm.data.decode import decode_image
     from ldm.data.emoji import emoji_samples, is_validation_key
-    from ldm.data.pipeline import decode_image
 
     ae = load_kl_autoencoder()  # strict load of ldm/autoencoder/weights/emoji_kl_f4.safetensors
     assert ae.latent_channels == 4 and ae.downsample_factor == 4

@@ -115,16 +115,16 @@ SAMPLERS = sorted(samplers_for("ve"))  # every registered sampler for this VP mo
 def test_every_sampler_and_guidance_option_from_sample_py(
     sampler: str, trained_run: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    import ldm.pipeline
+    import ldm.generate
 
     seen: list[dict] = []
 
-    class RecordingCFG(ldm.pipeline.CFGDenoiser):  # the guidance options must reach the guided denoiser
+    class RecordingCFG(ldm.generate.CFGDenoiser):  # the guidance options must reach the guided denoiser
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             seen.append({"scale": self.scale, "rescale": self.rescale, "interval": self.interval})
 
-    monkeypatch.setattr(ldm.pipeline, "CFGDenoiser", RecordingCFG)
+    monkeypatch.setattr(ldm.generate, "CFGDenoiser", RecordingCFG)
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     spacing = "karras" if sampler in ("euler", "heun", "dpmpp_2m") else "leading"
     extra = [

@@ -3,8 +3,9 @@
 from ldm.data.datamodule import ShardDataModule
 from ldm.data.emoji import emoji_samples, is_validation_key
 from ldm.data.folder import folder_samples
-from ldm.data.pipeline import ShardDataset, expand_urls
+from ldm.data.shard_dataset import ShardDataset
 from ldm.data.shards import SkipCounter, read_index, write_shards
+from ldm.data.urls import expand_urls
 
 __all__ = [
     "ShardDataModule",

@@ -1,4 +1,4 @@
-"""Lightning DataModule over image or latent shards (see ``ldm.data.pipeline.ShardDataset``).
+"""Lightning DataModule over image or latent shards (see ``ldm.data.shard_dataset.ShardDataset``).
 
 Shards may be local, ``pipe:`` commands or s3/gs/http(s) urls (``ldm.data.urls``). On every rank the module
 totals the samples the loader skipped, per reason and per shard, writes them to ``data_bad_shards_rank{r}.json``
@@ -29,9 +29,9 @@ from torch.utils.data import DataLoader
 from ldm.data.bad_samples import BadSampleGuard
 from ldm.data.buckets import as_latent_shapes
 from ldm.data.decode import NO_LATENT_SHAPE
-from ldm.data.pipeline import ShardDataset, meta_latent_shape, resolve_rank
 from ldm.data.plan import check_mode
 from ldm.data.rgb import parse_background
+from ldm.data.shard_dataset import ShardDataset, meta_latent_shape, resolve_rank
 from ldm.data.urls import count_samples, expand_urls, load_index, merged_commands, shard_name
 
 log = logging.getLogger(__name__)

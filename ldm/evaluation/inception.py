@@ -93,7 +93,7 @@ def tf1_bilinear_resize(x: Tensor, size: int = INPUT_SIZE) -> Tensor:
 
 
 def to_uint8_levels(images: Tensor) -> Tensor:
-    """[0, 1] floats -> float32 8-bit levels 0..255 (rounded as ``ldm.pipeline.to_pil`` rounds)."""
+    """[0, 1] floats -> float32 8-bit levels 0..255 (rounded as ``ldm.generate.to_pil`` rounds)."""
     return torch.floor(images.float().clamp(0, 1) * 255.0 + 0.5)
 
 

@@ -17,8 +17,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from ldm.data.buckets import most_common_bucket
+from ldm.generate import generate, latent_shape, make_grid, to_pil
 from ldm.lit.ema import EMA
-from ldm.pipeline import generate, latent_shape, make_grid, to_pil
 from ldm.sampling.grids import sampling_sigmas
 from ldm.sampling.registry import check_sampler
 

@@ -16,11 +16,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ldm.autoencoder.latent_norm import LatentNorm
+from ldm.generate import latent_shape
 from ldm.instantiate import build
 from ldm.lit.checkpoint_io import load_checkpoint_file
 from ldm.lit.ema import EMA_KEY
 from ldm.lit.lora_base import LORA_KEY, merged_lora_net
-from ldm.pipeline import latent_shape
 from ldm.safe_config import SAMPLING_TARGETS, check_or_trust
 
 MODEL_PARTS = ("denoiser", "conditioner", "autoencoder")

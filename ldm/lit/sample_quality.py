@@ -28,9 +28,9 @@ import torch
 from ldm.data.rgb import parse_background
 from ldm.data.urls import expand_urls
 from ldm.evaluation import EXTRACTORS, ClipScorer, build_extractor, load_or_compute
+from ldm.generate import generate, latent_shape
 from ldm.lit.ema import EMA
 from ldm.lit.preemption import GracefulStop
-from ldm.pipeline import generate, latent_shape
 from ldm.quality import reference_batches, reference_identity, score_features, shard_captions, shard_kind
 from ldm.sampling.grids import sampling_sigmas
 from ldm.sampling.registry import check_sampler

@@ -22,23 +22,11 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ldm.data.buckets import bucket_batches, size_conditioning
-from ldm.data.decode import IMAGE_EXTS, SampleDecoder, decode_embedding, decode_image, decode_latent
+from ldm.data.decode import SampleDecoder
 from ldm.data.plan import Piece, Plan, check_mode, make_plan, resume_rotation, worker_share
 from ldm.data.shards import SkipCounter
 from ldm.data.tar_reader import raw_samples
-from ldm.data.urls import expand_urls, load_index, merged_commands
-
-__all__ = [  # the names other modules import from here
-    "IMAGE_EXTS",
-    "ShardDataset",
-    "decode_embedding",
-    "decode_image",
-    "decode_latent",
-    "expand_urls",
-    "pad_embeddings",
-    "raw_samples",
-    "resolve_rank",
-]
+from ldm.data.urls import load_index, merged_commands
 
 log = logging.getLogger(__name__)
 
