@@ -1,14 +1,15 @@
 """The extension points are registries, and every list that names samplers or nets is checked against them.
 
-A sampler function without a registry entry, a registry entry without configs/sampler/<name>.yaml or a diffusers
-parity test, or a config naming an unregistered sampler fails here; so does a net config whose class is not a
-registered backbone or whose DiT size disagrees with ``DIT_SIZES``.
+A sampler function without a registry entry, a registry entry without configs/sampler/<name>.yaml, a diffusers
+parity test or a row in the README's sampler table, or a config naming an unregistered sampler fails here; so does
+a net config whose class is not a registered backbone or whose DiT size disagrees with ``DIT_SIZES``.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,12 @@ def test_every_net_config_builds_a_registered_backbone(name: str) -> None:
 
 def test_every_backbone_has_a_config() -> None:
     assert {name.split("_")[0] for name in NET_CONFIGS} == set(BACKBONES)
+
+
+def test_readme_sampler_table_lists_every_registered_sampler() -> None:
+    """The README's `sampler=` table names each registered sampler, and nothing that is not registered."""
+    readme = (ROOT / "README.md").read_text()
+    header = readme.index("| `sampler=` | kind |")
+    table = readme[header : readme.index("\n\n", header)].splitlines()[2:]  # skip the header and rule rows
+    named = {name for row in table for name in re.findall(r"`([a-z0-9_]+)`", row.split("|")[1])}
+    assert named == set(SAMPLERS), f"README sampler table vs SAMPLERS: {sorted(named ^ set(SAMPLERS))}"
