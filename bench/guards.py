@@ -16,7 +16,7 @@ import torch
 from hydra.utils import instantiate
 
 from ldm.config_utils import compose_config
-from ldm.lit.guards import _all_finite, checkpoint_tensors, first_nonfinite
+from ldm.lit.guards import all_finite, checkpoint_tensors, first_nonfinite
 from ldm.lit.latent_diffusion import LatentDiffusion
 
 
@@ -34,7 +34,7 @@ def run(module: LatentDiffusion, batch: dict, steps: int, guarded: bool, shadow:
             float(loss.detach())  # NonFiniteGuard.on_before_backward
         loss.backward()
         if guarded:  # NonFiniteGuard.on_before_optimizer_step
-            assert _all_finite([p.grad for p in net.parameters() if p.grad is not None])
+            assert all_finite([p.grad for p in net.parameters() if p.grad is not None])
         optimizer.step()
         with torch.no_grad():
             state = net.state_dict()
@@ -65,7 +65,7 @@ def main() -> None:
     work = []
     for _ in range(50):  # the guards' own work per step, timed alone (robust to other load on the machine)
         start = time.perf_counter()
-        _all_finite(grads)
+        all_finite(grads)
         first_nonfinite(state.items())
         work.append(time.perf_counter() - start)
     work_ms = sorted(work)[len(work) // 2] * 1e3

@@ -34,7 +34,7 @@ def first_nonfinite(tensors: Iterable[tuple[str, Any]]) -> tuple[str, int, int] 
     One fused reduction decides the common all-finite case (one device sync); only then is each tensor scanned.
     """
     floats = [(n, v) for n, v in tensors if isinstance(v, Tensor) and v.is_floating_point() and v.numel()]
-    if _all_finite([v for _, v in floats]):
+    if all_finite([v for _, v in floats]):
         return None
     for name, value in floats:
         finite = torch.isfinite(value.detach())
@@ -50,7 +50,7 @@ def checkpoint_tensors(checkpoint: Mapping[str, Any]) -> Iterable[tuple[str, Any
             yield f"{key}.{name}", value
 
 
-def _all_finite(tensors: list[Tensor]) -> bool:
+def all_finite(tensors: list[Tensor]) -> bool:
     """Whether every element is finite: one fused norm per device decides the usual case (one sync per device);
     a non-finite norm is confirmed element-wise, since finite values above ~1.8e19 overflow the norm itself."""
     if not tensors:
@@ -91,7 +91,7 @@ class NonFiniteGuard(L.Callback):
         plugin = trainer.precision_plugin
         scaled = isinstance(plugin, MixedPrecision) and plugin.scaler is not None
         loss_ok = bool(torch.isfinite(torch.tensor(self.loss_value)))
-        bad = not loss_ok or (not scaled and not _all_finite(grads))
+        bad = not loss_ok or (not scaled and not all_finite(grads))
         if (
             trainer.world_size > 1 and torch.distributed.is_initialized()
         ):  # every rank takes the same decision
