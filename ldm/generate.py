@@ -2,12 +2,13 @@
 
 Used by ``sample.py``, the training-time sample grid and the notebook, so all three produce the same images for
 the same settings. Knows no Lightning and no concrete classes: any conditioner with ``forward``/``null_inputs``,
-any autoencoder with ``decode`` and any ``sample_*`` function work.
+any autoencoder with ``decode`` and any ``sample_*`` function work. A model with several conditioners (text +
+labels, size conditioning, ...) takes its inputs as a dict {batch_key: inputs} (``ldm.conditioning.multi``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from ldm.conditioning.multi import as_multi, batch_size
 from ldm.img2img import InpaintDenoiser, forward_noise, truncate_sigmas
 from ldm.sampling.guidance import CFGDenoiser
 from ldm.sampling.registry import check_sampler
@@ -43,7 +45,7 @@ def generate(
     denoiser: nn.Module,
     conditioner: nn.Module,
     decoder: Callable[[Tensor], Tensor],
-    prompts: Sequence[Any],
+    prompts: Sequence[Any] | Mapping[str, Any],
     *,
     sampler: Callable[..., Tensor],
     sigmas: Tensor,
@@ -65,19 +67,28 @@ def generate(
     the conditioner's null input (the empty caption the model saw under caption dropout) is used.
     ``guidance_rescale`` and ``guidance_interval`` are passed to ``CFGDenoiser``.
 
+    ``prompts`` is a list (one conditioner: captions, or label ids) or a dict {batch_key: inputs} for several
+    (e.g. {"txt": captions, "cls": (B,) ids, "original_size": (B, 2), ...}); then the unconditional branch nulls
+    the conditioners marked for guidance and keeps the others (``MultiConditioner.guidance_pair``), and
+    ``negative_prompt`` replaces the null input of the "txt" conditioner(s).
+
     Image-to-image (``ldm.img2img``): ``init_latents`` (B, C, h, w) are noised with the seeds' noise to the level
     where the last int(N * ``strength``) steps of the grid remain, and only those run (strength 0: the latents
     as given). ``keep_mask`` (B | 1, 1, h, w), 1 = keep: inpainting, the kept region pinned to ``init_latents``.
     """
-    if len(seeds) != len(prompts):
-        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
+    n = batch_size(prompts) if isinstance(prompts, Mapping) else len(prompts)
+    if len(seeds) != n:
+        raise ValueError(f"got {n} prompts but {len(seeds)} seeds: give one seed per prompt")
     check_sampler(sampler, denoiser.schedule)
     device = next(denoiser.parameters()).device
-    negatives = (
-        list(negative_prompt) if negative_prompt is not None else conditioner.null_inputs(len(prompts))
-    )
-    cond = conditioner(list(prompts))
-    uncond = conditioner(negatives)
+    if isinstance(prompts, Mapping):  # several conditioners
+        negatives = {"txt": list(negative_prompt)} if negative_prompt is not None else None
+        cond, uncond = as_multi(conditioner).guidance_pair(prompts, negatives)
+        cond, uncond = ({k: v.to(device) for k, v in d.items()} for d in (cond, uncond))
+    else:  # one conditioner, one input per image
+        negatives = list(negative_prompt) if negative_prompt is not None else conditioner.null_inputs(n)
+        cond = conditioner(list(prompts))
+        uncond = conditioner(negatives)
     interval = tuple(guidance_interval) if guidance_interval is not None else None
     guided = CFGDenoiser(
         denoiser, cond, uncond, cfg_scale, rescale=guidance_rescale, interval=interval,

@@ -6,9 +6,15 @@ These are structural (``typing.Protocol``): a new part needs no base class, only
 
 Who uses what:
     Backbone     ``Denoiser`` and ``DiffusionLoss`` call it; ``LatentDiffusion`` checks its channels against the
-                 autoencoder and its ``context_dim`` against the conditioner.
-    Conditioner  ``LatentDiffusion`` (batch[batch_key] -> drop -> forward) and ``ldm.generate.generate``
-                 (forward on prompts and on ``null_inputs`` for classifier-free guidance).
+                 autoencoder and its ``context_dim`` / ``vector_dim`` / ``concat_channels`` against the conditioners.
+    Conditioner  ``ldm.conditioning.multi.MultiConditioner`` (batch[batch_key] -> drop -> forward, one per
+                 conditioner, merged into one ``cond`` dict), used by ``LatentDiffusion`` and ``ldm.generate``.
+
+The conditioning reaches the backbone as ONE dict ``cond`` whose keys are ``COND_KEYS``; the denoiser, the loss and
+the guidance wrapper pass it through untouched as keyword arguments (``net(x, c_noise, **cond)``), and only the
+backbone unpacks it. Keyword arguments rather than a positional dict: every call site that names an input
+(``net(x, t, context=ctx)``, diffusers-style converters, tests) keeps working, a backbone that lacks an input fails
+with a plain TypeError naming it, and the signature documents which inputs a net takes.
     Schedule     ``Denoiser``, ``DiffusionLoss``, the timestep samplers and weightings, ``sampling_sigmas`` and
                  ``check_sampler``: the net sees a * x = alpha * x0 + s * eps (``coefficients``).
 """
@@ -20,23 +26,40 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-BACKBONE_ARGS = ("x", "c_noise", "context", "context_mask")
+# What a ``cond`` dict may hold (all optional; a conditioner of each output kind fills its keys):
+#   context (B, L, context_dim) + context_mask (B, L) bool  cross-attention tokens    (output kind "crossattn")
+#   vector (B, vector_dim)                                 added to the timestep embedding (output kind "vector")
+#   concat (B, concat_channels, h, w)                     channels concatenated to x  (output kind "concat")
+COND_KEYS = ("context", "context_mask", "vector", "concat")
+OUTPUT_KINDS = {"crossattn": ("context", "context_mask"), "vector": ("vector",), "concat": ("concat",)}
+BACKBONE_ARGS = ("x", "c_noise", *COND_KEYS)
 
 
 @runtime_checkable
 class Backbone(Protocol):
-    """``net(x, c_noise, context=None, context_mask=None) -> Tensor`` of x's shape (the prediction F).
+    """``net(x, c_noise, **cond) -> Tensor`` of x's shape (the prediction F); ``cond`` keys are ``COND_KEYS``.
 
     x (B, in_channels, h, w) the net input x_in; c_noise (B,) the schedule's noise input (``Schedule.c_noise``);
-    context (B, L, context_dim) cross-attention tokens or None; context_mask (B, L) bool, True = attend.
+    context (B, L, context_dim) cross-attention tokens or None; context_mask (B, L) bool, True = attend;
+    vector (B, vector_dim) or None, added to the timestep embedding (zero-initialised projection);
+    concat (B, concat_channels, h, w) or None, concatenated to x along the channels before the first layer.
+    ``in_channels`` counts x only (the latent channels), not ``concat_channels``.
     """
 
     in_channels: int
     out_channels: int
     context_dim: int | None
+    vector_dim: int | None
+    concat_channels: int
 
     def forward(
-        self, x: Tensor, c_noise: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None
+        self,
+        x: Tensor,
+        c_noise: Tensor,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        vector: Tensor | None = None,
+        concat: Tensor | None = None,
     ) -> Tensor: ...
 
     def __call__(self, *args: Any, **kwargs: Any) -> Tensor: ...
@@ -44,16 +67,21 @@ class Backbone(Protocol):
 
 @runtime_checkable
 class Conditioner(Protocol):
-    """Turns a batch field into the ``cond`` dict the backbone reads, and owns its dropout for guidance.
+    """Turns batch field(s) into part of the ``cond`` dict the backbone reads, and owns its dropout for guidance.
 
-    ``forward(inputs) -> {"context": (B, L, output_dim), "context_mask": (B, L)}``; ``drop(inputs, generator)``
-    replaces inputs by the null input with probability ``dropout_prob``; ``null_inputs(n)`` is the unconditional
-    input of classifier-free guidance; ``batch_key`` names the batch field it reads (e.g. "txt", "cls").
+    ``output`` is its kind ("crossattn", "vector" or "concat", ``OUTPUT_KINDS``) and ``forward(inputs)`` returns that
+    kind's keys: {"context": (B, L, output_dim), "context_mask": (B, L)}, {"vector": (B, output_dim)} or
+    {"concat": (B, output_dim, h, w)}. ``drop(inputs, generator)`` replaces inputs by the null input with probability
+    ``dropout_prob``; ``null_inputs(n)`` is the unconditional input; ``guidance`` says whether classifier-free
+    guidance swaps it for the null input (text, labels) or keeps it in both branches (size conditioning).
+    ``batch_key`` names the batch field it reads ("txt", "cls"), or a tuple of fields (then inputs are a dict).
     """
 
-    batch_key: str
+    batch_key: str | tuple[str, ...]
+    output: str
     output_dim: int
     dropout_prob: float
+    guidance: bool
 
     def __call__(self, inputs: Any) -> dict[str, Tensor]: ...
 

@@ -38,6 +38,8 @@ MODEL_PART_TARGETS = (
     "ldm.diffusion.continuous.FlowSchedule",
     "ldm.conditioning.text.TextConditioner",
     "ldm.conditioning.labels.ClassConditioner",
+    "ldm.conditioning.multi.MultiConditioner",
+    "ldm.conditioning.size.SizeConditioner",
     "ldm.autoencoder.loaders.load_kl_autoencoder",
     "ldm.autoencoder.loaders.load_diffusers_autoencoder",
 )

@@ -9,7 +9,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from ldm.config_utils import CONFIGS, compose_config
+from ldm.conditioning.multi import MultiConditioner
+from ldm.config_utils import CONFIGS, compose_config, fill_label_vocabulary
 from ldm.interfaces import BACKBONE_ARGS, Backbone, Conditioner, Schedule
 
 
@@ -39,12 +40,17 @@ def test_every_conditioner_is_a_conditioner() -> None:
     checked: dict[str, bool] = {}
     for name in options("conditioner"):
         cfg = compose_config("train", [f"conditioner={name}"]).conditioner
+        fill_label_vocabulary(cfg, [f"class{i}" for i in range(10)])  # what train.py does with labelled shards
         try:
             conditioner = instantiate(cfg)
         except Exception as err:  # noqa: BLE001 - hydra wraps the loader's OSError; only hub-only models fail here
             assert "could not load text encoder" in str(err), err
             checked.setdefault(cfg._target_, False)
             continue
-        assert isinstance(conditioner, Conditioner), f"configs/conditioner/{name}.yaml is not a Conditioner"
+        # several conditioners per model: each of them is a Conditioner
+        parts = conditioner.conditioners if isinstance(conditioner, MultiConditioner) else [conditioner]
+        for part in parts:
+            assert isinstance(part, Conditioner), f"configs/conditioner/{name}.yaml: {type(part).__name__}"
+            checked[f"{type(part).__module__}.{type(part).__name__}"] = True
         checked[cfg._target_] = True
     assert all(checked.values()), f"no instance checked for {[t for t, ok in checked.items() if not ok]}"

@@ -23,6 +23,13 @@ def check_dropout_prob(dropout_prob: float) -> float:
     return float(dropout_prob)
 
 
+def check_output(output: str, allowed: Sequence[str]) -> str:
+    """Return ``output`` if this conditioner can produce that kind (``ldm.interfaces.OUTPUT_KINDS``), else raise."""
+    if output not in allowed:
+        raise ValueError(f"output={output!r} is not one of {list(allowed)}: set conditioner.output to one of them")
+    return output
+
+
 def dropout_mask(n: int, dropout_prob: float, generator: torch.Generator | None = None) -> Tensor:
     """Draw which of ``n`` items become the null condition (Ho & Salimans 2022, Algorithm 1).
 
@@ -36,15 +43,35 @@ def dropout_mask(n: int, dropout_prob: float, generator: torch.Generator | None 
 
 
 class ClassConditioner(nn.Module):
-    """Learned label embedding (trainable) as cross-attention context; null label = ``num_classes``.
+    """Learned label embedding (trainable); null label = ``num_classes``.
 
-    ``forward(labels)`` maps ``(B,)`` integer labels to ``{"context": (B, 1, D), "context_mask": (B, 1)}``.
+    ``forward(labels)`` maps ``(B,)`` integer labels to ``{"context": (B, 1, D), "context_mask": (B, 1)}``
+    (``output="crossattn"``, a one-token context) or to ``{"vector": (B, D)}`` (``output="vector"``: added to the
+    timestep embedding, DiT's class conditioning through adaLN, Peebles & Xie 2023, Sec. 3.2).
+
+    ``labels`` is the vocabulary (name of class i at index i), so ``sample.py label=<name>`` needs no data: it is
+    part of the config stored in every checkpoint. train.py fills ``labels`` (and ``num_classes`` when null) from
+    the training shards' ``index.json`` ``"labels"`` (``fill_label_vocabulary``).
     """
 
     batch_key: str = "cls"
+    guidance: bool = True
 
-    def __init__(self, num_classes: int, embed_dim: int, dropout_prob: float = 0.1) -> None:
+    def __init__(
+        self,
+        num_classes: int | None,
+        embed_dim: int,
+        dropout_prob: float = 0.1,
+        output: str = "crossattn",
+        labels: Sequence[str] | None = None,
+    ) -> None:
         super().__init__()
+        if num_classes is None and labels is None:
+            raise ValueError(
+                "ClassConditioner needs num_classes or labels: set conditioner.num_classes, or train on shards whose "
+                "index.json lists labels (train.py fills them in)"
+            )
+        num_classes = len(labels) if num_classes is None else num_classes
         if num_classes < 1 or embed_dim < 1:
             raise ValueError(
                 f"ClassConditioner needs num_classes >= 1 and embed_dim >= 1, got {num_classes} and {embed_dim}"
@@ -52,12 +79,40 @@ class ClassConditioner(nn.Module):
         self.num_classes = int(num_classes)
         self.output_dim = int(embed_dim)
         self.dropout_prob = check_dropout_prob(dropout_prob)
+        self.output = check_output(output, ("crossattn", "vector"))
+        self.labels: list[str] | None = None
+        if labels is not None:
+            self.set_vocabulary(labels)
         # Rows 0..num_classes-1 are the classes, row num_classes is the learned null label. N(0, 1) init.
         self.embedding = nn.Embedding(self.num_classes + 1, self.output_dim)
 
     @property
     def null_label(self) -> int:
         return self.num_classes
+
+    def set_vocabulary(self, labels: Sequence[str]) -> None:
+        """Name the classes: ``labels[i]`` is class i; there must be exactly ``num_classes`` distinct names."""
+        names = [str(n) for n in labels]
+        if len(names) != self.num_classes or len(set(names)) != len(names):
+            raise ValueError(
+                f"the label vocabulary has {len(names)} names ({len(set(names))} distinct) but num_classes="
+                f"{self.num_classes}: set conditioner.num_classes={len(names)} or fix the labels list"
+            )
+        self.labels = names
+
+    def label_id(self, label: str | int) -> int:
+        """A class id from an id or a name of the vocabulary; one-line error listing a few names otherwise."""
+        if isinstance(label, int) or (isinstance(label, str) and label.strip().lstrip("-").isdigit()):
+            value = int(label)
+            if not 0 <= value < self.num_classes:
+                raise ValueError(f"label={value} is not a class id in [0, {self.num_classes - 1}]: pass one of them")
+            return value
+        if self.labels is None:
+            raise ValueError(f"label={label!r} is a name but the model stores no label vocabulary: pass a class id")
+        if label not in self.labels:
+            shown = ", ".join(self.labels[:8]) + (", ..." if len(self.labels) > 8 else "")
+            raise ValueError(f"label={label!r} is not in the model's vocabulary ({shown}): pass one of its names or an id")
+        return self.labels.index(label)
 
     def _as_labels(self, inputs: Tensor | Sequence[int], allow_null: bool) -> Tensor:
         """Validate and return labels as a ``(B,)`` long tensor on the embedding's device."""
@@ -82,6 +137,8 @@ class ClassConditioner(nn.Module):
 
     def forward(self, inputs: Tensor | Sequence[int]) -> dict[str, Tensor]:
         labels = self._as_labels(inputs, allow_null=True)  # (B,)
+        if self.output == "vector":
+            return {"vector": self.embedding(labels)}  # (B, D)
         context = self.embedding(labels)[:, None, :]  # (B, 1, D)
         mask = torch.ones(labels.shape[0], 1, dtype=torch.bool, device=labels.device)  # (B, 1)
         return {"context": context, "context_mask": mask}

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModel, AutoTokenizer, CLIPTextModel, PreTrainedModel
 
-from ldm.conditioning.labels import check_dropout_prob, dropout_mask
+from ldm.conditioning.labels import check_dropout_prob, check_output, dropout_mask
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,14 @@ class TextConditioner(nn.Module):
     diffusers' pipelines keep: the encoder runs without an attention mask and the UNet attends to all
     ``max_length`` tokens, padding included (``context_mask`` all True). Use it for imported SD weights and
     for models you mean to export to a diffusers pipeline.
+
+    ``output="vector"`` gives the pooled caption ``{"vector": (B, D)}`` instead: the mean of the real tokens'
+    features (sentence-transformers' pooling for MiniLM; SDXL feeds CLIP's pooled output the same way, Podell et
+    al. 2023, Sec. 2.1), added to the timestep embedding.
     """
 
     batch_key: str = "txt"
+    guidance: bool = True
 
     def __init__(
         self,
@@ -97,8 +102,10 @@ class TextConditioner(nn.Module):
         max_length: int = 32,
         dropout_prob: float = 0.1,
         mask_padding: bool = True,
+        output: str = "crossattn",
     ) -> None:
         super().__init__()
+        self.output = check_output(output, ("crossattn", "vector"))
         if model_class not in MODEL_CLASSES:
             raise ValueError(f"model_class={model_class!r} is unknown: use one of {sorted(MODEL_CLASSES)}")
         if max_length < 1:
@@ -173,8 +180,28 @@ class TextConditioner(nn.Module):
         )
         return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
+    @staticmethod
+    def pool(context: Tensor, mask: Tensor) -> Tensor:
+        """Mean of the real tokens: context (B, L, D), mask (B, L) -> (B, D) (zeros for a row with no token)."""
+        weights = mask.to(context.dtype)[..., None]  # (B, L, 1)
+        return (context * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+    def from_embeddings(self, context: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        """This conditioner's output from the encoder's token features (precomputed in latent shards)."""
+        if self.output == "vector":
+            return {"vector": self.pool(context, mask)}  # (B, D)
+        return {"context": context, "context_mask": mask}
+
     @torch.no_grad()
     def forward(self, inputs: Sequence[str]) -> dict[str, Tensor]:
+        if self.output == "vector":
+            tokens = self.encode(inputs)
+            return {"vector": self.pool(tokens["context"], tokens["context_mask"])}  # (B, D)
+        return self.encode(inputs)
+
+    @torch.no_grad()
+    def encode(self, inputs: Sequence[str]) -> dict[str, Tensor]:
+        """The encoder's token features ``{"context": (B, L, D), "context_mask": (B, L)}``, whatever ``output``."""
         tokens = self.tokenize(inputs)
         device = next(self.encoder.parameters()).device
         ids = tokens["input_ids"].to(device)  # (B, L)
@@ -188,7 +215,7 @@ class TextConditioner(nn.Module):
     @torch.no_grad()
     def token_embeddings(self, captions: Sequence[str]) -> list[np.ndarray]:
         """The encoder's output for each caption, real tokens only, for latent shards: [(L_i, D) fp16]."""
-        out = self(captions)
+        out = self.encode(captions)
         lengths = out["context_mask"].sum(dim=1).tolist()
         context = out["context"].float().cpu().numpy().astype(np.float16)  # (B, L, D)
         return [context[i, : int(n)] for i, n in enumerate(lengths)]

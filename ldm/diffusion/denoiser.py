@@ -24,7 +24,10 @@ def append_dims(v: Tensor, ndim: int) -> Tensor:
 
 
 class Denoiser(nn.Module):
-    """D(x, sigma) -> x0 estimate, wrapping ``net(x_t, c_noise, context=..., context_mask=...)``."""
+    """D(x, sigma, **cond) -> x0 estimate, wrapping ``net(x_in, c_noise, **cond)``.
+
+    ``cond`` (``ldm.interfaces.COND_KEYS``: context, context_mask, vector, concat) passes through untouched: only
+    the net reads it."""
 
     def __init__(self, net: nn.Module, schedule, prediction: str = "eps") -> None:
         super().__init__()
@@ -51,14 +54,13 @@ class Denoiser(nn.Module):
         """(a, alpha, s) as (B, 1, ..., 1) in x's dtype."""
         return tuple(append_dims(c, x.ndim).to(x.dtype) for c in self.schedule.coefficients(sigma))
 
-    def forward(
-        self, x: Tensor, sigma: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None
-    ) -> Tensor:
-        """x (B, ...) noisy sample in the schedule's coordinates; sigma scalar or (B,). Returns x0 estimate (B, ...)."""
+    def forward(self, x: Tensor, sigma: Tensor, **cond: Tensor) -> Tensor:
+        """x (B, ...) noisy sample in the schedule's coordinates; sigma scalar or (B,); cond the net's conditioning
+        (e.g. context (B, L, D), context_mask (B, L)). Returns the x0 estimate (B, ...)."""
         sigma = self._batch_sigma(x, sigma)  # (B,)
         a, alpha, s = self._coefficients(x, sigma)  # (B, 1, ..., 1) each
         x_in = (x * a).to(x.dtype)  # (B, ...) what the net was trained on
-        out = self.net(x_in, self.schedule.c_noise(sigma), context=context, context_mask=context_mask)
+        out = self.net(x_in, self.schedule.c_noise(sigma), **cond)
         if out.shape != x.shape:
             raise ValueError(
                 f"net output {tuple(out.shape)} must match its input {tuple(x.shape)}; "

@@ -84,8 +84,10 @@ class DiffusionLoss:
         generator: torch.Generator | None = None,
         sigma: Tensor | None = None,
         reduce: bool = True,
+        **cond: Tensor,
     ) -> Tensor:
-        """x0 (B, C, H, W) clean latents; context (B, L, D); context_mask (B, L). Returns the scalar loss, or the
+        """x0 (B, C, H, W) clean latents; context (B, L, D) and context_mask (B, L) (positional for old callers) and
+        the rest of the ``cond`` dict (vector, concat) go to the net untouched. Returns the scalar loss, or the
         weighted per-sample losses (B,) with ``reduce=False``. ``sigma`` (B,) replaces the drawn noise levels
         (the noise is still drawn from ``generator``): the stratified validation loss uses fixed levels."""
         draw = self.draw(x0, generator)
@@ -96,7 +98,9 @@ class DiffusionLoss:
         alpha_x, s_x = (append_dims(c, x0.ndim).to(x0.dtype) for c in (alpha, s))  # (B, 1, 1, 1)
         x_in = alpha_x * x0 + s_x * draw["noise_in"]  # (B, C, H, W) (VP: Ho et al. 2020, eq. 4)
         c_noise = self.schedule.c_noise(sigma).float()  # (B,)
-        pred = net(x_in, c_noise, context=context, context_mask=context_mask)  # (B, C, H, W)
+        if context is not None:
+            cond.update(context=context, context_mask=context_mask)
+        pred = net(x_in, c_noise, **cond)  # (B, C, H, W)
         if pred.shape != x0.shape:
             raise ValueError(
                 f"net output {tuple(pred.shape)} must match the latents {tuple(x0.shape)}; "

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from ldm.autoencoder.frozen import FrozenAutoencoder
 from ldm.autoencoder.latent_norm import LatentNorm, latent_norm_from_stats
-from ldm.conditioning import dropout_mask, replace_rows
+from ldm.conditioning.multi import MultiConditioner, as_multi
+from ldm.conditioning.text import TextConditioner
 from ldm.convert.pretrained import init_unet_from, parse_init_from
 from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.loss import DiffusionLoss
@@ -42,12 +43,24 @@ def check_compatible(net: nn.Module, conditioner: nn.Module, autoencoder: Frozen
             f"autoencoder has {autoencoder.latent_channels} latent channels but the network takes "
             f"{net.in_channels}: set net.in_channels={autoencoder.latent_channels}"
         )
-    context_dim = getattr(net, "context_dim", None)
-    if context_dim is not None and context_dim != conditioner.output_dim:
+    multi = as_multi(conditioner)
+    context_dim, width = getattr(net, "context_dim", None), multi.dims("crossattn")
+    if context_dim is not None and width is not None and context_dim != width:
         raise ValueError(
-            f"conditioner gives {conditioner.output_dim}-d context but net.context_dim={context_dim}: "
-            f"set net.context_dim={conditioner.output_dim}"
+            f"conditioner gives {width}-d context but net.context_dim={context_dim}: set net.context_dim={width}"
         )
+    if context_dim is not None and width is None:
+        raise ValueError(
+            f"net.context_dim={context_dim} but no conditioner gives cross-attention tokens: set net.context_dim=null "
+            "or add a crossattn conditioner"
+        )
+    for kind, attr, default in (("vector", "vector_dim", None), ("concat", "concat_channels", 0)):
+        need, has = multi.dims(kind) or default, getattr(net, attr, default)
+        if need != has:
+            raise ValueError(
+                f"the conditioners give {kind} of width {need} but net.{attr}={has}: set net.{attr}={need} "
+                f"(null/0 = no {kind} input)"
+            )
 
 
 class LatentDiffusion(L.LightningModule):
@@ -216,23 +229,23 @@ class LatentDiffusion(L.LightningModule):
                 self.log(f"val/loss_level_{level}", per_sample[chosen].mean(), batch_size=n, sync_dist=True)
 
     def conditioning(self, batch: dict[str, Any], generator: torch.Generator | None) -> dict[str, Tensor]:
-        """Cross-attention context for a batch; with a generator (training) some inputs become the null input.
+        """The backbone's ``cond`` dict for a batch (``ldm.conditioning.multi``); with a generator (training) each
+        conditioner replaces some inputs by its null input, at its own rate.
 
         Latent shards may carry the frozen text encoder's output ("context"/"context_mask"): then the encoder is
-        skipped and dropped rows get the null input's embedding.
+        skipped and dropped rows get the null input's embedding. Size conditioning not in the batch is the batch's
+        own pixel size, uncropped.
         """
-        if "context" not in batch:
-            inputs = batch[self.conditioner.batch_key]
-            if generator is not None:
-                inputs = self.conditioner.drop(inputs, generator=generator)
-            return self.conditioner(inputs)
-        context, mask = batch["context"], batch["context_mask"]  # (B, L, D), (B, L)
-        if generator is None:
-            return {"context": context, "context_mask": mask}
-        drop = dropout_mask(context.shape[0], self.conditioner.dropout_prob, generator)  # (B,)
-        null = self.conditioner(self.conditioner.null_inputs(1))
-        context, mask = replace_rows(context, mask, null["context"], null["context_mask"], drop)
-        return {"context": context, "context_mask": mask}
+        return as_multi(self.conditioner)(batch, generator, image_size=self.pixel_size(batch))
+
+    def pixel_size(self, batch: dict[str, Any]) -> tuple[int, int] | None:
+        """[H, W] in pixels of the batch's images (the target size of SDXL's size conditioning), if known."""
+        if "image" in batch:
+            return tuple(batch["image"].shape[-2:])
+        if "latent" in batch and self.autoencoder is not None:
+            f = self.autoencoder.downsample_factor
+            return (batch["latent"].shape[-2] * f, batch["latent"].shape[-1] * f)
+        return None
 
     def count_skipped(self, batch: dict[str, Any]) -> None:
         """Samples the loader dropped (per reason) arrive with each batch; log the running totals per rank.
@@ -275,6 +288,8 @@ class LatentDiffusion(L.LightningModule):
         prefixes = ["autoencoder."] if self.autoencoder is not None else []
         if not any(p.requires_grad for p in self.conditioner.parameters()):
             prefixes.append("conditioner.")
+        elif isinstance(self.conditioner, MultiConditioner):  # e.g. text + labels: keep only the labels
+            prefixes += self.conditioner.frozen_prefixes("conditioner.")
         return tuple(prefixes)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -313,13 +328,14 @@ def check_latent_source(
     if not shard_meta or "autoencoder" not in shard_meta or autoencoder is None:
         return
     text = shard_meta.get("text_encoder")
-    configured_text = getattr(conditioner, "pretrained", None)
+    text_conditioner = as_multi(conditioner).find(TextConditioner) if conditioner is not None else None
+    configured_text = getattr(text_conditioner, "pretrained", None)
     if text and text.get("pretrained") != configured_text:
         raise ValueError(
             f"latent shards carry embeddings of text encoder '{text.get('pretrained')}' but the configured conditioner is "
             f"'{configured_text}': re-encode with `python prepare.py latents --text-encoder ...` or set conditioner="
         )
-    shard_masked, masked = (text or {}).get("mask_padding", True), getattr(conditioner, "mask_padding", True)
+    shard_masked, masked = (text or {}).get("mask_padding", True), getattr(text_conditioner, "mask_padding", True)
     if text and shard_masked != masked:
         raise ValueError(
             f"latent shards carry text embeddings made with mask_padding={shard_masked} but the conditioner has "

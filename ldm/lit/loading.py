@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ldm.autoencoder.latent_norm import LatentNorm
+from ldm.conditioning.multi import MultiConditioner
 from ldm.generate import latent_shape
 from ldm.instantiate import build
 from ldm.lit.checkpoint_io import load_checkpoint_file
@@ -147,6 +148,18 @@ def check_finite(path: Path, groups: dict[str, dict[str, Any]], raw_net: dict[st
     )
 
 
+def load_conditioner_state(conditioner: nn.Module, state: dict[str, Any]) -> None:
+    """Load the trained conditioners' weights (class labels); frozen ones (text encoders) are not in checkpoints."""
+    if not isinstance(conditioner, MultiConditioner):
+        conditioner.load_state_dict(state, strict=True)
+        return
+    frozen = tuple(conditioner.frozen_prefixes(""))
+    missing, unexpected = conditioner.load_state_dict(state, strict=False)
+    bad = [k for k in missing if not k.startswith(frozen)] + list(unexpected)
+    if bad:
+        raise RuntimeError(f"conditioner weights do not match: {bad[:3]}")
+
+
 def load_for_sampling(
     ckpt_path: Path, use_ema: bool, device: torch.device, *, trust_checkpoint_config: bool = False,
     lora_scale: float = 1.0, lora_base: str | None = None,
@@ -189,7 +202,7 @@ def load_for_sampling(
         if lora is None:
             denoiser.net.load_state_dict(net_state, strict=True)
         if cond_state:
-            conditioner.load_state_dict(cond_state, strict=True)
+            load_conditioner_state(conditioner, cond_state)
     except RuntimeError as err:
         first_line = str(err).strip().splitlines()[0]
         raise CheckpointError(

@@ -12,8 +12,8 @@ init (DiT Sec. 3.2 "adaLN-Zero"). ``gradient_checkpointing`` recomputes each blo
 
 Design choice: **adaLN-single with zero init** rather than DiT's per-block adaLN-Zero. In DiT each block owns a
 Linear(D, 6D) from the conditioning vector to its shift/scale/gate (27% of the parameters, PixArt-alpha
-Sec. 2.3). Here the only adaLN signal is the noise level (text goes through cross-attention, and our nets take
-no pooled vector or class label, see below), so one shared Linear(D, 6D) of the timestep embedding plus a
+Sec. 2.3). Here the adaLN signal is one vector (the noise level's embedding, plus the optional ``vector``
+input, see below; text goes through cross-attention), so one shared Linear(D, 6D) of the timestep embedding plus a
 learned per-block (6, D) table ``E_i`` (PixArt-alpha's adaLN-single, S_i = f(S + E_i)) carries the same
 information with a quarter fewer parameters (DiT-S/2 29.5M instead of 39.3M, B/2 111M instead of 150M).
 Unlike PixArt we zero-initialise both the shared layer and the tables, so every gate starts at 0 and every
@@ -21,11 +21,12 @@ block is the identity at init: DiT's adaLN-Zero property, which its ablation (Fi
 cross-attention sublayer is pre-normed (LayerNorm) and its output projection zero-initialised (as PixArt-alpha
 does); it is not gated by the timestep.
 
-Conditioning inputs: ``forward(x, c_noise, context, context_mask)`` exactly like ``ldm.nets.unet.UNet`` (what
-``Denoiser`` and ``DiffusionLoss`` call). The UNet takes no class labels and no pooled vector, and the
-``ClassConditioner`` hands labels over as a one-token context, so class-conditional DiT here works through
-cross-attention; an adaLN path for labels / pooled text (DiT's ``y`` embedder, SDXL's vector) would need the
-Denoiser and conditioners to pass a new input first, and is left out on purpose.
+Conditioning inputs: ``forward(x, c_noise, context, context_mask, vector, concat)`` exactly like
+``ldm.nets.unet.UNet`` (``ldm.interfaces.COND_KEYS``). Text goes through cross-attention. ``vector`` (class labels
+from a ``ClassConditioner(output="vector")``, pooled text, size micro-conditioning) goes through adaLN: a
+zero-initialised MLP maps it to the width D and adds it to the timestep embedding t, which drives every block's
+shift/scale/gate and the final layer (DiT Sec. 3.2: "the sum of the embedding vectors of t and c"). ``concat``
+channels are joined to x before the patch embedding.
 """
 
 from __future__ import annotations
@@ -36,7 +37,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ldm.nets.layers import Attention, check_backbone_inputs, timestep_embedding
+from ldm.nets.layers import (
+    Attention,
+    check_backbone_inputs,
+    check_vector_and_concat,
+    timestep_embedding,
+    vector_embedding,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +141,9 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """``forward(x, c_noise, context, context_mask) -> Tensor`` (B, out_channels, H, W), H and W multiples of
-    ``patch_size``. ``context_dim=None`` builds an unconditional DiT (no cross-attention). Sizes: ``DIT_SIZES``.
+    """``forward(x, c_noise, context, context_mask, vector, concat) -> Tensor`` (B, out_channels, H, W), H and W
+    multiples of ``patch_size``. ``context_dim=None`` builds a DiT without cross-attention; ``vector_dim`` adds the
+    adaLN vector input, ``concat_channels`` the concatenated channels. Sizes: ``DIT_SIZES``.
     """
 
     def __init__(
@@ -151,6 +159,8 @@ class DiT(nn.Module):
         dropout: float = 0.0,
         gradient_checkpointing: bool = False,
         frequency_embedding_size: int = 256,
+        vector_dim: int | None = None,
+        concat_channels: int = 0,
     ) -> None:
         super().__init__()
         if patch_size < 1 or depth < 1:
@@ -171,9 +181,13 @@ class DiT(nn.Module):
         self.hidden_size = hidden_size
         self.depth = depth
         self.context_dim = context_dim
+        self.vector_dim = vector_dim
+        self.concat_channels = int(concat_channels)
         self.gradient_checkpointing = gradient_checkpointing
         self.frequency_embedding_size = frequency_embedding_size
-        self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)  # DiT "Patchify"
+        self.x_embedder = nn.Conv2d(
+            in_channels + self.concat_channels, hidden_size, patch_size, stride=patch_size
+        )  # DiT "Patchify"
         # DiT's TimestepEmbedder: 256-d sinusoid -> MLP -> (B, D)
         self.t_embedder = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
@@ -186,6 +200,8 @@ class DiT(nn.Module):
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, out_channels)
         self._init_weights()
+        if vector_dim is not None:  # after the init above: zero last layer, so adaLN starts as without it
+            self.vector_embed = vector_embedding(vector_dim, hidden_size)  # (B, vector_dim) -> (B, D)
         log.debug("DiT built: %.2fM parameters", sum(p.numel() for p in self.parameters()) / 1e6)
 
     def _init_weights(self) -> None:
@@ -227,18 +243,28 @@ class DiT(nn.Module):
         return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, grid_h * p, grid_w * p)
 
     def forward(
-        self, x: Tensor, c_noise: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None
+        self,
+        x: Tensor,
+        c_noise: Tensor,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        vector: Tensor | None = None,
+        concat: Tensor | None = None,
     ) -> Tensor:
         """x (B, C, H, W); c_noise (B,) or scalar; context (B, L, D_ctx); context_mask (B, L) bool, True = real
-        token. Returns (B, out_channels, H, W)."""
+        token; vector (B, vector_dim); concat (B, concat_channels, H, W). Returns (B, out_channels, H, W)."""
         c_noise, mask = self._check_inputs(x, c_noise, context, context_mask)
+        check_vector_and_concat(self, x, vector, concat)
         b, _, h, w = x.shape
         gh, gw = h // self.patch_size, w // self.patch_size
-        tokens = self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, N, D), N = gh * gw, row-major
+        x_in = x if concat is None else torch.cat([x, concat.to(x.dtype)], dim=1)  # (B, C + C_concat, H, W)
+        tokens = self.x_embedder(x_in).flatten(2).transpose(1, 2)  # (B, N, D), N = gh * gw, row-major
         pos = sincos_pos_embed_2d(self.hidden_size, gh, gw, x.device)  # (N, D), for this grid
         tokens = tokens + pos.to(tokens.dtype)[None]
         t_freq = timestep_embedding(c_noise, self.frequency_embedding_size).to(tokens.dtype)  # (B, 256)
         t = self.t_embedder(t_freq)  # (B, D)
+        if vector is not None:
+            t = t + self.vector_embed(vector.to(t.dtype))  # (B, D): DiT's t + y embedding
         t_mod = self.t_block(t).view(b, 6, self.hidden_size)  # (B, 6, D), shared by all blocks
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:

@@ -19,8 +19,10 @@ from ldm.nets.layers import (
     SpatialTransformer,
     Upsample,
     check_backbone_inputs,
+    check_vector_and_concat,
     group_norm,
     timestep_embedding,
+    vector_embedding,
     zero_module,
 )
 
@@ -28,7 +30,8 @@ log = logging.getLogger(__name__)
 
 
 class UNet(nn.Module):
-    """``forward(x, c_noise, context, context_mask) -> Tensor`` of the shape of ``x`` with ``out_channels``.
+    """``forward(x, c_noise, context, context_mask, vector, concat) -> Tensor`` of the shape of ``x`` with
+    ``out_channels`` (the inputs are ``ldm.interfaces.COND_KEYS``).
 
     ``attention_resolutions`` lists downsampling factors (1 = input resolution, 2 = after one
     downsample, ...) whose levels get a spatial transformer after each ResBlock; the middle block
@@ -41,6 +44,11 @@ class UNet(nn.Module):
     ``use_linear_projection`` projects in/out of the transformers with Linear layers (SD 2.x);
     ``upcast_attention`` runs half-precision attention in float32; ``norm_eps`` is the GroupNorm epsilon
     of the ResBlocks and the output norm (the transformers' GroupNorm keeps 1e-6, as in SD).
+
+    ``vector_dim`` (pooled text, size micro-conditioning, labels; SDXL's ``adm_in_channels``) adds a
+    zero-initialised MLP of ``vector`` to the timestep embedding; ``concat_channels`` widens the first
+    convolution for ``concat`` inputs (inpainting: masked-image latent + mask, C + 1). Both default to off,
+    and then the state dict is the one without them.
     """
 
     def __init__(
@@ -61,6 +69,8 @@ class UNet(nn.Module):
         use_linear_projection: bool = False,
         upcast_attention: bool = False,
         norm_eps: float = 1e-5,
+        vector_dim: int | None = None,
+        concat_channels: int = 0,
     ) -> None:
         super().__init__()
         if len(channel_mult) == 0 or num_res_blocks < 1:
@@ -76,6 +86,8 @@ class UNet(nn.Module):
         self.num_heads = num_heads
         self.num_head_channels = num_head_channels
         self.context_dim = context_dim
+        self.vector_dim = vector_dim
+        self.concat_channels = int(concat_channels)
         self.dropout = dropout
         self.norm_groups = norm_groups
         self.transformer_depth = transformer_depth
@@ -111,7 +123,8 @@ class UNet(nn.Module):
 
         ch = model_channels
         skip_channels = [ch]
-        self.input_blocks = nn.ModuleList([nn.ModuleList([nn.Conv2d(in_channels, ch, 3, padding=1)])])
+        conv_in = nn.Conv2d(in_channels + self.concat_channels, ch, 3, padding=1)
+        self.input_blocks = nn.ModuleList([nn.ModuleList([conv_in])])
         for level, mult in enumerate(self.channel_mult):
             ds = 2**level
             for _ in range(num_res_blocks):
@@ -144,6 +157,8 @@ class UNet(nn.Module):
             nn.SiLU(),
             zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)),
         )
+        if vector_dim is not None:  # built last: the other layers draw the same init as without it
+            self.vector_embed = vector_embedding(vector_dim, emb_dim)  # (B, vector_dim) -> (B, 4 * mc), 0 at init
         log.debug("UNet built: %.2fM parameters", sum(p.numel() for p in self.parameters()) / 1e6)
 
     # ------------------------------------------------------------------ checks
@@ -173,12 +188,22 @@ class UNet(nn.Module):
         return layer(*args)
 
     def forward(
-        self, x: Tensor, c_noise: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None
+        self,
+        x: Tensor,
+        c_noise: Tensor,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        vector: Tensor | None = None,
+        concat: Tensor | None = None,
     ) -> Tensor:
-        """x (B, C, H, W); c_noise (B,) timestep; context (B, L, D); context_mask (B, L) bool."""
+        """x (B, C, H, W); c_noise (B,) timestep; context (B, L, D); context_mask (B, L) bool;
+        vector (B, vector_dim); concat (B, concat_channels, H, W)."""
         c_noise, mask = self._check_inputs(x, c_noise, context, context_mask)
+        check_vector_and_concat(self, x, vector, concat)
         emb = self.time_embed(timestep_embedding(c_noise, self.model_channels).to(x.dtype))  # (B, 4*mc)
-        h = x
+        if vector is not None:
+            emb = emb + self.vector_embed(vector.to(emb.dtype))  # (B, 4*mc)
+        h = x if concat is None else torch.cat([x, concat.to(x.dtype)], dim=1)  # (B, C + C_concat, H, W)
         skips: list[Tensor] = []
         for block in self.input_blocks:
             for layer in block:

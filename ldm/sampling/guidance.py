@@ -2,6 +2,9 @@
 
 D_cfg(x, sigma) = D(x, sigma, uncond) + scale * (D(x, sigma, cond) - D(x, sigma, uncond)), with both branches
 evaluated in ONE call on the doubled batch [uncond; cond]. A negative prompt is simply a non-empty ``uncond``.
+``cond`` and ``uncond`` are the backbone's conditioning dicts (``ldm.interfaces.COND_KEYS``), passed through
+untouched; which conditioners ``uncond`` nulls (and which, like size conditioning, it keeps) is decided where it is
+built (``ldm.conditioning.multi.MultiConditioner.guidance_pair``).
 Guiding the x0 estimate is equivalent to guiding the net's output (eps, v, ...): x0 is affine in it at fixed x, sigma.
 
 Two refinements, both off by default:
@@ -19,27 +22,32 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ldm.interfaces import COND_KEYS
 from ldm.tensors import pad_tokens
 
 CONTEXT_KEYS = ("context", "context_mask")
 
 
 def _batched_pair(cond: dict[str, Tensor], uncond: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Concatenate uncond (batch 1 or B) and cond (batch B) into {key: (2B, ...)} in the order [uncond; cond]."""
-    if set(cond) != set(uncond) or not set(cond) <= set(CONTEXT_KEYS) or "context" not in cond:
+    """Concatenate uncond (batch 1 or B) and cond (batch B) into {key: (2B, ...)} in the order [uncond; cond].
+
+    Token tensors (context, context_mask) of different lengths are padded to the longer (masked out)."""
+    if set(cond) != set(uncond) or not set(cond) <= set(COND_KEYS) or not cond:
         raise ValueError(
-            f"cond and uncond must both hold 'context' (and optionally 'context_mask'); got "
-            f"{sorted(cond)} and {sorted(uncond)}."
+            f"cond and uncond must hold the same keys among {COND_KEYS}; got {sorted(cond)} and {sorted(uncond)}: "
+            "build both with the same conditioner"
         )
-    batch = cond["context"].shape[0]
-    length = max(cond["context"].shape[1], uncond["context"].shape[1])
-    if cond["context"].shape[1] != uncond["context"].shape[1] and "context_mask" not in cond:
+    batch = next(iter(cond.values())).shape[0]
+    length = max(cond["context"].shape[1], uncond["context"].shape[1]) if "context" in cond else 0
+    if "context" in cond and cond["context"].shape[1] != uncond["context"].shape[1] and "context_mask" not in cond:
         raise ValueError(
             "cond and uncond contexts differ in length; pass context_mask so the shorter is padded."
         )
     out: dict[str, Tensor] = {}
     for key in cond:
-        c, u = pad_tokens(cond[key], length), pad_tokens(uncond[key], length)  # (B, L, ...), (1|B, L, ...)
+        c, u = cond[key], uncond[key]
+        if key in CONTEXT_KEYS:
+            c, u = pad_tokens(c, length), pad_tokens(u, length)  # (B, L, ...), (1|B, L, ...)
         if u.shape[0] == 1 and batch > 1:
             u = u.expand(batch, *u.shape[1:])
         if u.shape != c.shape:
@@ -59,7 +67,7 @@ def rescale_guidance(guided: Tensor, cond: Tensor, phi: float) -> Tensor:
 
 
 class CFGDenoiser:
-    """Wraps ``denoiser(x, sigma, context=..., context_mask=...)`` into a guided denoiser ``(x, sigma) -> x0``.
+    """Wraps ``denoiser(x, sigma, **cond)`` into a guided denoiser ``(x, sigma) -> x0``.
 
     ``rescale`` > 0 works in the model's prediction space: pass ``to_prediction(x, sigma, x0) -> F`` and its inverse
     ``from_prediction(x, sigma, F) -> x0`` (``Denoiser.prediction_from_x0`` / ``Denoiser.x0_from_prediction``).
@@ -100,7 +108,7 @@ class CFGDenoiser:
         self.interval = interval
         self.to_prediction, self.from_prediction = to_prediction, from_prediction
         self.pair = _batched_pair(self.cond, dict(uncond))  # {key: (2B, ...)}
-        self.batch = self.cond["context"].shape[0]
+        self.batch = next(iter(self.cond.values())).shape[0]
 
     def _guided_rows(self, sigma: Tensor) -> Tensor:
         """(B,) bool: which samples get guidance at this sigma."""
@@ -117,9 +125,9 @@ class CFGDenoiser:
             raise ValueError(
                 f"x has batch {x.shape[0]} but cond has batch {self.batch}; build one CFGDenoiser per batch."
             )
-        if set(kwargs) & set(CONTEXT_KEYS):
+        if set(kwargs) & set(COND_KEYS):
             raise ValueError(
-                "context/context_mask are held by CFGDenoiser; do not pass them again in extra_args."
+                f"{sorted(set(kwargs) & set(COND_KEYS))} are held by CFGDenoiser; do not pass them again in extra_args."
             )
         sigma = torch.as_tensor(sigma, device=x.device)
         sigma_in = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma  # (B,)
