@@ -27,6 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
 from ldm.cli import exit_on_user_error
+from ldm.conditioning.multi import sampling_inputs
 from ldm.data.rgb import parse_background
 from ldm.data.urls import expand_urls
 from ldm.evaluation import EXTRACTORS, ClipScorer, build_extractor
@@ -158,7 +159,9 @@ def score_point(cfg: DictConfig, model: SamplingModel, settings: dict[str, Any],
         prompts = [captions[(s - cfg.seed) % len(captions)] for s in seeds]
         negative = None if cfg.negative_prompt is None else [cfg.negative_prompt] * len(prompts)
         t0 = time.perf_counter()
-        images = generate(model.denoiser, model.conditioner, model.decode_samples, prompts, sampler=sampler,
+        inputs = sampling_inputs(model.conditioner, prompts, None, [d * model.autoencoder.downsample_factor
+                                                                   for d in model.latent_shape[1:]])
+        images = generate(model.denoiser, model.conditioner, model.decode_samples, inputs, sampler=sampler,
                           sigmas=sigmas, latent_shape=model.latent_shape, seeds=seeds, cfg_scale=scale,
                           guidance_rescale=cfg.guidance_rescale, negative_prompt=negative)  # fmt: skip
         t1 = time.perf_counter()

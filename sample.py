@@ -1,5 +1,9 @@
 """Sample a checkpoint: `python sample.py ckpt=PATH prompt="red apple" num_images=8 steps=50 sampler=ddim cfg_scale=5`.
 
+Class-conditional models take `label=<name or id>` (or a list, like the prompts), names resolved through the label
+vocabulary stored in the checkpoint; size-conditioned models take `size=[H,W] crop=[top,left] original_size=[h,w]`
+(SDXL micro-conditioning; `size` also sets the output size, default the training image_size).
+
 Writes one PNG per image, a grid PNG and metadata.json (file, prompt, negative prompt, seed, sampler settings,
 checkpoint) to out_dir. The same seed gives byte-identical PNGs. EMA weights are used unless use_ema=false.
 
@@ -24,7 +28,8 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ldm.cli import exit_on_user_error
-from ldm.generate import generate, make_grid, to_pil
+from ldm.conditioning.multi import sampling_inputs
+from ldm.generate import generate, latent_shape, make_grid, to_pil
 from ldm.img2img import check_init_inputs, keep_mask_latent, load_init_inputs
 from ldm.instantiate import build
 from ldm.lit.loading import SamplingModel, load_for_sampling, resolve_checkpoint
@@ -71,6 +76,39 @@ def check_out_dir(out_dir: Path) -> None:
                     f"out_dir={out_dir} cannot be a directory: '{path}' is a file — pass another out_dir"
                 )
             return
+
+
+def read_labels(cfg: DictConfig) -> list[str | int] | None:
+    """label=NAME|ID or label=[a,b]: the class labels, each repeated num_images times (None when not given)."""
+    value = cfg.get("label")
+    if value is None:
+        return None
+    items = list(value) if isinstance(value, ListConfig | list | tuple) else [value]
+    if not items or not all(isinstance(v, str | int) and not isinstance(v, bool) for v in items):
+        raise ValueError(f"label={value!r} must be a class name or id, or a list of them: e.g. label=cat or label=3")
+    return [v for v in items for _ in range(cfg.num_images)]
+
+
+def pair_up(prompts: list[str] | None, labels: list[str | int] | None) -> tuple[list[str] | None, list | None]:
+    """Prompts and labels of equal length (one of them may be a single value, or absent)."""
+    if prompts is None or labels is None or len(prompts) == len(labels):
+        return prompts, labels
+    if len(set(prompts)) == 1:
+        return prompts[:1] * len(labels), labels
+    if len(set(labels)) == 1:
+        return prompts, labels[:1] * len(prompts)
+    raise ValueError(f"{len(prompts)} prompts but {len(labels)} labels: give as many of each, or one of either")
+
+
+def optional_pair(cfg: DictConfig, key: str) -> list[int] | None:
+    """size / crop / original_size: null or two whole numbers [a, b]."""
+    value = cfg.get(key)
+    if value is None:
+        return None
+    items = list(value) if isinstance(value, ListConfig | list | tuple) else [value]
+    if len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in items):
+        raise ValueError(f"{key}={value} is not two whole numbers >= 0: pass {key}=[a,b], e.g. {key}=[64,64]")
+    return [int(v) for v in items]
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
@@ -141,7 +179,11 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     interval = guidance_interval(cfg.guidance_interval)
     out_dir = Path(cfg.out_dir)
     check_out_dir(out_dir)
-    prompts = read_prompts(cfg)
+    labels = read_labels(cfg)
+    prompts = read_prompts(cfg) if labels is None or cfg.prompt is not None or cfg.prompts_file else None
+    prompts, labels = pair_up(prompts, labels)
+    size, crop, original = (optional_pair(cfg, k) for k in ("size", "crop", "original_size"))
+    n_images = len(prompts) if prompts is not None else len(labels or [])
     init_paths, mask_paths, strength = check_init_inputs(
         cfg.get("init_image"), cfg.get("mask"), cfg.get("strength", 0.6)
     )
@@ -152,6 +194,10 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     trust = bool(cfg.get("trust_checkpoint_config", False))
     model = load_for_sampling(ckpt_path, cfg.use_ema, device, trust_checkpoint_config=trust,
                               lora_scale=float(cfg.get("lora_scale", 1.0)), lora_base=cfg.get("lora_base"))  # fmt: skip
+    shape = latent_shape(model.denoiser.net, model.autoencoder, size) if size is not None else model.latent_shape
+    pixels = [d * model.autoencoder.downsample_factor for d in shape[1:]]  # [H, W]
+    inputs_for = lambda p, lab: sampling_inputs(model.conditioner, p, lab, pixels, original, crop)  # noqa: E731
+    inputs_for(prompts[:1] if prompts else None, labels[:1] if labels else None)  # bad labels fail before sampling
     init_latents, keep = init_inputs(model, init_paths, mask_paths, device)
     sigmas = sampling_sigmas(model.denoiser.schedule, cfg.steps, spacing=cfg.spacing)
     # no sampler= given: the one the checkpoint's sample grid used in training (checked by load_for_sampling)
@@ -174,9 +220,11 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     write(out_dir, lambda p: p.mkdir(parents=True, exist_ok=True), cleanup=False)
     records: list[dict[str, Any]] = []
     pil_images = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        seeds = [cfg.seed + start + i for i in range(len(batch))]
+    for start in range(0, n_images, batch_size):
+        stop = min(start + batch_size, n_images)
+        batch = prompts[start:stop] if prompts is not None else None
+        batch_labels = labels[start:stop] if labels is not None else None
+        seeds = [cfg.seed + i for i in range(start, stop)]
         which = [(start + i) % len(init_paths) for i in range(len(batch))] if init_paths else []
         init = {} if init_latents is None else {"init_latents": init_latents[which], "strength": strength}
         if keep is not None:
@@ -185,19 +233,21 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             model.denoiser,
             model.conditioner,
             model.decode_samples,
-            batch,
+            inputs_for(batch, batch_labels),
             sampler=sampler,
             sigmas=sigmas,
-            latent_shape=model.latent_shape,
+            latent_shape=shape,
             seeds=seeds,
             cfg_scale=cfg.cfg_scale,
             guidance_rescale=cfg.guidance_rescale,
             guidance_interval=interval,
-            negative_prompt=[cfg.negative_prompt] * len(batch),
+            negative_prompt=[cfg.negative_prompt] * len(seeds) if batch is not None else None,
             **init,
         )
-        for i, (prompt, seed, image) in enumerate(zip(batch, seeds, to_pil(images), strict=True)):
-            name = f"{start + i:04d}_{slug(prompt)}_seed{seed}.png"
+        for i, (seed, image) in enumerate(zip(seeds, to_pil(images), strict=True)):
+            prompt = batch[i] if batch is not None else None
+            label = batch_labels[i] if batch_labels is not None else None
+            name = f"{start + i:04d}_{slug(prompt if prompt is not None else str(label))}_seed{seed}.png"
             write(out_dir / name, image.save)
             pil_images.append(image)
             records.append(
@@ -205,6 +255,8 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
                     "file": name,
                     "prompt": prompt,
                     "negative_prompt": cfg.negative_prompt,
+                    **({"label": label} if label is not None else {}),
+                    **({"size": pixels, "crop": crop, "original_size": original} if size is not None else {}),
                     "seed": seed,
                     **sampler_settings,
                     "use_ema": cfg.use_ema,

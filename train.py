@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.cli import exit_on_user_error, one_line
+from ldm.config_utils import fill_label_vocabulary
 from ldm.data.datamodule import ShardDataModule
 from ldm.instantiate import build
 from ldm.lit.callbacks import ConfigInCheckpoint
@@ -62,6 +63,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     OmegaConf.save(OmegaConf.create(resolved), output_dir / "config_resolved.yaml")
 
     datamodule = build(cfg.data)
+    labels = (getattr(datamodule, "index_meta", None) or {}).get("labels")
+    if cfg.get("conditioner") is not None and fill_label_vocabulary(cfg.conditioner, labels):
+        # the label names go into the stored config, so sample.py label=<name> needs no data
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        OmegaConf.save(OmegaConf.create(resolved), output_dir / "config_resolved.yaml")
     model = build(cfg.model)
     if isinstance(model, LatentDiffusion):
         check_latent_source(datamodule.index_meta, model.autoencoder, model.conditioner)

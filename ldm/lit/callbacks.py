@@ -16,6 +16,8 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from ldm.conditioning.labels import ClassConditioner
+from ldm.conditioning.multi import as_multi, sampling_inputs
 from ldm.data.buckets import most_common_bucket
 from ldm.generate import generate, latent_shape, make_grid, to_pil
 from ldm.lit.ema import EMA
@@ -31,6 +33,10 @@ class SampleGrid(L.Callback):
     The grid is written to ``<run dir>/samples/step_XXXXXX.png`` and sent to the wandb / TensorBoard loggers.
     ``image_size``: a side (square), [H, W], or "auto": the aspect-ratio bucket holding most samples in the
     training shards' index (``bucket_counts``, see ``ldm.data.buckets``), else their square ``image_size``.
+
+    A model with a class-label conditioner gets a grid by label: image i shows class i (the first ``max_labels``
+    classes, named in the loggers' caption), with prompt i when it also reads captions; size-conditioned models are
+    asked for the grid's own size, uncropped.
     """
 
     def __init__(
@@ -47,8 +53,10 @@ class SampleGrid(L.Callback):
         every_n_steps: int = 500,
         out_dir: str = "samples",
         use_ema: bool = True,
+        max_labels: int = 16,
     ) -> None:
         self.prompts = list(prompts)
+        self.max_labels = max_labels
         self.image_size = image_size if isinstance(image_size, int | str) else [int(n) for n in image_size]
         self.size: tuple[int, int] | None = None if image_size == "auto" else grid_size(image_size, {})
         self.sampler = sampler
@@ -89,22 +97,24 @@ class SampleGrid(L.Callback):
         swap = ema.swapped_in(pl_module) if (self.use_ema and ema is not None) else nullcontext()
         was_training = pl_module.training
         pl_module.eval()
+        prompts, labels, captions = self.grid_inputs(pl_module.conditioner)
+        n = len(captions)
         with swap:
             images = generate(
                 pl_module.denoiser,
                 pl_module.conditioner,
                 pl_module.decode_samples,
-                self.prompts,
+                sampling_inputs(pl_module.conditioner, prompts, labels, self.size),
                 sampler=self.sampler,
                 sigmas=sampling_sigmas(pl_module.denoiser.schedule, self.steps, spacing=self.spacing),
                 latent_shape=latent_shape(pl_module.net, pl_module.autoencoder, self.size),
-                seeds=[self.seed + i for i in range(len(self.prompts))],
+                seeds=[self.seed + i for i in range(n)],
                 cfg_scale=self.cfg_scale,
                 guidance_rescale=self.guidance_rescale,
                 guidance_interval=self.guidance_interval,
             )
         pl_module.train(was_training)
-        grid = make_grid(to_pil(images), ncols=min(8, len(self.prompts)))
+        grid = make_grid(to_pil(images), ncols=min(8, n))
         path = self.out_dir / f"step_{trainer.global_step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
@@ -116,13 +126,25 @@ class SampleGrid(L.Callback):
                     "samples",
                     [str(path)],
                     step=trainer.global_step,
-                    caption=[" | ".join(map(str, self.prompts))],
+                    caption=[" | ".join(captions)],
                 )
             elif isinstance(logger, TensorBoardLogger):
                 arr = np.asarray(grid).transpose(2, 0, 1)  # (3, H, W) uint8
                 logger.experiment.add_image("samples", arr, global_step=trainer.global_step)
             elif isinstance(logger, CSVLogger):
                 pass  # the PNG in the run directory is the record
+
+    def grid_inputs(self, conditioner: torch.nn.Module) -> tuple[list[str] | None, list[int] | None, list[str]]:
+        """(prompts, label ids, one caption per image): the fixed prompts, or a grid by label for label models."""
+        found = as_multi(conditioner).find(ClassConditioner)
+        if found is None:
+            return self.prompts, None, [str(p) for p in self.prompts]
+        ids = list(range(min(found.num_classes, self.max_labels)))
+        names = [found.labels[i] if found.labels is not None else str(i) for i in ids]
+        if len(as_multi(conditioner).conditioners) == 1:  # labels only
+            return None, ids, names
+        prompts = [self.prompts[i % len(self.prompts)] if self.prompts else "" for i in ids]
+        return prompts, ids, [f"{p} [{name}]" for p, name in zip(prompts, names, strict=True)]
 
 
 def grid_size(image_size: int | Sequence[int] | str, index_meta: dict[str, Any]) -> tuple[int, int]:

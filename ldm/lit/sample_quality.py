@@ -25,6 +25,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from ldm.conditioning.multi import sampling_inputs
 from ldm.data.rgb import parse_background
 from ldm.data.urls import expand_urls
 from ldm.evaluation import EXTRACTORS, ClipScorer, build_extractor, load_or_compute
@@ -117,6 +118,7 @@ class SampleQuality(L.Callback):
         swap = ema.swapped_in(pl_module) if (self.use_ema and ema is not None) else nullcontext()
         sigmas = sampling_sigmas(pl_module.denoiser.schedule, self.steps, spacing=self.spacing)
         shape = latent_shape(pl_module.net, pl_module.autoencoder, self.image_size)
+        pixel_size = [d * pl_module.autoencoder.downsample_factor for d in shape[1:]]  # [H, W]
         features, clip_scores = [], []
         was_training = pl_module.training
         pl_module.eval()
@@ -130,7 +132,7 @@ class SampleQuality(L.Callback):
                     pl_module.denoiser,
                     pl_module.conditioner,
                     pl_module.decode_samples,
-                    prompts,
+                    sampling_inputs(pl_module.conditioner, prompts, None, pixel_size),
                     sampler=self.sampler,
                     sigmas=sigmas,
                     latent_shape=shape,
