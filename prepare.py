@@ -1,8 +1,11 @@
 """Data preparation: images -> image shards -> latent shards, and exporting a trained stage-1 autoencoder.
 
     python prepare.py emoji                                   # built-in emoji: image shards + latent shards
+    python prepare.py emoji --labels category                 # ... whose samples carry a class id (cls): emoji
+                                      # category (9) or subcategory (99), into data/emoji32_<level> (ldm/data/labels.py)
     python prepare.py images --input DIR --out data/mine/images  # folder of images with same-named .txt captions
                                       # (image bytes kept as they are; captions that are not UTF-8 skipped, counted)
+    python prepare.py images ... --val-fraction 0.05 --split-seed 0   # also val-*.tar: a stable, seeded hash split
     python prepare.py latents --shards 'data/mine/images/train-{000000..000003}.tar' --out data/mine/latents \
         --autoencoder emoji-kl-f4 | PATH.safetensors | diffusers:stabilityai/sd-vae-ft-mse [--subfolder vae]
     python prepare.py latents ... --num-procs 4 --devices cuda:0,cuda:1,cuda:2,cuda:3   # resumable; or one job per
@@ -26,7 +29,7 @@ import argparse
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -44,10 +47,12 @@ from ldm.autoencoder.loaders import (
 from ldm.conditioning.text import TextConditioner
 from ldm.data.buckets import Bucket, buckets_for_area, parse_buckets
 from ldm.data.emoji import emoji_samples, is_validation_key
-from ldm.data.folder import folder_samples, image_files
+from ldm.data.emoji_labels import LEVELS, label_names
+from ldm.data.folder import folder_samples, hash_split, image_files
+from ldm.data.labels import label_meta
 from ldm.data.overwrite import input_files, refuse_outputs_among, refuse_overwrite, tmp_of
 from ldm.data.rgb import parse_background
-from ldm.data.shards import SkipCounter, read_index, write_shards
+from ldm.data.shards import SkipCounter, read_index, write_shards, write_split_shards
 from ldm.data.urls import expand_urls
 from ldm.encode import image_batches, merge_latent_index
 from ldm.reconstruction import MIN_PSNR_DB, reconstruction_check
@@ -58,27 +63,54 @@ log = logging.getLogger("prepare")
 
 
 # ---------------------------------------------------------------------------------------------- image shards
-def split_samples(samples: Iterator[dict], out_dir: str, max_per_shard: int) -> dict[str, int]:
-    """Writes train-*.tar and val-*.tar (the fixed held-out split of ``is_validation_key``)."""
-    train, val = [], []
-    for s in samples:
-        (val if is_validation_key(s["__key__"]) else train).append(s)
-    write_shards(train, out_dir, prefix="train", max_per_shard=max_per_shard)
-    write_shards(val, out_dir, prefix="val", max_per_shard=max_per_shard)
-    return {"train": len(train), "val": len(val)}
+def split_samples(
+    samples: Iterator[dict],
+    out_dir: str,
+    max_per_shard: int,
+    is_validation: Callable[[str], bool],
+    prefixes: tuple[str, str] = ("train", "val"),
+    labels: tuple[list[str], str] | None = None,
+) -> dict[str, int]:
+    """Streams samples into train-*.tar and val-*.tar by the source's own split, ``is_validation(key)``.
+
+    ``labels`` (class names, level): each index meta names the classes and counts the samples per class.
+    """
+    ids: dict[str, list[int]] = {p: [] for p in prefixes}
+
+    def split(key: str) -> str:
+        return prefixes[1] if is_validation(key) else prefixes[0]
+
+    def tallied() -> Iterator[dict]:
+        for s in samples:
+            if "cls" in s:
+                ids[split(s["__key__"])].append(s["cls"])
+            yield s
+
+    meta = None if labels is None else (lambda prefix: label_meta(*labels, ids[prefix]))
+    return write_split_shards(tallied(), out_dir, split, prefixes, max_per_shard, meta)
 
 
 def cmd_images(args: argparse.Namespace) -> None:
     root = Path(args.input)
     if root.is_dir():  # folder_samples names the fix when it is not
         inputs = [q for p in image_files(root) for q in (p, p.with_suffix(".txt"))]
-        names = re.compile(rf"{re.escape(args.prefix)}(-\d{{6}}\.tar|\.json)(\.tmp)?")
+    prefixes = (args.prefix, args.val_prefix) if args.val_fraction > 0 else (args.prefix,)
+    if len(set(prefixes)) < len(prefixes):
+        raise SystemExit(f"--prefix and --val-prefix are both '{args.prefix}': name --val-prefix apart")
+    is_validation = hash_split(args.val_fraction, args.split_seed)  # checks the fraction first
+        alternatives = "|".join(map(re.escape, prefixes))
+        names = re.compile(rf"({alternatives})(-\d{{6}}\.tar|\.json)(\.tmp)?")
         refuse_outputs_among(inputs, Path(args.out), names, "choose another --out (or --prefix)")
     counter = SkipCounter("folder")
-    samples = ({**s, "__key__": f"{i:06d}"} for i, s in enumerate(folder_samples(args.input, counter)))
-    write_shards(samples, args.out, prefix=args.prefix, max_per_shard=args.max_per_shard)  # streamed
-    total = read_index(str(Path(args.out) / f"{args.prefix}.json"))["total"]
-    log.info("images: %d samples written to %s, %d skipped: %s", total, args.out, counter.total(),
+    samples = folder_samples(args.input, counter)  # keys from the paths, each once (duplicate_key)
+    if len(prefixes) == 1:
+        write_shards(samples, args.out, prefix=args.prefix, max_per_shard=args.max_per_shard)  # streamed
+        split = ""
+    else:
+        counts = split_samples(samples, args.out, args.max_per_shard, is_validation, prefixes)
+        split = " (" + ", ".join(f"{p} {n}" for p, n in counts.items()) + ")"
+    total = sum(read_index(str(Path(args.out) / f"{p}.json"))["total"] for p in prefixes)
+    log.info("images: %d samples written to %s%s, %d skipped: %s", total, args.out, split, counter.total(),
              dict(sorted(counter.as_dict().items())))  # fmt: skip
 
 
@@ -147,13 +179,16 @@ def cmd_latents_merge(args: argparse.Namespace) -> None:
 
 
 def cmd_emoji(args: argparse.Namespace) -> None:
-    root = Path(args.out)
-    counts = split_samples(
-        emoji_samples(size=args.size, limit=args.limit), str(root / "images"), args.max_per_shard
-    )
+    root = Path(args.out or ("data/emoji32" if args.labels is None else f"data/emoji32_{args.labels}"))
+    labels = None if args.labels is None else (label_names(args.labels), args.labels)
+    samples = emoji_samples(size=args.size, limit=args.limit, labels=args.labels)
+    images = root / "images"
+    counts = split_samples(samples, str(images), args.max_per_shard, is_validation_key, labels=labels)
     log.info("emoji image shards: %s", counts)
     if args.images_only:
         return
+    if labels is not None:
+        log_label_counts(images)
     ae = load_autoencoder(args.autoencoder, None, None)
     text = text_encoder(args.text_encoder, args.max_length)
     for prefix in ("train", "val"):
@@ -177,6 +212,15 @@ def cmd_emoji(args: argparse.Namespace) -> None:
 
 def write_reconstruction(result: dict, ae: FrozenAutoencoder, out: Path, prefix: str) -> None:
     """The reconstruction check's result beside the latents it concerns (written once encoding was allowed)."""
+def log_label_counts(images: Path) -> None:
+    """Samples per class of each split, from the image index meta (how balanced the classes are)."""
+    for prefix in ("train", "val"):
+        meta = read_index(str(images / f"{prefix}.json"))["meta"]
+        counts = dict(zip(meta["labels"], meta["label_counts"], strict=True))
+        level = meta["label_level"]
+        log.info("emoji %s: %d classes (%s), samples per class %s", prefix, len(counts), level, counts)
+
+
     text = json.dumps({"autoencoder": ae.identity, **result}, indent=1)
     (out / f"reconstruction_{prefix}.json").write_text(text)
 
@@ -281,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser(
         "emoji", help="render the built-in emoji dataset and encode it with the shipped autoencoder"
     )
-    p.add_argument("--out", default="data/emoji32")
+    p.add_argument("--out", default=None, help="default data/emoji32, with --labels data/emoji32_<level>")
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--limit", type=int, default=None, help="only the first N emoji (tests)")
     p.add_argument(
@@ -299,6 +343,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--input", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--prefix", default="train")
+    p.add_argument(
+        "--labels", choices=LEVELS, default=None,
+        help="store each emoji's class id (cls) at this level; emoji without one are skipped and counted",
+    )  # fmt: skip
     p.add_argument("--max-per-shard", type=int, default=1000)
     p.set_defaults(func=cmd_images)
 
@@ -316,6 +364,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--check-images", type=int, default=64,
+    p.add_argument(
+        "--val-fraction", type=float, default=0.0,
+        help="hold out about this fraction as --val-prefix shards (a seeded hash of each key: stable as files change)",
+    )  # fmt: skip
+    p.add_argument("--val-prefix", default="val")
+    p.add_argument("--split-seed", type=int, default=0, help="--val-fraction: which keys are held out")
                    help="reconstruct this many images first and report the autoencoder's PSNR (0: skip)")  # fmt: skip
     p.add_argument("--min-psnr", type=float, default=MIN_PSNR_DB,
                    help="warn loudly when the autoencoder reconstructs these images below this PSNR (dB)")  # fmt: skip

@@ -31,6 +31,7 @@ from ldm.autoencoder.loaders import LatentMoments
 from ldm.conditioning.text import TextConditioner
 from ldm.data.buckets import Bucket, bucket_name, check_buckets, crop_rng, parse_buckets
 from ldm.data.image_batches import image_batches
+from ldm.data.labels import carried_label_meta
 from ldm.data.overwrite import check_latent_outputs
 from ldm.data.rgb import parse_background
 from ldm.data.shards import SkipCounter, write_index, write_json_atomic, write_shard
@@ -342,6 +343,7 @@ def merge_latent_index(
         "latent_stats": moments.result(),  # per-channel and overall mean/std of the stored latents
         "moments": moments.state(),  # the raw sums, to merge with other shard sets
         "skipped": dict(sorted(skipped.items())),
+        **carried_label_meta([j.url for j in jobs]),  # labels, label_level of labelled image shards
     }
     if "buckets" in meta:  # samples per bucket, in bucket order
         meta["bucket_counts"] = {bucket_name(b): buckets[bucket_name(b)] for b in meta["buckets"]}

@@ -25,12 +25,12 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from ldm.autoencoder.kl import KLAutoencoder
     from ldm.autoencoder.loaders import load_kl_autoencoder, save_kl_autoencoder
     from ldm.conditioning.text import TextConditioner
-    from ldm.data.emoji import emoji_samples
+    from ldm.data.emoji import emoji_samples, is_validation_key
     from ldm.encode import encode_shards
     from prepare import split_samples
 
     root = tmp_path_factory.mktemp("tiny_data")
-    counts = split_samples(emoji_samples(size=32, limit=120), str(root / "images"), max_per_shard=40)
+    counts = split_samples(emoji_samples(size=32, limit=120), str(root / "images"), 40, is_validation_key)
     torch.manual_seed(0)
     ae = KLAutoencoder(
         base_channels=8, channel_mult=(1, 2, 2), z_channels=4, norm_groups=8, mid_attention=False

@@ -12,14 +12,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import save_file
+from sd_tiny import finetune_overrides, save_tiny_sd_pipeline
 
+from ldm.config_utils import compose_config
 from ldm.convert.sd_checkpoint import unet_to_ldm_state_dict
 from ldm.generate import generate, initial_noise
 from ldm.instantiate import build
 from ldm.lit.ema import EMA
 from ldm.sampling import get_sigmas_discrete, sample_ddim
-from tests.hydra_utils import compose_config
-from tests.sd_tiny import finetune_overrides, save_tiny_sd_pipeline
 
 PROMPTS = ["red apple", "a blue heart on a long caption"]
 
@@ -146,3 +146,29 @@ def test_single_file_checkpoint_and_resume_skip(tmp_path: Path, pipeline_dir: Pa
         build_model(pipeline_dir, f"model.init_from=ldm:{path}", "net.num_res_blocks=2").init_weights()
     with pytest.raises(ValueError, match="missing from the source"):
         build_model(pipeline_dir, f"model.init_from=ldm:{path}", "net.transformer_depth=2").init_weights()
+
+
+def test_init_from_hub_id_reads_the_hub_cache_offline(
+    tmp_path: Path, pipeline_dir: Path, model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """model.init_from=diffusers:<owner/name>: the snapshot in a Hugging Face cache (its on-disk layout, made by
+    hand: refs/main -> snapshots/<commit>/), with HF_HUB_OFFLINE; an id not in the cache names the fix."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-sd"
+    shutil.copytree(pipeline_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)  # no local directory tiny-org/tiny-sd
+    other = build_model(pipeline_dir, "model.init_from=diffusers:tiny-org/tiny-sd")
+    other.init_weights()
+    assert all(torch.equal(v, model.net.state_dict()[k]) for k, v in other.net.state_dict().items())
+    with pytest.raises(
+        FileNotFoundError, match=r"not in the Hugging Face cache .*hf download tiny-org/other"
+    ):
+        build_model(pipeline_dir, "model.init_from=diffusers:tiny-org/other").init_weights()

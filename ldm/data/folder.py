@@ -1,10 +1,15 @@
-"""A folder of images with same-named ``.txt`` captions (``cat.png`` + ``cat.txt``), searched recursively."""
+"""A folder of images with same-named ``.txt`` captions (``cat.png`` + ``cat.txt``), searched recursively.
+
+Keys come from the relative paths (``a/b/cat.png`` -> ``a_b_cat``), so they are stable and unique (two paths that
+map to one key are skipped and counted); ``hash_split`` holds out a seeded, stable fraction of them.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ldm.data.decode import check_caption, check_image
@@ -65,3 +70,19 @@ def folder_samples(root: str, counter: SkipCounter) -> Iterator[dict]:
             continue
         seen.add(key)
         yield {"__key__": key, "jpg" if ext == "jpeg" else ext: raw[ext], "txt": text.strip()}
+
+
+def hash_split(val_fraction: float, seed: int = 0) -> Callable[[str], bool]:
+    """``is_validation(key)``: a key is held out when a seeded hash of it falls below ``val_fraction``.
+
+    Each key's side depends on the key and the seed only, so adding or removing other images moves no sample
+    between train and validation.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction}: pass a fraction in [0, 1) (e.g. --val-fraction 0.05)")
+
+    def is_validation(key: str) -> bool:
+        digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") < val_fraction * 2**64
+
+    return is_validation

@@ -10,7 +10,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +144,57 @@ class _ShardSink:
             self.tmp.unlink(missing_ok=True)
 
 
+class ShardSeries:
+    """``{prefix}-000000.tar, ...`` written one sample at a time (each shard through ``.tmp``), then its index."""
+
+    def __init__(self, out_dir: str | os.PathLike, prefix: str = "train", max_per_shard: int = 1000) -> None:
+        if max_per_shard < 1:
+            raise ValueError(f"max_per_shard must be >= 1, got {max_per_shard}")
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        self.max_per_shard = max_per_shard
+        self.paths: list[str] = []
+        self.counts: list[int] = []
+        self.sink: _ShardSink | None = None
+
+    def write(self, sample: dict[str, Any]) -> None:
+        if self.sink is None:
+            self.sink = _ShardSink(self.out / f"{self.prefix}-{len(self.paths):06d}.tar")
+        self.sink.write(_encode_sample(sample))
+        if self.sink.count >= self.max_per_shard:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
+            self.paths.append(str(self.sink.path))
+            self.counts.append(self.sink.count)
+            self.sink = None
+
+    def finish(self, meta: dict | None = None) -> list[str]:
+        """Closes the last shard and writes the index ``{prefix}.json``; returns the shard paths."""
+        self._close_shard()
+        index = {
+            "shards": [Path(p).name for p in self.paths],
+            "counts": self.counts,
+            "total": sum(self.counts),
+            "meta": meta or {},
+        }
+        index_path = self.out / f"{self.prefix}.json"
+        tmp = index_path.with_name(index_path.name + ".tmp")
+        tmp.write_text(json.dumps(index, indent=1))
+        os.replace(tmp, index_path)
+        log.info("wrote %d samples in %d shards to %s", index["total"], len(self.paths), self.out)
+        return self.paths
+
+    def discard(self) -> None:
+        """Removes the unfinished shard (finished ones stay, as after a crash)."""
+        if self.sink is not None:
+            self.sink.discard()
+            self.sink = None
+
+
 def write_shards(
     samples: Iterable[dict],
     out_dir: str,
@@ -152,43 +203,42 @@ def write_shards(
     meta: dict | None = None,
 ) -> list[str]:
     """Writes ``{prefix}-000000.tar, ...`` and the index ``{prefix}.json``; returns the shard paths."""
-    if max_per_shard < 1:
-        raise ValueError(f"max_per_shard must be >= 1, got {max_per_shard}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths: list[str] = []
-    counts: list[int] = []
-    sink: _ShardSink | None = None
+    series = ShardSeries(out_dir, prefix, max_per_shard)
     try:
         for sample in samples:
-            if sink is None:
-                sink = _ShardSink(out / f"{prefix}-{len(paths):06d}.tar")
-            sink.write(_encode_sample(sample))
-            if sink.count >= max_per_shard:
-                sink.close()
-                paths.append(str(sink.path))
-                counts.append(sink.count)
-                sink = None
+            series.write(sample)
     except BaseException:
-        if sink is not None:
-            sink.discard()
+        series.discard()
         raise
-    if sink is not None:
-        sink.close()
-        paths.append(str(sink.path))
-        counts.append(sink.count)
-    index = {
-        "shards": [Path(p).name for p in paths],
-        "counts": counts,
-        "total": sum(counts),
-        "meta": meta or {},
-    }
-    index_path = out / f"{prefix}.json"
-    tmp = index_path.with_name(index_path.name + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, index_path)
-    log.info("wrote %d samples in %d shards to %s", index["total"], len(paths), out)
-    return paths
+    return series.finish(meta)
+
+
+def write_split_shards(
+    samples: Iterable[dict],
+    out_dir: str,
+    split: Callable[[str], str],
+    prefixes: Sequence[str] = ("train", "val"),
+    max_per_shard: int = 1000,
+    meta: Callable[[str], dict] | None = None,
+) -> dict[str, int]:
+    """Streams each sample into the shard series ``split(key)`` names (one of ``prefixes``); every prefix gets its
+    index (``meta(prefix)`` once all samples are written), also when empty. Returns the samples per prefix."""
+    series = {p: ShardSeries(out_dir, p, max_per_shard) for p in prefixes}
+    try:
+        for sample in samples:
+            prefix = split(str(sample["__key__"]))
+            if prefix not in series:
+                raise ValueError(
+                    f"split gave '{prefix}' for key {sample['__key__']}: return one of {list(prefixes)}"
+                )
+            series[prefix].write(sample)
+    except BaseException:
+        for s in series.values():
+            s.discard()
+        raise
+    for p, s in series.items():
+        s.finish(meta(p) if meta is not None else None)
+    return {p: sum(s.counts) for p, s in series.items()}
 
 
 def read_index(json_path: str) -> dict:
