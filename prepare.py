@@ -92,12 +92,12 @@ def split_samples(
 
 def cmd_images(args: argparse.Namespace) -> None:
     root = Path(args.input)
-    if root.is_dir():  # folder_samples names the fix when it is not
-        inputs = [q for p in image_files(root) for q in (p, p.with_suffix(".txt"))]
     prefixes = (args.prefix, args.val_prefix) if args.val_fraction > 0 else (args.prefix,)
     if len(set(prefixes)) < len(prefixes):
         raise SystemExit(f"--prefix and --val-prefix are both '{args.prefix}': name --val-prefix apart")
     is_validation = hash_split(args.val_fraction, args.split_seed)  # checks the fraction first
+    if root.is_dir():  # folder_samples names the fix when it is not
+        inputs = [q for p in image_files(root) for q in (p, p.with_suffix(".txt"))]
         alternatives = "|".join(map(re.escape, prefixes))
         names = re.compile(rf"({alternatives})(-\d{{6}}\.tar|\.json)(\.tmp)?")
         refuse_outputs_among(inputs, Path(args.out), names, "choose another --out (or --prefix)")
@@ -185,10 +185,10 @@ def cmd_emoji(args: argparse.Namespace) -> None:
     images = root / "images"
     counts = split_samples(samples, str(images), args.max_per_shard, is_validation_key, labels=labels)
     log.info("emoji image shards: %s", counts)
-    if args.images_only:
-        return
     if labels is not None:
         log_label_counts(images)
+    if args.images_only:
+        return
     ae = load_autoencoder(args.autoencoder, None, None)
     text = text_encoder(args.text_encoder, args.max_length)
     for prefix in ("train", "val"):
@@ -210,8 +210,6 @@ def cmd_emoji(args: argparse.Namespace) -> None:
             )
 
 
-def write_reconstruction(result: dict, ae: FrozenAutoencoder, out: Path, prefix: str) -> None:
-    """The reconstruction check's result beside the latents it concerns (written once encoding was allowed)."""
 def log_label_counts(images: Path) -> None:
     """Samples per class of each split, from the image index meta (how balanced the classes are)."""
     for prefix in ("train", "val"):
@@ -221,6 +219,8 @@ def log_label_counts(images: Path) -> None:
         log.info("emoji %s: %d classes (%s), samples per class %s", prefix, len(counts), level, counts)
 
 
+def write_reconstruction(result: dict, ae: FrozenAutoencoder, out: Path, prefix: str) -> None:
+    """The reconstruction check's result beside the latents it concerns (written once encoding was allowed)."""
     text = json.dumps({"autoencoder": ae.identity, **result}, indent=1)
     (out / f"reconstruction_{prefix}.json").write_text(text)
 
@@ -327,6 +327,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--out", default=None, help="default data/emoji32, with --labels data/emoji32_<level>")
     p.add_argument("--size", type=int, default=32)
+    p.add_argument(
+        "--labels", choices=LEVELS, default=None,
+        help="store each emoji's class id (cls) at this level; emoji without one are skipped and counted",
+    )  # fmt: skip
     p.add_argument("--limit", type=int, default=None, help="only the first N emoji (tests)")
     p.add_argument(
         "--images-only",
@@ -343,11 +347,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--input", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--prefix", default="train")
-    p.add_argument(
-        "--labels", choices=LEVELS, default=None,
-        help="store each emoji's class id (cls) at this level; emoji without one are skipped and counted",
-    )  # fmt: skip
     p.add_argument("--max-per-shard", type=int, default=1000)
+    p.add_argument(
+        "--val-fraction", type=float, default=0.0,
+        help="hold out about this fraction as --val-prefix shards (a seeded hash of each key: stable as files change)",
+    )  # fmt: skip
+    p.add_argument("--val-prefix", default="val")
+    p.add_argument("--split-seed", type=int, default=0, help="--val-fraction: which keys are held out")
     p.set_defaults(func=cmd_images)
 
     p = sub.add_parser("latents", help="image shards -> latent shards with a frozen autoencoder")
@@ -364,12 +370,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--check-images", type=int, default=64,
-    p.add_argument(
-        "--val-fraction", type=float, default=0.0,
-        help="hold out about this fraction as --val-prefix shards (a seeded hash of each key: stable as files change)",
-    )  # fmt: skip
-    p.add_argument("--val-prefix", default="val")
-    p.add_argument("--split-seed", type=int, default=0, help="--val-fraction: which keys are held out")
                    help="reconstruct this many images first and report the autoencoder's PSNR (0: skip)")  # fmt: skip
     p.add_argument("--min-psnr", type=float, default=MIN_PSNR_DB,
                    help="warn loudly when the autoencoder reconstructs these images below this PSNR (dB)")  # fmt: skip

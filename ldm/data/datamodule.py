@@ -134,6 +134,8 @@ class ShardDataModule(L.LightningDataModule):
         if kind == "latents" and self.latent_shape is None:
             raise ValueError(NO_LATENT_SHAPE)
         self.latent_dtype = latent_dtype if latent_dtype is not None else self.index_meta.get("latent_dtype")
+        # class names of labelled shards (batch["cls"] holds ids into them; ldm.data.labels), else None
+        self.label_names: list[str] | None = self.index_meta.get("labels")
         self.guard = BadSampleGuard(max_bad_fraction, bad_fraction_min_samples)
         self.train_dataset: ShardDataset | None = None
         self.val_dataset: ShardDataset | None = None
@@ -154,8 +156,6 @@ class ShardDataModule(L.LightningDataModule):
         return ShardDataset(
             urls, kind=self.kind, batch_size=self.batch_size, num_batches=num_batches,
             image_size=self.image_size, seed=self.seed, shuffle=train,
-        # class names of labelled shards (batch["cls"] holds ids into them; ldm.data.labels), else None
-        self.label_names: list[str] | None = self.index_meta.get("labels")
             shuffle_buffer=self.shuffle_buffer, rank=rank, world_size=world,
             latent_shape=self.latent_shape, latent_dtype=self.latent_dtype,
             max_caption_chars=self.max_caption_chars, url_commands=self.url_commands,
