@@ -12,6 +12,7 @@ vs ``StableDiffusionPipeline`` built from the same components by ``ldm.convert.e
 
     python bench/vs_diffusers.py [--repeats 5] [--sizes emoji,sd_small]
     python bench/vs_diffusers.py --sampling [--repeats 3]
+    python bench/vs_diffusers.py --profile [--sizes emoji]   # where each one's training step spends its time
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def unet_parts(size: str) -> dict[str, dict[str, Callable[[], object]]]:
     torch.manual_seed(0)
     if kwargs is None:  # the default emoji UNet
         ours = instantiate(
-            compose_config("train", ["net=unet_small", f"+net.norm_groups={uniform_groups()}"]).net
+            compose_config("train", ["net=unet_small", f"++net.norm_groups={uniform_groups()}"]).net
         )
     else:
         ours = UNet(**kwargs)
@@ -121,7 +122,7 @@ def sampling_parts(steps: int, cfg: float) -> dict[str, dict[str, Callable[[], o
     from ldm.sampling import sample_ddim
     from ldm.sampling.grids import sampling_sigmas
 
-    overrides = ["conditioner.mask_padding=false", f"+net.norm_groups={uniform_groups()}"]
+    overrides = ["conditioner.mask_padding=false", f"++net.norm_groups={uniform_groups()}"]
     model = instantiate(compose_config("train", overrides).model).eval()
     ae = model.autoencoder
     shape = (model.net.in_channels, 8, 8)
@@ -162,6 +163,34 @@ def report(title: str, times: dict[tuple[str, str], list[float]], memory: dict[s
               f"{f'ours/diffusers {r[0]:.2f} - {statistics.median(r):.2f} - {r[-1]:.2f}x':>27} |")  # fmt: skip
 
 
+def profile_step(parts: dict[str, dict[str, Callable[[], object]]], steps: int, top: int) -> None:
+    """Top ops by self CPU time of the training step, ours vs diffusers, with call counts (launch overheads)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    found: dict[str, dict[str, tuple[float, float]]] = {}
+    for impl, fns in parts.items():
+        fns["training step"]()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                fns["training step"]()
+        found[impl] = {
+            e.key: (e.self_cpu_time_total / steps / 1e3, e.count / steps) for e in prof.key_averages()
+        }
+    ops = sorted(set(found["ours"]) | set(found["diffusers"]),
+                 key=lambda op: -max(found[i].get(op, (0, 0))[0] for i in found))  # fmt: skip
+    print(
+        f"\ntraining step profile (torch.profiler, {steps} steps each): self CPU ms per step, calls per step"
+    )
+    print(f"| {'op':<44} | {'ours ms':>8} | {'calls':>6} | {'diffusers ms':>12} | {'calls':>6} |")
+    print(f"|{'-' * 46}|{'-' * 10}|{'-' * 8}|{'-' * 14}|{'-' * 8}|")
+    for op in ops[:top]:
+        (a, na), (b, nb) = found["ours"].get(op, (0, 0)), found["diffusers"].get(op, (0, 0))
+        print(f"| {op[:44]:<44} | {a:>8.1f} | {na:>6.0f} | {b:>12.1f} | {nb:>6.0f} |")
+    totals = {i: (sum(v[0] for v in f.values()), sum(v[1] for v in f.values())) for i, f in found.items()}
+    print(f"| {'all ops':<44} | {totals['ours'][0]:>8.1f} | {totals['ours'][1]:>6.0f} | "
+          f"{totals['diffusers'][0]:>12.1f} | {totals['diffusers'][1]:>6.0f} |")  # fmt: skip
+
+
 def run(parts: dict[str, dict[str, Callable[[], object]]], repeats: int, n: int, memory: bool) -> tuple:
     for impl in parts:  # warm-up
         for fn in parts[impl].values():
@@ -185,6 +214,8 @@ def main() -> None:
     parser.add_argument("--sampling", action="store_true")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--cfg", type=float, default=5.0)
+    parser.add_argument("--profile", action="store_true", help="profile the training step instead of timing")
+    parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
     machine = (
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.repeats} interleaved repeats"
@@ -196,6 +227,10 @@ def main() -> None:
         return
     for size in args.sizes.split(","):
         parts = unet_parts(size)
+        if args.profile:
+            print(f"\n{size}: {SIZES[size][1:]} (batch, latent side, tokens); {machine}")
+            profile_step(parts, args.n + 2, args.top)
+            continue
         _, batch, side, tokens = SIZES[size]
         times, mem = run(parts, args.repeats, args.n, memory=True)
         report(

@@ -91,6 +91,7 @@ TRAINING_TARGETS = (
     "lightning.pytorch.loggers.TensorBoardLogger",
     "lightning.pytorch.strategies.DDPStrategy",
     "lightning.pytorch.strategies.FSDPStrategy",
+    "ldm.lit.sharded.FSDPStrategy",
 )
 SAMPLING_TARGETS: frozenset[str] = frozenset(MODEL_PART_TARGETS + SAMPLER_TARGETS)
 ALLOWED_TARGETS: frozenset[str] = SAMPLING_TARGETS | frozenset(TRAINING_TARGETS)

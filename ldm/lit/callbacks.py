@@ -14,13 +14,13 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
 
 from ldm.conditioning.labels import ClassConditioner
 from ldm.conditioning.multi import as_multi, sampling_inputs
 from ldm.data.buckets import most_common_bucket
 from ldm.generate import generate, latent_shape, make_grid, to_pil
 from ldm.lit.ema import EMA
+from ldm.lit.sharded import fsdp_root, full_params
 from ldm.sampling.grids import sampling_sigmas
 from ldm.sampling.registry import check_sampler
 
@@ -87,9 +87,13 @@ class SampleGrid(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.sample(trainer, pl_module)
 
-    @rank_zero_only
     def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Rank 0 samples and writes the grid. Under FSDP every rank takes part: each puts its EMA slices in its
+        weight shards and the whole module is gathered (``full_params``) while rank 0 samples."""
         if pl_module.autoencoder is None:
+            return
+        sharded = fsdp_root(trainer) is not None
+        if not sharded and not trainer.is_global_zero:
             return
         if self.size is None:
             self.size = grid_size(self.image_size, getattr(trainer.datamodule, "index_meta", None) or {})
@@ -97,23 +101,27 @@ class SampleGrid(L.Callback):
         swap = ema.swapped_in(pl_module) if (self.use_ema and ema is not None) else nullcontext()
         was_training = pl_module.training
         pl_module.eval()
+        images = None
         prompts, labels, captions = self.grid_inputs(pl_module.conditioner)
         n = len(captions)
-        with swap:
-            images = generate(
-                pl_module.denoiser,
-                pl_module.conditioner,
-                pl_module.decode_samples,
-                sampling_inputs(pl_module.conditioner, prompts, labels, self.size),
-                sampler=self.sampler,
-                sigmas=sampling_sigmas(pl_module.denoiser.schedule, self.steps, spacing=self.spacing),
-                latent_shape=latent_shape(pl_module.net, pl_module.autoencoder, self.size),
-                seeds=[self.seed + i for i in range(n)],
-                cfg_scale=self.cfg_scale,
-                guidance_rescale=self.guidance_rescale,
-                guidance_interval=self.guidance_interval,
-            )
+        with swap, full_params(trainer):
+            if trainer.is_global_zero:
+                images = generate(
+                    pl_module.denoiser,
+                    pl_module.conditioner,
+                    pl_module.decode_samples,
+                    sampling_inputs(pl_module.conditioner, prompts, labels, self.size),
+                    sampler=self.sampler,
+                    sigmas=sampling_sigmas(pl_module.denoiser.schedule, self.steps, spacing=self.spacing),
+                    latent_shape=latent_shape(pl_module.net, pl_module.autoencoder, self.size),
+                    seeds=[self.seed + i for i in range(n)],
+                    cfg_scale=self.cfg_scale,
+                    guidance_rescale=self.guidance_rescale,
+                    guidance_interval=self.guidance_interval,
+                )
         pl_module.train(was_training)
+        if images is None:
+            return
         grid = make_grid(to_pil(images), ncols=min(8, n))
         path = self.out_dir / f"step_{trainer.global_step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,10 @@
 The EMA weights travel in the checkpoint under ``ema_state_dict`` (keys of ``denoiser.net``) and are restored on
 resume; ``sample.py`` loads them by default. Decay warms up as min(decay, (1 + n) / (10 + n)) so that short runs
 are not dominated by the random initialisation.
+
+Under FSDP the EMA is sharded alongside the weights: each rank averages its own slices of the parameters (no
+communication per step); the full EMA is gathered (a collective) only for checkpoints and sample grids, and a
+resumed run's full EMA is sliced again (``ldm.lit.sharded``).
 """
 
 from __future__ import annotations
@@ -13,10 +17,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 
 from ldm.lit.guards import NonFiniteError, first_nonfinite
+from ldm.lit.sharded import check_orig_params, fsdp_root, gather_full, local_state, local_swapped, shard_full
 
 EMA_KEY = "ema_state_dict"
 
@@ -54,20 +58,44 @@ class EMA(L.Callback):
         self.update_every = update_every
         self.num_updates = 0
         self.shadow: dict[str, Tensor] = {}
+        self.root: nn.Module | None = None  # the FSDP-wrapped module (None: not sharded)
+        self.sharded = False  # the shadow holds this rank's FSDP slices (else whole tensors)
 
     @staticmethod
     def target(pl_module: L.LightningModule) -> nn.Module:
         return pl_module.net
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if isinstance(trainer.strategy, FSDPStrategy):
-            raise ValueError(
-                "the EMA callback does not gather FSDP-sharded weights yet: add callbacks.ema=null callbacks.sample_grid=null, or use trainer=ddp"
-            )
         net = self.target(pl_module)
+        self.root = fsdp_root(trainer)
+        if self.root is not None:
+            check_orig_params(net)
+            if not self.shadow:
+                self.shadow = {k: v.detach().clone() for k, v in local_state(net).items()}
+                self.sharded = True
+            self._shard(pl_module)
+            return
         if not self.shadow:
             self.shadow = {k: v.detach().clone() for k, v in averaged_state(net).items()}
         self.shadow = {k: v.to(pl_module.device) for k, v in self.shadow.items()}
+
+    def _shard(self, pl_module: L.LightningModule) -> None:
+        """(collective) a full EMA (from a checkpoint) -> this rank's slices of it, under FSDP."""
+        if self.root is not None and not self.sharded:
+            full = {k: v.to(pl_module.device) for k, v in self.shadow.items()}
+            self.shadow = shard_full(self.root, self.target(pl_module), full)
+            self.sharded = True
+
+    def state(self, pl_module: L.LightningModule) -> dict[str, Tensor]:
+        """The tensors averaged this step: the net's (this rank's slices under FSDP)."""
+        net = self.target(pl_module)
+        return local_state(net) if self.root is not None else averaged_state(net)
+
+    def full_shadow(self, pl_module: L.LightningModule) -> dict[str, Tensor]:
+        """The whole EMA on the CPU (keys of the net's state dict); a collective under FSDP."""
+        if self.sharded:
+            return gather_full(self.root, self.target(pl_module), self.shadow)
+        return {k: v.detach().cpu().clone() for k, v in self.shadow.items()}
 
     @torch.no_grad()
     def on_train_batch_end(
@@ -77,8 +105,14 @@ class EMA(L.Callback):
             return  # not an optimizer step yet (gradient accumulation)
         if trainer.global_step % self.update_every:
             return
-        state = averaged_state(self.target(pl_module))
+        state = self.state(pl_module)
         bad = first_nonfinite(state.items())
+        if self.root is not None:  # every rank stops, or none: a rank checks only its own slices
+            if trainer.strategy.reduce_boolean_decision(bad is not None, all=False) and bad is None:
+                raise NonFiniteError(
+                    f"another rank's weight slices have NaN/inf values after step {trainer.global_step}: the EMA "
+                    "was not updated and the run stops; resume from the last checkpoint with a lower optim.lr"
+                )
         if bad is not None:  # never blend a diverged step into the average
             raise NonFiniteError(
                 f"weight {bad[0]} has {bad[1]} of {bad[2]} values NaN/inf after step {trainer.global_step}: the EMA "
@@ -89,19 +123,26 @@ class EMA(L.Callback):
         blend(self.shadow, state, 1.0 - decay)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        checkpoint[EMA_KEY] = {k: v.detach().cpu().clone() for k, v in self.shadow.items()}
+        checkpoint[EMA_KEY] = self.full_shadow(pl_module)
         checkpoint["ema_num_updates"] = self.num_updates
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if EMA_KEY not in checkpoint:
             raise KeyError("checkpoint has no EMA weights: resume without callbacks.ema or from an EMA run")
         self.shadow = {k: v.clone() for k, v in checkpoint[EMA_KEY].items()}
+        self.sharded = False
         self.num_updates = int(checkpoint.get("ema_num_updates", 0))
+        self._shard(pl_module)  # under FSDP Lightning restores after on_fit_start
 
     @contextmanager
     def swapped_in(self, pl_module: L.LightningModule) -> Iterator[None]:
-        """Temporarily load the EMA weights into the network (for sampling during training)."""
+        """Temporarily load the EMA weights into the network (for sampling during training). Under FSDP they go
+        into this rank's slices (every rank must enter): sample inside ``ldm.lit.sharded.full_params``."""
         net = self.target(pl_module)
+        if self.sharded:
+            with local_swapped(net, self.shadow):
+                yield
+            return
         backup = {k: v.detach().clone() for k, v in averaged_state(net).items()}
         if set(self.shadow) != set(backup):
             raise KeyError(

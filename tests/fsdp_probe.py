@@ -1,0 +1,80 @@
+"""(run by tests/test_fsdp.py) a tiny net trained with the EMA callback, on one process or under FSDP on 2 CPU
+processes (gloo); writes the checkpoint's EMA, the EMA swapped into the gathered net (what the sample grid sees)
+and the final weights to ``OUT/result_{mode}.pt``.
+
+    python tests/fsdp_probe.py OUT single|fsdp [--resume CKPT] [--steps 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+
+from ldm.lit.ema import EMA
+from ldm.lit.sharded import FSDPStrategy, full_params
+
+
+class Tiny(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            nn.Conv2d(4, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.SiLU(), nn.Conv2d(8, 4, 1)
+        )
+        self.net[1].register_buffer("counter", torch.zeros(3))  # a buffer (not sharded by FSDP)
+        self.frozen = nn.Linear(4, 4)  # outside the net: not averaged
+        self.frozen.requires_grad_(False)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return (self.net(batch) - batch.flip(1)).square().mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+class Probe(L.Callback):
+    """At the end: the EMA swapped in and every weight gathered, as ``SampleGrid.sample`` does; rank 0 keeps it."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, torch.Tensor] = {}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        ema = next(c for c in trainer.callbacks if isinstance(c, EMA))
+        with ema.swapped_in(pl_module), full_params(trainer):
+            if trainer.is_global_zero:
+                self.seen = {k: v.detach().clone() for k, v in pl_module.net.state_dict().items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("mode", choices=["single", "fsdp"])
+    parser.add_argument("--resume")
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    data = torch.utils.data.DataLoader(list(torch.randn(8, 4, 4, 4, generator=torch.Generator().manual_seed(1))),
+                                       batch_size=2)  # fmt: skip
+    strategy = FSDPStrategy(process_group_backend="gloo") if args.mode == "fsdp" else "auto"
+    probe = Probe()
+    trainer = L.Trainer(accelerator="cpu", devices=2 if args.mode == "fsdp" else 1, strategy=strategy,
+                        max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False,
+                        callbacks=[EMA(decay=0.9), probe])  # fmt: skip
+    module = Tiny()
+    trainer.fit(module, data, ckpt_path=args.resume)
+    out = Path(args.out)
+    ckpt = out / f"{args.mode}{'_resumed' if args.resume else ''}.ckpt"
+    trainer.save_checkpoint(ckpt)  # a collective under FSDP: every rank
+    if trainer.is_global_zero:
+        saved = torch.load(ckpt, weights_only=False)
+        torch.save({"ema": saved["ema_state_dict"], "seen": probe.seen, "weights": saved["state_dict"]},
+                   out / f"result_{args.mode}{'_resumed' if args.resume else ''}.pt")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
