@@ -18,6 +18,8 @@
         --shards 'data/emoji32/images/train-{000000..000007}.tar' --out ldm/autoencoder/weights/emoji_kl_f4
     python prepare.py export-diffusers --ckpt logs/train/runs/<run>/checkpoints/last.ckpt --out exported/sd
                                       # a StableDiffusionPipeline directory (EMA weights; ldm/convert/export_pipeline.py)
+    python prepare.py export-lora --ckpt logs/train/runs/<lora run>/checkpoints/last.ckpt --out exported/lora
+                                      # pytorch_lora_weights.safetensors for pipe.load_lora_weights (diffusers_lora.py)
 
 No command writes over its input: an --out (and --prefix) whose files would be, or resolve to, an input shard,
 shard index or image is refused before anything is written (ldm/data/overwrite.py).
@@ -270,6 +272,20 @@ def cmd_export_diffusers(args: argparse.Namespace) -> None:
                        latent_norm=model.latent_norm, allow_padding_attention=args.allow_padding_attention)  # fmt: skip
 
 
+def cmd_export_lora(args: argparse.Namespace) -> None:
+    """LoRA checkpoint -> diffusers/peft LoRA weights for ``pipe.load_lora_weights`` (``ldm.convert.diffusers_lora``)."""
+    from ldm.convert.diffusers_lora import save_diffusers_lora
+    from ldm.lit.lora_base import adapters_from_checkpoint
+
+    net, lora = adapters_from_checkpoint(Path(args.ckpt), use_ema=not args.raw_weights)
+    info = {**lora, "checkpoint": str(Path(args.ckpt).resolve()), "weights": "raw" if args.raw_weights else "EMA",
+            "load": "pipe = StableDiffusionPipeline.from_pretrained(<export-diffusers of the base>); "
+                    "pipe.load_lora_weights(<this dir>); alpha/rank is folded into lora_B (strength 1)"}  # fmt: skip
+    path = save_diffusers_lora(args.out, net, info)
+    log.info("exported LoRA weights to %s (base sha256 %s, %s)", path, lora["base"]["sha256"][:12],
+             lora["base"]["source"])  # fmt: skip
+
+
 def add_text_encoder_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument(
         "--text-encoder",
@@ -436,6 +452,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--allow-padding-attention", action="store_true",
                    help="export a model trained with conditioner.mask_padding=true anyway (its images will differ)")  # fmt: skip
     p.set_defaults(func=cmd_export_diffusers)
+
+    p = sub.add_parser(
+        "export-lora", help="LoRA checkpoint -> diffusers LoRA weights (pipe.load_lora_weights) of its adapters"
+    )
+    p.add_argument("--ckpt", required=True, help="a train.py checkpoint of a model.lora run")
+    p.add_argument("--out", required=True, help="a new (or empty) directory")
+    p.add_argument("--raw-weights", action="store_true", help="the raw adapters instead of their EMA")
+    p.set_defaults(func=cmd_export_lora)
 
     args = parser.parse_args(argv)
     args.func(args)

@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_overrides
 from safetensors.torch import save_file
 
+import prepare
 import sample
 import train
 from ldm.config_utils import compose_config
@@ -182,3 +183,66 @@ def test_other_base_is_refused() -> None:
 
     with pytest.raises(ValueError, match="trained on base weights"):
         check_same_base({"sha256": "a" * 64, "source": {}}, {"sha256": "b" * 64, "source": {}}, "x.ckpt")
+
+
+
+def test_diffusers_lora_equals_our_merged_lora(tmp_path: Path) -> None:
+    """Random base and random adapters (every layer matters): save_diffusers_lora -> pipe.load_lora_weights; the
+    pipeline's UNet equals our merged net at strength 1 and 0.4 (diffusers' cross_attention_kwargs scale)."""
+    from diffusers import StableDiffusionPipeline
+
+    from ldm.convert import unet_to_diffusers
+    from ldm.convert.diffusers_lora import save_diffusers_lora
+
+    net = add_lora(tiny_unet(), LoraSettings(rank=4, alpha=8.0))
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    save_diffusers_lora(tmp_path / "lora", net)
+    x, t, ctx = inputs()
+    for scale in (1.0, 0.4):
+        pipe = StableDiffusionPipeline(
+            vae=None, text_encoder=None, tokenizer=None, unet=unet_to_diffusers(tiny_unet()).eval(), scheduler=None,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+        pipe.load_lora_weights(tmp_path / "lora")
+        ours = add_lora(tiny_unet(), LoraSettings(rank=4, alpha=8.0))
+        ours.load_state_dict(lora_state_dict(net), strict=False)
+        merged = merge_lora(ours, scale)
+        with torch.no_grad():
+            out = merged(x, t, context=ctx)
+            ref = pipe.unet(x, t, encoder_hidden_states=ctx, cross_attention_kwargs={"scale": scale}).sample
+        assert (out - tiny_unet()(x, t, context=ctx)).abs().max() > 1e-2  # the adapters matter
+        torch.testing.assert_close(ref, out, rtol=0, atol=1e-5)
+
+
+def test_export_lora_loads_into_a_diffusers_pipeline(lora_run: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """prepare.py export-diffusers (the base) + export-lora of a train.py LoRA run -> pipe.load_lora_weights: every
+    adapter loads, and the pipeline's UNet equals our merged LoRA net (this base's zero-initialised output layers
+    keep outputs small: the exact check with random weights is the test above)."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from ldm.convert.diffusers_lora import INFO_NAME, WEIGHT_NAME
+
+    lora_ckpt = lora_run / "checkpoints" / "last.ckpt"
+    prepare.main(["export-diffusers", "--ckpt", str(tiny_checkpoint), "--out", str(tmp_path / "sd"),
+                  "--allow-padding-attention"])  # fmt: skip
+    prepare.main(["export-lora", "--ckpt", str(lora_ckpt), "--out", str(tmp_path / "lora"), "--raw-weights"])
+    assert (tmp_path / "lora" / INFO_NAME).is_file()
+    exported = load_file(str(tmp_path / "lora" / WEIGHT_NAME))
+    adapters = load_checkpoint_file(lora_ckpt)["ema_state_dict"]
+    assert len(exported) == len(adapters) and all(k.startswith("unet.") for k in exported)
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "sd", local_files_only=True)
+    pipe.load_lora_weights(tmp_path / "lora")
+    x, t, ctx = inputs()
+    ours = load_for_sampling(lora_ckpt, False, torch.device("cpu"), lora_scale=1.0).denoiser.net
+    with torch.no_grad():
+        out = ours(x, t, context=ctx, context_mask=torch.ones(ctx.shape[:2], dtype=torch.bool))
+        ref = pipe.unet(x, t, encoder_hidden_states=ctx).sample
+    torch.testing.assert_close(ref, out, rtol=0, atol=1e-5)
+    with pytest.raises(FileExistsError, match="choose another --out"):
+        prepare.main(["export-lora", "--ckpt", str(lora_ckpt), "--out", str(tmp_path / "lora")])
+    with pytest.raises(ValueError, match="not a LoRA checkpoint .* export-diffusers"):
+        prepare.main(["export-lora", "--ckpt", str(tiny_checkpoint), "--out", str(tmp_path / "x")])

@@ -128,6 +128,12 @@ def merged_lora_net(
         )
     reference = attach_lora(net, settings, source, schedule=schedule, prediction=prediction)
     check_same_base(lora["base"], reference, where)
+    load_adapters(net, adapters, where)
+    return merge_lora(net, scale)
+
+
+def load_adapters(net: nn.Module, adapters: Mapping[str, Tensor], where: str) -> None:
+    """Copy saved adapter tensors into a LoRA-wrapped ``net``; every adapter must be there, nothing else."""
     missing, unexpected = net.load_state_dict(dict(adapters), strict=False)
     missing = [k for k in missing if is_lora_key(k)]
     if missing or unexpected:
@@ -135,4 +141,32 @@ def merged_lora_net(
             f"{where}: the LoRA tensors do not fit the net ({len(missing)} missing, first {missing[:2]}; "
             f"{len(unexpected)} unexpected, first {unexpected[:2]}): pass an unmodified LoRA checkpoint"
         )
-    return merge_lora(net, scale)
+
+
+def adapters_from_checkpoint(path: Path, use_ema: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """A train.py LoRA checkpoint -> (its net with the saved adapters, base weights NOT loaded; ``checkpoint["lora"]``).
+
+    For exporting the adapters alone (``prepare.py export-lora``): the base is only referenced, by sha256."""
+    from omegaconf import OmegaConf
+
+    from ldm.instantiate import build
+    from ldm.lit.loading import CheckpointError, read_checkpoint, stored_config, strip_prefix
+    from ldm.safe_config import SAMPLING_TARGETS, check_or_trust
+
+    path = Path(path)
+    checkpoint = read_checkpoint(path)
+    lora = checkpoint.get(LORA_KEY)
+    if lora is None:
+        raise CheckpointError(
+            f"'{path}' is not a LoRA checkpoint (no adapters): export it whole with prepare.py export-diffusers"
+        )
+    net_cfg = stored_config(checkpoint, path)["model"]["denoiser"]["net"]
+    check_or_trust({"model": {"net": net_cfg}}, SAMPLING_TARGETS, trust=False, source=f"checkpoint '{path}'")
+    ema = checkpoint.get(EMA_KEY)
+    if use_ema and not isinstance(ema, dict):
+        raise CheckpointError(f"'{path}' has no EMA weights: pass --raw-weights")
+    adapters = ema if use_ema else strip_prefix(checkpoint["state_dict"], "denoiser.net.")
+    net = build(OmegaConf.create(net_cfg))
+    add_lora(net, LoraSettings.from_config(lora["settings"]))
+    load_adapters(net, adapters, f"'{path}'")
+    return net.eval(), lora
