@@ -5,8 +5,8 @@
 
 Renders the ``--init`` emoji (OpenMoji, as the training data) as the init image, then runs ``sample.py`` with
 ``init_image=`` at strengths 0.3 / 0.6 / 0.9 and prompt ``--prompt``, and once with ``mask=`` (white = repaint:
-the right half) at strength 1. The picture has one row per seed: init | 0.3 | 0.6 | 0.9 | mask | inpainted,
-each image scaled 4x (nearest).
+the right half) at strength 1. The picture has one row per seed: init | 0.3 | 0.6 | 0.9 | mask (black = keep,
+grey = repaint) | inpainted, each image scaled 4x (nearest).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
             for k, strength in enumerate(STRENGTHS):
                 tiles.append(run_sample(args.ckpt, tmp / f"s{seed}_{k}", args.prompt, seed, init_image=init,
                                         strength=strength))  # fmt: skip
-            tiles.append(repaint.convert("RGB"))
+            tiles.append(repaint.point(lambda v: 160 if v else 0).convert("RGB"))  # shown grey: white is the page
             tiles.append(run_sample(args.ckpt, tmp / f"m{seed}", args.prompt, seed, init_image=init, mask=mask,
                                     strength=1.0))  # fmt: skip
             for i, tile in enumerate(tiles):
