@@ -60,10 +60,10 @@ SAMPLER_TARGETS = (
 TRAINING_TARGETS = (
     "ldm.diffusion.loss.DiffusionLoss",
     "ldm.diffusion.weighting.EDMWeighting",
-    "ldm.diffusion.weighting.LogNormalSigmas",
-    "ldm.diffusion.weighting.LogitNormalTimesteps",
+    "ldm.diffusion.timesteps.LogNormalSigmas",
+    "ldm.diffusion.timesteps.LogitNormalTimesteps",
     "ldm.diffusion.weighting.MinSNRWeighting",
-    "ldm.diffusion.weighting.UniformTimesteps",
+    "ldm.diffusion.timesteps.UniformTimesteps",
     "ldm.diffusion.weighting.UniformWeighting",
     "ldm.autoencoder.kl.KLAutoencoder",
     "ldm.autoencoder.loss.KLAutoencoderLoss",
@@ -90,7 +90,6 @@ TRAINING_TARGETS = (
     "lightning.pytorch.loggers.CSVLogger",
     "lightning.pytorch.loggers.TensorBoardLogger",
     "lightning.pytorch.strategies.DDPStrategy",
-    "lightning.pytorch.strategies.FSDPStrategy",
     "ldm.lit.sharded.FSDPStrategy",
 )
 SAMPLING_TARGETS: frozenset[str] = frozenset(MODEL_PART_TARGETS + SAMPLER_TARGETS)

@@ -4,14 +4,8 @@ from ldm.diffusion.continuous import EDMSchedule, FlowSchedule
 from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.loss import DiffusionLoss
 from ldm.diffusion.schedules import DiscreteSchedule
-from ldm.diffusion.weighting import (
-    EDMWeighting,
-    LogitNormalTimesteps,
-    LogNormalSigmas,
-    MinSNRWeighting,
-    UniformTimesteps,
-    UniformWeighting,
-)
+from ldm.diffusion.timesteps import LogitNormalTimesteps, LogNormalSigmas, UniformTimesteps
+from ldm.diffusion.weighting import EDMWeighting, MinSNRWeighting, UniformWeighting
 
 __all__ = [
     "Denoiser",

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from ldm.diffusion.denoiser import append_dims
 from ldm.diffusion.parameterization import parameterization_for
-from ldm.diffusion.weighting import UniformTimesteps, UniformWeighting
+from ldm.diffusion.timesteps import UniformTimesteps
+from ldm.diffusion.weighting import UniformWeighting
 
 
 class DiffusionLoss:
