@@ -1,4 +1,5 @@
-"""Score a checkpoint (or every checkpoint of a run): `python eval.py ckpt=PATH|RUN_DIR|latest num_samples=2000`.
+"""Score a checkpoint (or every checkpoint of a run):
+`python eval.py ckpt=PATH|RUN_DIR|latest num_samples=2000`.
 
 For each checkpoint and each CFG scale, num_samples images are generated (prompt i = caption i mod C of the
 reference shards, seed = seed + i: the same for every point) and scored against reference statistics of the
@@ -107,47 +108,80 @@ def point_settings(cfg: DictConfig, path: Path, info: dict[str, Any]) -> dict[st
     if not shards:
         raise ValueError(f"'{path}' names no data.val_shards: pass shards=PATH to image or latent shards")
     return {
-        "checkpoint": str(path.resolve()), "step": info["global_step"],
-        "n": cfg.num_samples, "sampler": str(sampler["_target_"]).rsplit(".", 1)[-1].removeprefix("sample_"),
-        "sampler_config": sampler, "steps": cfg.steps, "spacing": cfg.spacing, "seed": cfg.seed,
-        "use_ema": cfg.use_ema, "guidance_rescale": cfg.guidance_rescale, "negative_prompt": cfg.negative_prompt,
-        "extractor": cfg.extractor, "shards": str(shards), "ref_stats": str(ref_stats_path(cfg)),
-        "kid_subsets": cfg.kid_subsets, "kid_subset_size": cfg.kid_subset_size, "clip_model": cfg.clip_model,
-    }  # fmt: skip
+        "checkpoint": str(path.resolve()),
+        "step": info["global_step"],
+        "n": cfg.num_samples,
+        "sampler": str(sampler["_target_"]).rsplit(".", 1)[-1].removeprefix("sample_"),
+        "sampler_config": sampler,
+        "steps": cfg.steps,
+        "spacing": cfg.spacing,
+        "seed": cfg.seed,
+        "use_ema": cfg.use_ema,
+        "guidance_rescale": cfg.guidance_rescale,
+        "negative_prompt": cfg.negative_prompt,
+        "extractor": cfg.extractor,
+        "shards": str(shards),
+        "ref_stats": str(ref_stats_path(cfg)),
+        "kid_subsets": cfg.kid_subsets,
+        "kid_subset_size": cfg.kid_subset_size,
+        "clip_model": cfg.clip_model,
+    }
 
 
 def ref_stats_path(cfg: DictConfig) -> Path:
     return Path(cfg.ref_stats) if cfg.ref_stats else Path(cfg.out_dir) / "ref_stats.npz"
 
 
-# ---------------------------------------------------------------------------------------------- reference data
+# --------------------------------------------------------------------------------------------- reference data
 def reference(cfg: DictConfig, settings: dict[str, Any], model: SamplingModel, extractor) -> tuple:
     """(captions, ReferenceStats) of the shards: the prompts and the image statistics they are scored by."""
     urls = expand_urls(settings["shards"])
     kind = shard_kind(urls)
     if kind == "latents":
-        log.info("reference images: the autoencoder's decodings of latent shards (FID then leaves out the "
-                 "autoencoder's own error); pass shards=IMAGE_SHARDS to score against the real images")  # fmt: skip
+        log.info(
+            "reference images: the autoencoder's decodings of latent shards (FID then leaves out the "
+            "autoencoder's own error); pass shards=IMAGE_SHARDS to score against the real images"
+        )
     size, background = int(model.config["image_size"]), parse_background(cfg.alpha_background)
     identity = reference_identity(
         urls, cfg.max_ref_images, kind, size, model.autoencoder.identity, background
     )
     device = next(model.denoiser.parameters()).device
     batches = reference_batches(
-        urls, kind, size, cfg.max_ref_images, cfg.batch_size, background,
-        decode=lambda z: model.autoencoder.decode(z.to(device)),  # (B, C, h, w) scaled latents -> about [-1, 1]
+        urls,
+        kind,
+        size,
+        cfg.max_ref_images,
+        cfg.batch_size,
+        background,
+        decode=lambda z: model.autoencoder.decode(
+            z.to(device)
+        ),  # (B, C, h, w) scaled latents -> about [-1, 1]
         wrap=lambda it: tqdm(it, desc="reference", disable=not cfg.progress),
-    )  # fmt: skip
+    )
     ref = load_or_compute(ref_stats_path(cfg), identity, extractor, batches)
     captions = shard_captions(urls, cfg.max_ref_images)
-    log.info("%d prompts (captions) and %d reference images (%s) from %s", len(captions), ref.n, kind,
-             settings["shards"])  # fmt: skip
+    log.info(
+        "%d prompts (captions) and %d reference images (%s) from %s",
+        len(captions),
+        ref.n,
+        kind,
+        settings["shards"],
+    )
     return captions, ref
 
 
 # ---------------------------------------------------------------------------------------------- one point
-def score_point(cfg: DictConfig, model: SamplingModel, settings: dict[str, Any], scale: float,
-                captions: list[str], ref: ReferenceStats, extractor, clip: ClipScorer | None) -> dict[str, Any]:  # fmt: skip
+def score_point(
+    cfg: DictConfig,
+    model: SamplingModel,
+    settings: dict[str, Any],
+    scale: float,
+    captions: list[str],
+    ref: ReferenceStats,
+    extractor,
+    clip: ClipScorer | None,
+) -> dict[str, Any]:
     """Generate n images at one CFG scale, extract features as they come, then FID, KID (and CLIP score)."""
     sampler = build(OmegaConf.create(settings["sampler_config"]))
     sigmas = sampling_sigmas(model.denoiser.schedule, cfg.steps, spacing=cfg.spacing)
@@ -159,11 +193,25 @@ def score_point(cfg: DictConfig, model: SamplingModel, settings: dict[str, Any],
         prompts = [captions[(s - cfg.seed) % len(captions)] for s in seeds]
         negative = None if cfg.negative_prompt is None else [cfg.negative_prompt] * len(prompts)
         t0 = time.perf_counter()
-        inputs = sampling_inputs(model.conditioner, prompts, None, [d * model.autoencoder.downsample_factor
-                                                                   for d in model.latent_shape[1:]])
-        images = generate(model.denoiser, model.conditioner, model.decode_samples, inputs, sampler=sampler,
-                          sigmas=sigmas, latent_shape=model.latent_shape, seeds=seeds, cfg_scale=scale,
-                          guidance_rescale=cfg.guidance_rescale, negative_prompt=negative)  # fmt: skip
+        inputs = sampling_inputs(
+            model.conditioner,
+            prompts,
+            None,
+            [d * model.autoencoder.downsample_factor for d in model.latent_shape[1:]],
+        )
+        images = generate(
+            model.denoiser,
+            model.conditioner,
+            model.decode_samples,
+            inputs,
+            sampler=sampler,
+            sigmas=sigmas,
+            latent_shape=model.latent_shape,
+            seeds=seeds,
+            cfg_scale=scale,
+            guidance_rescale=cfg.guidance_rescale,
+            negative_prompt=negative,
+        )
         t1 = time.perf_counter()
         features.append(extractor(images).float().cpu())  # (B, D)
         if clip is not None:
@@ -179,8 +227,14 @@ def score_point(cfg: DictConfig, model: SamplingModel, settings: dict[str, Any],
     if grid:
         name = f"grid_step{settings['step']}_cfg{scale:g}.png"
         make_grid(grid, ncols=min(8, len(grid))).save(Path(cfg.out_dir) / name)
-    return {**settings, "cfg_scale": scale, **metrics, "sample_seconds": round(sample_s, 2),
-            "score_seconds": round(score_s + time.perf_counter() - t0, 2), "finished": time.strftime("%FT%T")}  # fmt: skip
+    return {
+        **settings,
+        "cfg_scale": scale,
+        **metrics,
+        "sample_seconds": round(sample_s, 2),
+        "score_seconds": round(score_s + time.perf_counter() - t0, 2),
+        "finished": time.strftime("%FT%T"),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -202,7 +256,8 @@ class Scorer:
 
 
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Scores every (checkpoint, CFG scale) not yet in OUT_DIR/eval.json; returns this call's records (all)."""
+    """Scores every (checkpoint, CFG scale) not yet in OUT_DIR/eval.json; returns this call's records
+    (all)."""
     scales = check_args(cfg)
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
@@ -217,21 +272,37 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         keys += [point_key(p) for p in points]
         todo = [p for p in points if not results.done(p)]
         if not todo:
-            log.info("step %d (%s): all %d CFG scales already in %s", settings["step"], path.name, len(points),
-                     results.path)  # fmt: skip
+            log.info(
+                "step %d (%s): all %d CFG scales already in %s",
+                settings["step"],
+                path.name,
+                len(points),
+                results.path,
+            )
             continue
         model = load_for_sampling(
             path, cfg.use_ema, device, trust_checkpoint_config=cfg.trust_checkpoint_config
         )
         captions, ref = scorer.prepare(settings, model)
         for point in todo:
-            record = score_point(cfg, model, settings, point["cfg_scale"], captions, ref, scorer.extractor,
-                                 scorer.clip)  # fmt: skip
+            record = score_point(
+                cfg, model, settings, point["cfg_scale"], captions, ref, scorer.extractor, scorer.clip
+            )
             results.add(record)
-            log.info("step %d cfg %g: FID %.3f  KID %.5f ± %.5f%s  (n=%d, %s %d steps, seed %d, %s)",
-                     record["step"], record["cfg_scale"], record["fid"], record["kid"], record["kid_std"],
-                     "" if record["clip_score"] is None else f"  CLIP {record['clip_score']:.2f}", record["n"],
-                     record["sampler"], record["steps"], record["seed"], "EMA" if record["use_ema"] else "raw")  # fmt: skip
+            log.info(
+                "step %d cfg %g: FID %.3f  KID %.5f ± %.5f%s  (n=%d, %s %d steps, seed %d, %s)",
+                record["step"],
+                record["cfg_scale"],
+                record["fid"],
+                record["kid"],
+                record["kid_std"],
+                "" if record["clip_score"] is None else f"  CLIP {record['clip_score']:.2f}",
+                record["n"],
+                record["sampler"],
+                record["steps"],
+                record["seed"],
+                "EMA" if record["use_ema"] else "raw",
+            )
     wanted = set(keys)
     records = [r for r in results.records if point_key(r) in wanted]
     plot(records, cfg.out_dir)

@@ -1,25 +1,27 @@
 """Data preparation: images -> image shards -> latent shards, and exporting a trained stage-1 autoencoder.
 
-    python prepare.py emoji                                   # built-in emoji: image shards + latent shards
-    python prepare.py emoji --labels category                 # ... whose samples carry a class id (cls): emoji
-                                      # category (9) or subcategory (99), into data/emoji32_<level> (ldm/data/labels.py)
-    python prepare.py images --input DIR --out data/mine/images  # folder of images with same-named .txt captions
-                                      # (image bytes kept as they are; captions that are not UTF-8 skipped, counted)
-    python prepare.py images ... --val-fraction 0.05 --split-seed 0   # also val-*.tar: a stable, seeded hash split
+    # built-in emoji: image shards + latent shards
+    python prepare.py emoji
+    # ... whose samples carry a class id (cls): emoji category (9) or subcategory (99), into
+    # data/emoji32_<level> (ldm/data/labels.py)
+    python prepare.py emoji --labels category
+    # a folder of images with same-named .txt captions (image bytes kept as they are; captions that are not
+    # UTF-8 skipped, counted); --val-fraction also writes val-*.tar by a stable, seeded hash split
+    python prepare.py images --input DIR --out data/mine/images [--val-fraction 0.05 --split-seed 0]
     python prepare.py latents --shards 'data/mine/images/train-{000000..000003}.tar' --out data/mine/latents \
         --autoencoder emoji-kl-f4 | PATH.safetensors | diffusers:stabilityai/sd-vae-ft-mse [--subfolder vae]
-    python prepare.py latents ... --num-procs 4 --devices cuda:0,cuda:1,cuda:2,cuda:3   # resumable; or one job per
-                                                      # rank under torchrun/SLURM (--rank/--world-size from the env)
-    python prepare.py latents ... --buckets 256x256,192x320,320x192   # aspect-ratio buckets (HxW), not squares
-    python prepare.py latents ... --bucket-area 256 --bucket-step 32   # SDXL-style buckets of ~256x256 pixels
+    # resumable; or one job per rank under torchrun/SLURM (--rank/--world-size from the env)
+    python prepare.py latents ... --num-procs 4 --devices cuda:0,cuda:1,cuda:2,cuda:3
+    python prepare.py latents ... --buckets 256x256,192x320,320x192   # aspect-ratio buckets (HxW)
+    python prepare.py latents ... --bucket-area 256 --bucket-step 32   # SDXL-style buckets of ~256x256 px
     python prepare.py latents ... --alpha-background black   # behind transparent pixels (default white)
-    python prepare.py latents-merge --shards '...' --out data/mine/latents   # the index, if no process wrote it
+    python prepare.py latents-merge --shards '...' --out data/mine/latents   # the index, if none was written
     python prepare.py export-autoencoder --ckpt logs/autoencoder/runs/<run>/checkpoints/last.ckpt \
         --shards 'data/emoji32/images/train-{000000..000007}.tar' --out ldm/autoencoder/weights/emoji_kl_f4
+    # a StableDiffusionPipeline directory (EMA weights; ldm/convert/export_pipeline.py)
     python prepare.py export-diffusers --ckpt logs/train/runs/<run>/checkpoints/last.ckpt --out exported/sd
-                                      # a StableDiffusionPipeline directory (EMA weights; ldm/convert/export_pipeline.py)
+    # pytorch_lora_weights.safetensors for pipe.load_lora_weights (ldm/convert/diffusers_lora.py)
     python prepare.py export-lora --ckpt logs/train/runs/<lora run>/checkpoints/last.ckpt --out exported/lora
-                                      # pytorch_lora_weights.safetensors for pipe.load_lora_weights (diffusers_lora.py)
 
 No command writes over its input: an --out (and --prefix) whose files would be, or resolve to, an input shard,
 shard index or image is refused before anything is written (ldm/data/overwrite.py).
@@ -112,8 +114,14 @@ def cmd_images(args: argparse.Namespace) -> None:
         counts = split_samples(samples, args.out, args.max_per_shard, is_validation, prefixes)
         split = " (" + ", ".join(f"{p} {n}" for p, n in counts.items()) + ")"
     total = sum(read_index(str(Path(args.out) / f"{p}.json"))["total"] for p in prefixes)
-    log.info("images: %d samples written to %s%s, %d skipped: %s", total, args.out, split, counter.total(),
-             dict(sorted(counter.as_dict().items())))  # fmt: skip
+    log.info(
+        "images: %d samples written to %s%s, %d skipped: %s",
+        total,
+        args.out,
+        split,
+        counter.total(),
+        dict(sorted(counter.as_dict().items())),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- latent shards
@@ -142,7 +150,8 @@ def text_encoder(name: str | None, max_length: int) -> TextConditioner | None:
 
 
 def bucket_args(args: argparse.Namespace) -> list[Bucket] | None:
-    """``--buckets HxW,...`` or ``--bucket-area S --bucket-step N``; None (one image_size square) without either."""
+    """``--buckets HxW,...`` or ``--bucket-area S --bucket-step N``; None (one image_size square) without
+    either."""
     if args.buckets and args.bucket_area:
         raise SystemExit("give --buckets or --bucket-area, not both")
     if args.bucket_area:
@@ -153,21 +162,42 @@ def bucket_args(args: argparse.Namespace) -> list[Bucket] | None:
 def cmd_latents(args: argparse.Namespace) -> None:
     if args.max_per_shard is not None:
         raise SystemExit(
-            "--max-per-shard does not apply to latents: latent shard i mirrors image shard i; reshard the images "
-            "with `prepare.py images --max-per-shard N`, then encode those"
+            "--max-per-shard does not apply to latents: latent shard i mirrors image shard i; reshard the "
+            "images with `prepare.py images --max-per-shard N`, then encode those"
         )
     buckets = bucket_args(args)
     ae = load_autoencoder(args.autoencoder, args.subfolder, args.scale_factor)
     check = None
     if args.check_images > 0 and args.rank in (None, 0):  # measured first, kept once encoding may write
-        check = reconstruction_check(args.shards, ae, args.image_size, args.check_images, args.min_psnr,
-                                     background=args.alpha_background)  # fmt: skip
+        check = reconstruction_check(
+            args.shards,
+            ae,
+            args.image_size,
+            args.check_images,
+            args.min_psnr,
+            background=args.alpha_background,
+        )
     text = text_encoder(args.text_encoder, args.max_length)
-    encode.encode_shards(args.shards, args.out, args.prefix, ae, args.image_size, args.batch_size, device=auto_devices(args.device),
-                  text=text, num_procs=args.num_procs, rank=args.rank, world_size=args.world_size,
-                  overwrite=args.overwrite, threads=args.threads, buckets=buckets, bucket_crop=args.bucket_crop,
-                  bucket_seed=args.bucket_seed, latent_multiple=args.latent_multiple,
-                  alpha_background=args.alpha_background)  # fmt: skip
+    encode.encode_shards(
+        args.shards,
+        args.out,
+        args.prefix,
+        ae,
+        args.image_size,
+        args.batch_size,
+        device=auto_devices(args.device),
+        text=text,
+        num_procs=args.num_procs,
+        rank=args.rank,
+        world_size=args.world_size,
+        overwrite=args.overwrite,
+        threads=args.threads,
+        buckets=buckets,
+        bucket_crop=args.bucket_crop,
+        bucket_seed=args.bucket_seed,
+        latent_multiple=args.latent_multiple,
+        alpha_background=args.alpha_background,
+    )
     if check is not None:
         write_reconstruction(check, ae, Path(args.out), args.prefix)
 
@@ -205,7 +235,7 @@ def cmd_emoji(args: argparse.Namespace) -> None:
             device=auto_devices(args.device),
             text=text,
             overwrite=True,
-        )  # fmt: skip  (the image shards were just rewritten: every shard is re-encoded)
+        )  # (the image shards were just rewritten: every shard is re-encoded)
         if prefix == "val":  # the shipped autoencoder on held-out emoji
             write_reconstruction(
                 reconstruction_check(pattern, ae, args.size, 64), ae, root / "latents", prefix
@@ -222,7 +252,8 @@ def log_label_counts(images: Path) -> None:
 
 
 def write_reconstruction(result: dict, ae: FrozenAutoencoder, out: Path, prefix: str) -> None:
-    """The reconstruction check's result beside the latents it concerns (written once encoding was allowed)."""
+    """The reconstruction check's result beside the latents it concerns (written once encoding was
+    allowed)."""
     text = json.dumps({"autoencoder": ae.identity, **result}, indent=1)
     (out / f"reconstruction_{prefix}.json").write_text(text)
 
@@ -230,12 +261,16 @@ def write_reconstruction(result: dict, ae: FrozenAutoencoder, out: Path, prefix:
 # ---------------------------------------------------------------------------------------------- export
 @torch.no_grad()
 def cmd_export(args: argparse.Namespace) -> None:
-    """Stage-1 Lightning checkpoint -> PATH.safetensors + PATH.json, with scale_factor = 1 / std of the latents."""
+    """Stage-1 Lightning checkpoint -> PATH.safetensors + PATH.json, with scale_factor = 1 / std of the
+    latents."""
     stem = Path(args.out)  # the files save_kl_autoencoder writes: STEM.safetensors, STEM.json (via .tmp)
     stem = stem.with_suffix("") if stem.suffix in (".safetensors", ".json") else stem
     outputs = [stem.with_suffix(".safetensors"), stem.with_suffix(".json")]
-    refuse_overwrite([*outputs, *map(tmp_of, outputs)], [Path(args.ckpt), *input_files(expand_urls(args.shards))],
-                     "choose another --out for the exported autoencoder")  # fmt: skip
+    refuse_overwrite(
+        [*outputs, *map(tmp_of, outputs)],
+        [Path(args.ckpt), *input_files(expand_urls(args.shards))],
+        "choose another --out for the exported autoencoder",
+    )
     model = kl_autoencoder_from_checkpoint(args.ckpt).eval()
     counter = SkipCounter("export")
     moments, num_images = LatentMoments(), 0  # streamed: memory stays flat however many shards
@@ -262,28 +297,44 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_export_diffusers(args: argparse.Namespace) -> None:
-    """Latent-diffusion checkpoint -> a StableDiffusionPipeline directory (``ldm.convert.export_pipeline``)."""
+    """Latent-diffusion checkpoint -> a StableDiffusionPipeline directory
+    (``ldm.convert.export_pipeline``)."""
     from ldm.convert.export_pipeline import export_sd_pipeline
     from ldm.lit.loading import load_for_sampling
 
     model = load_for_sampling(Path(args.ckpt), use_ema=not args.raw_weights, device=torch.device("cpu"))
-    export_sd_pipeline(args.out, denoiser=model.denoiser, conditioner=model.conditioner,
-                       autoencoder=model.autoencoder, image_size=int(model.config["image_size"]),
-                       latent_norm=model.latent_norm, allow_padding_attention=args.allow_padding_attention)  # fmt: skip
+    export_sd_pipeline(
+        args.out,
+        denoiser=model.denoiser,
+        conditioner=model.conditioner,
+        autoencoder=model.autoencoder,
+        image_size=int(model.config["image_size"]),
+        latent_norm=model.latent_norm,
+        allow_padding_attention=args.allow_padding_attention,
+    )
 
 
 def cmd_export_lora(args: argparse.Namespace) -> None:
-    """LoRA checkpoint -> diffusers/peft LoRA weights for ``pipe.load_lora_weights`` (``ldm.convert.diffusers_lora``)."""
+    """LoRA checkpoint -> diffusers/peft LoRA weights for ``pipe.load_lora_weights``
+    (``ldm.convert.diffusers_lora``)."""
     from ldm.convert.diffusers_lora import save_diffusers_lora
     from ldm.lit.lora_base import adapters_from_checkpoint
 
     net, lora = adapters_from_checkpoint(Path(args.ckpt), use_ema=not args.raw_weights)
-    info = {**lora, "checkpoint": str(Path(args.ckpt).resolve()), "weights": "raw" if args.raw_weights else "EMA",
-            "load": "pipe = StableDiffusionPipeline.from_pretrained(<export-diffusers of the base>); "
-                    "pipe.load_lora_weights(<this dir>); alpha/rank is folded into lora_B (strength 1)"}  # fmt: skip
+    info = {
+        **lora,
+        "checkpoint": str(Path(args.ckpt).resolve()),
+        "weights": "raw" if args.raw_weights else "EMA",
+        "load": "pipe = StableDiffusionPipeline.from_pretrained(<export-diffusers of the base>); "
+        "pipe.load_lora_weights(<this dir>); alpha/rank is folded into lora_B (strength 1)",
+    }
     path = save_diffusers_lora(args.out, net, info)
-    log.info("exported LoRA weights to %s (base sha256 %s, %s)", path, lora["base"]["sha256"][:12],
-             lora["base"]["source"])  # fmt: skip
+    log.info(
+        "exported LoRA weights to %s (base sha256 %s, %s)",
+        path,
+        lora["base"]["sha256"][:12],
+        lora["base"]["source"],
+    )
 
 
 def add_text_encoder_args(p: argparse.ArgumentParser, default: str) -> None:
@@ -306,9 +357,11 @@ def background_arg(spec: str) -> tuple[int, int, int]:
 
 def add_background_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--alpha-background", default="white", type=background_arg,
+        "--alpha-background",
+        default="white",
+        type=background_arg,
         help="colour behind transparent pixels: white (default), black, #rrggbb or r,g,b (ldm/data/rgb.py)",
-    )  # fmt: skip
+    )
 
 
 def add_bucket_args(p: argparse.ArgumentParser) -> None:
@@ -326,9 +379,12 @@ def add_bucket_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--bucket-seed", type=int, default=0, help="seed of random crops (per sample key)")
     g.add_argument(
-        "--latent-multiple", type=int, default=1,
-        help="bucket sides must be multiples of the autoencoder factor x this: the UNet's 2**(levels-1), e.g. 8",
-    )  # fmt: skip
+        "--latent-multiple",
+        type=int,
+        default=1,
+        help="bucket sides must be multiples of the autoencoder factor x this: the UNet's 2**(levels-1), "
+        "e.g. 8",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -344,9 +400,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="default data/emoji32, with --labels data/emoji32_<level>")
     p.add_argument("--size", type=int, default=32)
     p.add_argument(
-        "--labels", choices=LEVELS, default=None,
+        "--labels",
+        choices=LEVELS,
+        default=None,
         help="store each emoji's class id (cls) at this level; emoji without one are skipped and counted",
-    )  # fmt: skip
+    )
     p.add_argument("--limit", type=int, default=None, help="only the first N emoji (tests)")
     p.add_argument(
         "--images-only",
@@ -365,9 +423,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prefix", default="train")
     p.add_argument("--max-per-shard", type=int, default=1000)
     p.add_argument(
-        "--val-fraction", type=float, default=0.0,
-        help="hold out about this fraction as --val-prefix shards (a seeded hash of each key: stable as files change)",
-    )  # fmt: skip
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="hold out about this fraction as --val-prefix shards (a seeded hash of each key: stable as "
+        "files change)",
+    )
     p.add_argument("--val-prefix", default="val")
     p.add_argument("--split-seed", type=int, default=0, help="--val-fraction: which keys are held out")
     p.set_defaults(func=cmd_images)
@@ -385,10 +446,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scale-factor", type=float, default=None, help="override the autoencoder's latent scale")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--check-images", type=int, default=64,
-                   help="reconstruct this many images first and report the autoencoder's PSNR (0: skip)")  # fmt: skip
-    p.add_argument("--min-psnr", type=float, default=MIN_PSNR_DB,
-                   help="warn loudly when the autoencoder reconstructs these images below this PSNR (dB)")  # fmt: skip
+    p.add_argument(
+        "--check-images",
+        type=int,
+        default=64,
+        help="reconstruct this many images first and report the autoencoder's PSNR (0: skip)",
+    )
+    p.add_argument(
+        "--min-psnr",
+        type=float,
+        default=MIN_PSNR_DB,
+        help="warn loudly when the autoencoder reconstructs these images below this PSNR (dB)",
+    )
     p.add_argument(
         "--max-per-shard",
         type=int,
@@ -397,9 +466,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     add_text_encoder_args(p, default="none")
     p.add_argument(
-        "--device", "--devices", dest="device", default="auto",
-        help="auto (this node's GPUs in turn, else cpu) or a comma list used in turn by the workers, e.g. cuda:0,cuda:1",
-    )  # fmt: skip
+        "--device",
+        "--devices",
+        dest="device",
+        default="auto",
+        help="auto (this node's GPUs in turn, else cpu) or a comma list used in turn by the workers, e.g. "
+        "cuda:0,cuda:1",
+    )
     p.add_argument("--num-procs", type=int, default=1, help="spawned local workers, one device each")
     p.add_argument(
         "--rank", type=int, default=None, help="this job's rank (default: $RANK or $SLURM_PROCID, else 0)"
@@ -449,12 +522,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ckpt", required=True)
     p.add_argument("--out", required=True, help="a new (or empty) directory")
     p.add_argument("--raw-weights", action="store_true", help="the raw weights instead of the EMA weights")
-    p.add_argument("--allow-padding-attention", action="store_true",
-                   help="export a model trained with conditioner.mask_padding=true anyway (its images will differ)")  # fmt: skip
+    p.add_argument(
+        "--allow-padding-attention",
+        action="store_true",
+        help="export a model trained with conditioner.mask_padding=true anyway (its images will differ)",
+    )
     p.set_defaults(func=cmd_export_diffusers)
 
     p = sub.add_parser(
-        "export-lora", help="LoRA checkpoint -> diffusers LoRA weights (pipe.load_lora_weights) of its adapters"
+        "export-lora",
+        help="LoRA checkpoint -> diffusers LoRA weights (pipe.load_lora_weights) of its adapters",
     )
     p.add_argument("--ckpt", required=True, help="a train.py checkpoint of a model.lora run")
     p.add_argument("--out", required=True, help="a new (or empty) directory")

@@ -2,8 +2,8 @@
 
 Writes report.md and report.csv (one row per run: varying overrides, status, steps, wall time, final and best
 val/loss, eval/* metrics, checkpoint; sorted by the optimised metric), loss_curves.png (all runs overlaid),
-samples.png (each run's last sample grid in a row: same prompts, same seeds) and, for an Optuna sweep, the study's
-history / importance / intermediate-value plots. Reads only what the runs wrote; loads no model.
+samples.png (each run's last sample grid in a row: same prompts, same seeds) and, for an Optuna sweep, the
+study's history / importance / intermediate-value plots. Reads only what the runs wrote; loads no model.
 """
 
 from __future__ import annotations
@@ -26,19 +26,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "paths", nargs="+", type=Path, help="a sweep directory, run directories, or logs/train/runs"
     )
-    parser.add_argument("--out", type=Path, default=None,
-                        help="where to write (default: the one directory given, else ./report)")  # fmt: skip
-    parser.add_argument("--metric", default=None,
-                        help="sort by this metric (default: the study's / runs' optimized_metric, else val/loss)")  # fmt: skip
-    parser.add_argument("--mode", choices=("min", "max"), default=None,
-                        help="lowest or highest first (default: the study's direction, else min)")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where to write (default: the one directory given, else ./report)",
+    )
+    parser.add_argument(
+        "--metric",
+        default=None,
+        help="sort by this metric (default: the study's / runs' optimized_metric, else val/loss)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=("min", "max"),
+        default=None,
+        help="lowest or highest first (default: the study's direction, else min)",
+    )
     return parser.parse_args(argv)
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
-                        stream=sys.stderr)  # fmt: skip
+    logging.basicConfig(
+        level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s", stream=sys.stderr
+    )
     args = parse_args(argv)
     out = args.out or (args.paths[0] if len(args.paths) == 1 else Path("report"))
     result = make_report(args.paths, out, metric=args.metric, mode=args.mode)

@@ -1,15 +1,18 @@
-"""Sample a checkpoint: `python sample.py ckpt=PATH prompt="red apple" num_images=8 steps=50 sampler=ddim cfg_scale=5`.
+"""Sample a checkpoint:
+`python sample.py ckpt=PATH prompt="red apple" num_images=8 steps=50 sampler=ddim cfg_scale=5`.
 
-Class-conditional models take `label=<name or id>` (or a list, like the prompts), names resolved through the label
-vocabulary stored in the checkpoint; size-conditioned models take `size=[H,W] crop=[top,left] original_size=[h,w]`
-(SDXL micro-conditioning; `size` also sets the output size, default the training image_size).
+Class-conditional models take `label=<name or id>` (or a list, like the prompts), names resolved through the
+label vocabulary stored in the checkpoint; size-conditioned models take
+`size=[H,W] crop=[top,left] original_size=[h,w]` (SDXL micro-conditioning; `size` also sets the output size,
+default the training image_size).
 
 Writes one PNG per image, a grid PNG and metadata.json (file, prompt, negative prompt, seed, sampler settings,
 checkpoint) to out_dir. The same seed gives byte-identical PNGs. EMA weights are used unless use_ema=false.
 
 The checkpoint's stored config may only name the project's own classes (ldm/safe_config.py) unless
-trust_checkpoint_config=true. Bad input (arguments, prompts file, checkpoint file, a full disk) ends the command
-with one line on stderr and exit status 2 (ldm.cli.exit_on_user_error; LDM_TRACEBACK=1 shows the traceback).
+trust_checkpoint_config=true. Bad input (arguments, prompts file, checkpoint file, a full disk) ends the
+command with one line on stderr and exit status 2 (ldm.cli.exit_on_user_error; LDM_TRACEBACK=1 shows the
+traceback).
 """
 
 from __future__ import annotations
@@ -79,17 +82,22 @@ def check_out_dir(out_dir: Path) -> None:
 
 
 def read_labels(cfg: DictConfig) -> list[str | int] | None:
-    """label=NAME|ID or label=[a,b]: the class labels, each repeated num_images times (None when not given)."""
+    """label=NAME|ID or label=[a,b]: the class labels, each repeated num_images times (None when not
+    given)."""
     value = cfg.get("label")
     if value is None:
         return None
     items = list(value) if isinstance(value, ListConfig | list | tuple) else [value]
     if not items or not all(isinstance(v, str | int) and not isinstance(v, bool) for v in items):
-        raise ValueError(f"label={value!r} must be a class name or id, or a list of them: e.g. label=cat or label=3")
+        raise ValueError(
+            f"label={value!r} must be a class name or id, or a list of them: e.g. label=cat or label=3"
+        )
     return [v for v in items for _ in range(cfg.num_images)]
 
 
-def pair_up(prompts: list[str] | None, labels: list[str | int] | None) -> tuple[list[str] | None, list | None]:
+def pair_up(
+    prompts: list[str] | None, labels: list[str | int] | None
+) -> tuple[list[str] | None, list | None]:
     """Prompts and labels of equal length (one of them may be a single value, or absent)."""
     if prompts is None or labels is None or len(prompts) == len(labels):
         return prompts, labels
@@ -97,7 +105,9 @@ def pair_up(prompts: list[str] | None, labels: list[str | int] | None) -> tuple[
         return prompts[:1] * len(labels), labels
     if len(set(labels)) == 1:
         return prompts, labels[:1] * len(prompts)
-    raise ValueError(f"{len(prompts)} prompts but {len(labels)} labels: give as many of each, or one of either")
+    raise ValueError(
+        f"{len(prompts)} prompts but {len(labels)} labels: give as many of each, or one of either"
+    )
 
 
 def optional_pair(cfg: DictConfig, key: str) -> list[int] | None:
@@ -112,10 +122,11 @@ def optional_pair(cfg: DictConfig, key: str) -> list[int] | None:
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
-    """prompt, or prompts_file (UTF-8, one prompt per line, blank lines skipped), each repeated num_images times.
+    """prompt, or prompts_file (UTF-8, one prompt per line, blank lines skipped), each repeated num_images
+    times.
 
-    A prompts file that is not UTF-8 is refused rather than guessed at: a mis-decoded prompt conditions the model
-    on other text without any sign of it."""
+    A prompts file that is not UTF-8 is refused rather than guessed at: a mis-decoded prompt conditions the
+    model on other text without any sign of it."""
     if cfg.prompts_file:
         path = Path(cfg.prompts_file)
         if not path.is_file():
@@ -127,8 +138,8 @@ def read_prompts(cfg: DictConfig) -> list[str]:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as err:
             raise ValueError(
-                f"prompts_file '{path}' is not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}): re-save it "
-                f"as UTF-8, e.g. iconv -f latin1 -t utf-8 '{path}' > prompts.txt"
+                f"prompts_file '{path}' is not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}): "
+                f"re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8 '{path}' > prompts.txt"
             ) from None
         base = [line.strip() for line in text.splitlines() if line.strip()]
         if not base:
@@ -192,12 +203,22 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     )
     ckpt_path = resolve_checkpoint(str(cfg.ckpt), cfg.log_dir)
     trust = bool(cfg.get("trust_checkpoint_config", False))
-    model = load_for_sampling(ckpt_path, cfg.use_ema, device, trust_checkpoint_config=trust,
-                              lora_scale=float(cfg.get("lora_scale", 1.0)), lora_base=cfg.get("lora_base"))  # fmt: skip
-    shape = latent_shape(model.denoiser.net, model.autoencoder, size) if size is not None else model.latent_shape
+    model = load_for_sampling(
+        ckpt_path,
+        cfg.use_ema,
+        device,
+        trust_checkpoint_config=trust,
+        lora_scale=float(cfg.get("lora_scale", 1.0)),
+        lora_base=cfg.get("lora_base"),
+    )
+    shape = (
+        latent_shape(model.denoiser.net, model.autoencoder, size) if size is not None else model.latent_shape
+    )
     pixels = [d * model.autoencoder.downsample_factor for d in shape[1:]]  # [H, W]
     inputs_for = lambda p, lab: sampling_inputs(model.conditioner, p, lab, pixels, original, crop)  # noqa: E731
-    inputs_for(prompts[:1] if prompts else None, labels[:1] if labels else None)  # bad labels fail before sampling
+    inputs_for(
+        prompts[:1] if prompts else None, labels[:1] if labels else None
+    )  # bad labels fail before sampling
     init_latents, keep = init_inputs(model, init_paths, mask_paths, device)
     sigmas = sampling_sigmas(model.denoiser.schedule, cfg.steps, spacing=cfg.spacing)
     # no sampler= given: the one the checkpoint's sample grid used in training (checked by load_for_sampling)
@@ -265,8 +286,11 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             )
             if which:  # image-to-image: which init image (and mask) this one started from
                 j = which[i]
-                records[-1].update(init_image=init_paths[j], strength=strength,
-                                   mask=mask_paths[min(j, len(mask_paths) - 1)] if mask_paths else None)  # fmt: skip
+                records[-1].update(
+                    init_image=init_paths[j],
+                    strength=strength,
+                    mask=mask_paths[min(j, len(mask_paths) - 1)] if mask_paths else None,
+                )
     write(out_dir / "grid.png", make_grid(pil_images, ncols=min(8, len(pil_images))).save)
     metadata = json.dumps({"images": records}, indent=2)
     write(out_dir / "metadata.json", lambda p: p.write_text(metadata))

@@ -1,4 +1,5 @@
-"""Train a model: `python train.py [experiment=...] [group=option] [key=value]` (see README and configs/train.yaml).
+"""Train a model: `python train.py [experiment=...] [group=option] [key=value]` (see README and
+configs/train.yaml).
 
 Composes the config, instantiates data, model, callbacks, loggers and trainer, then fits. No maths here.
 """
@@ -51,7 +52,8 @@ def build_list(node: DictConfig | None) -> list[Any]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fit, and write ``summary.json`` however the fit ends (finished, interrupted, diverged, failed).
 
-    Re-raises what stopped an unfinished run (``TrainingInterrupted``, ``NonFiniteError``, ...) after the summary.
+    Re-raises what stopped an unfinished run (``TrainingInterrupted``, ``NonFiniteError``, ...) after the
+    summary.
     """
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -78,8 +80,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             and cfg.get("check_autoencoder", 0)
             and not is_launcher_child()
         ):
-            reconstruction_check(datamodule.train_urls, model.autoencoder, int(cfg.image_size),
-                                 int(cfg.check_autoencoder), background=datamodule.alpha_background)  # fmt: skip
+            reconstruction_check(
+                datamodule.train_urls,
+                model.autoencoder,
+                int(cfg.image_size),
+                int(cfg.check_autoencoder),
+                background=datamodule.alpha_background,
+            )
     callbacks = order_callbacks(build_list(cfg.get("callbacks")) + [ConfigInCheckpoint(resolved)])
     loggers = build_list(cfg.get("logger"))
     if not loggers:  # LearningRateMonitor refuses to run without a logger
@@ -93,8 +100,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams({"overrides": command_line_overrides(), **resolved})
 
     if isinstance(trainer.accelerator, CPUAccelerator) and trainer.num_devices > 1:
-        # several CPU processes on one machine: share the cores instead of oversubscribing them (2 x 2 threads on
-        # 2 cores runs ~10x slower than 2 x 1)
+        # several CPU processes on one machine: share the cores instead of oversubscribing them (2 x 2 threads
+        # on 2 cores runs ~10x slower than 2 x 1)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // trainer.num_devices))
     start = time.perf_counter()
     error: BaseException | None = None

@@ -1,11 +1,11 @@
 """Checkpoint time against fit time for the default run (goal: at most 1% of wall time).
 
 Trains the default model on the default data (the built-in emoji latent shards) with the default EMA, saving a
-full checkpoint (weights, EMA, optimizer, data position, RNG, the resolved config) every ``--every`` steps, and
-times each training step and each ``trainer.save_checkpoint`` in the same run (interleaved by construction).
-The default run's share is then (saves in the default run) x (median save) / (default steps x median step +
-that), with the saves the default callbacks make in 420 steps: the periodic one (every 400), the best-by-val-loss
-one after each validation (every 2 epochs of 58 batches: 3), and last.ckpt at the end: 5.
+full checkpoint (weights, EMA, optimizer, data position, RNG, the resolved config) every ``--every`` steps,
+and times each training step and each ``trainer.save_checkpoint`` in the same run (interleaved by
+construction). The default run's share is then (saves in the default run) x (median save) / (default steps x
+median step + that), with the saves the default callbacks make in 420 steps: the periodic one (every 400), the
+best-by-val-loss one after each validation (every 2 epochs of 58 batches: 3), and last.ckpt at the end: 5.
 
     python bench/checkpoint_share.py [--steps 24] [--every 3]
 """
@@ -63,18 +63,33 @@ def main() -> None:
     data = instantiate(cfg.data)
     with tempfile.TemporaryDirectory() as tmp:
         timer = Timer(args.every, Path(tmp))
-        callbacks = [instantiate(cfg.callbacks.ema), RNGState(), ConfigInCheckpoint(OmegaConf.to_container(cfg)),
-                     timer]  # fmt: skip
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=args.steps, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            limit_val_batches=0, gradient_clip_val=cfg.trainer.gradient_clip_val,
-                            callbacks=callbacks, default_root_dir=tmp)  # fmt: skip
+        callbacks = [
+            instantiate(cfg.callbacks.ema),
+            RNGState(),
+            ConfigInCheckpoint(OmegaConf.to_container(cfg)),
+            timer,
+        ]
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=args.steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            gradient_clip_val=cfg.trainer.gradient_clip_val,
+            callbacks=callbacks,
+            default_root_dir=tmp,
+        )
         trainer.fit(model, datamodule=data)
     steps, saves = timer.steps[1:], timer.saves  # the first step warms up
     step, save = statistics.median(steps), statistics.median(saves)
     share = DEFAULT_SAVES * save / (DEFAULT_STEPS * step + DEFAULT_SAVES * save)
-    print(f"\ncheckpoint vs training step, default config, {args.steps} steps, a save every {args.every}; "
-          f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(
+        f"\ncheckpoint vs training step, default config, {args.steps} steps, a save every {args.every}; "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
+    )
     print("| measure | median | min-max |")
     print("| ------- | ------ | ------- |")
     print(f"| training step (ms) | {step * 1e3:.0f} | {min(steps) * 1e3:.0f}-{max(steps) * 1e3:.0f} |")
@@ -83,8 +98,10 @@ def main() -> None:
     print(
         f"| save / step | {save / step:.2f} | {min(saves) / max(steps):.2f}-{max(saves) / min(steps):.2f} |"
     )
-    print(f"\ndefault run: {DEFAULT_SAVES} saves in {DEFAULT_STEPS} steps -> checkpoint share of fit time "
-          f"{100 * share:.2f}% (goal <= 1%)")  # fmt: skip
+    print(
+        f"\ndefault run: {DEFAULT_SAVES} saves in {DEFAULT_STEPS} steps -> checkpoint share of fit time "
+        f"{100 * share:.2f}% (goal <= 1%)"
+    )
 
 
 if __name__ == "__main__":

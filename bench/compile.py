@@ -61,16 +61,24 @@ def main() -> None:
                 step(mode)
             times[mode].append((time.perf_counter() - start) / args.steps)
     params = sum(p.numel() for p in eager.parameters()) / 1e6
-    print(f"\ntraining step, net={args.net} ({params:.2f} M params), batch {args.batch}, {args.size}x{args.size} "
-          f"latents, backend {args.backend}, {torch.get_num_threads()} threads, torch {torch.__version__}")  # fmt: skip
-    print(f"| {'compile':<9} | {'first step s':>12} | {'median ms':>9} | {'min ms':>8} | {'max ms':>8} | {'speed-up (min-med-max)':>22} |")  # fmt: skip
+    print(
+        f"\ntraining step, net={args.net} ({params:.2f} M params), batch {args.batch}, "
+        f"{args.size}x{args.size} latents, backend {args.backend}, {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}"
+    )
+    print(
+        f"| {'compile':<9} | {'first step s':>12} | {'median ms':>9} | {'min ms':>8} | {'max ms':>8} | "
+        f"{'speed-up (min-med-max)':>22} |"
+    )
     print(f"|{'-' * 11}|{'-' * 14}|{'-' * 11}|{'-' * 10}|{'-' * 10}|{'-' * 24}|")
     base = times[next(iter(times))]
     for mode, ts in times.items():
         r = sorted(b / m for b, m in zip(base, ts, strict=True))
         spread = f"{r[0]:.2f}-{statistics.median(r):.2f}-{r[-1]:.2f}x"
-        print(f"| {mode:<9} | {first[mode]:>12.1f} | {statistics.median(ts) * 1e3:>9.1f} | {min(ts) * 1e3:>8.1f} | "
-              f"{max(ts) * 1e3:>8.1f} | {spread:>22} |")  # fmt: skip
+        print(
+            f"| {mode:<9} | {first[mode]:>12.1f} | {statistics.median(ts) * 1e3:>9.1f} | "
+            f"{min(ts) * 1e3:>8.1f} | {max(ts) * 1e3:>8.1f} | {spread:>22} |"
+        )
     print(
         f"\nspeed-up: the first row's time over each row's, per interleaved repeat ({args.repeats} repeats)"
     )

@@ -11,8 +11,8 @@ reports ``torch.backends.cpu.get_cpu_capability()`` so the table shows that it t
 The step is the default run's: the default config's model (48-ch UNet, v-prediction min-SNR loss), batch 64,
 8x8x4 latents, precomputed 32x384 MiniLM context as the latent shards carry it, fused AdamW, the EMA blend.
 
-``--profile``: afterwards each child runs ``torch.profiler`` over a few steps; the top ops by self CPU time per
-setting, and the same ops grouped (conv, GroupNorm, attention, linear, elementwise, optimizer/EMA, other).
+``--profile``: afterwards each child runs ``torch.profiler`` over a few steps; the top ops by self CPU time
+per setting, and the same ops grouped (conv, GroupNorm, attention, linear, elementwise, optimizer/EMA, other).
 
     python bench/cpu_kinds.py [--repeats 5] [--steps 5] [--profile] [--threads 1,2] [--isas native,avx2]
         [--extra avx2:2:OMP_WAIT_POLICY=PASSIVE]   # more settings: isa:threads[:VAR=value,...]
@@ -35,11 +35,39 @@ GROUPS = (  # (group, substrings of the op name); first match wins
     ("optimizer+EMA", ("adam", "lerp", "foreach")),
     ("conv", ("conv", "mkldnn")),
     ("GroupNorm", ("group_norm",)),
-    ("attention", ("scaled_dot_product", "_flash_attention", "softmax", "bmm", "baddbmm", "_efficient_attention")),
+    (
+        "attention",
+        ("scaled_dot_product", "_flash_attention", "softmax", "bmm", "baddbmm", "_efficient_attention"),
+    ),
     ("linear/matmul", ("addmm", "aten::mm", "matmul", "linear")),
-    ("elementwise", ("add", "mul", "silu", "sub", "div", "copy_", "fill_", "sum", "mean", "pow", "cat", "where",
-                     "exp", "sqrt", "neg", "clamp", "sin", "cos", "zero_", "to", "_to_copy", "masked")),
-)  # fmt: skip
+    (
+        "elementwise",
+        (
+            "add",
+            "mul",
+            "silu",
+            "sub",
+            "div",
+            "copy_",
+            "fill_",
+            "sum",
+            "mean",
+            "pow",
+            "cat",
+            "where",
+            "exp",
+            "sqrt",
+            "neg",
+            "clamp",
+            "sin",
+            "cos",
+            "zero_",
+            "to",
+            "_to_copy",
+            "masked",
+        ),
+    ),
+)
 Setting = tuple[str, int, str]  # (isa, threads, extra environment "VAR=value,...")
 REF: Setting = ("native", 2, "")
 
@@ -82,8 +110,12 @@ def child(threads: int, batch: int, channels_last: bool) -> None:
     latent = torch.randn(batch, 4, 8, 8)
     if channels_last:
         latent = latent.contiguous(memory_format=torch.channels_last)
-    batch_d = {"latent": latent, "txt": captions, "context": torch.randn(batch, 32, 384).half().float(),
-               "context_mask": torch.ones(batch, 32, dtype=torch.bool)}  # fmt: skip
+    batch_d = {
+        "latent": latent,
+        "txt": captions,
+        "context": torch.randn(batch, 32, 384).half().float(),
+        "context_mask": torch.ones(batch, 32, dtype=torch.bool),
+    }
     shadow = {k: v.detach().clone() for k, v in averaged_state(net).items()}
     counter = [0]
 
@@ -233,23 +265,33 @@ def main() -> None:
     children = {s: Child(s, args) for s in settings}
     try:
         for s, c in children.items():
-            print(f"{label(s)}: torch.backends.cpu.get_cpu_capability() = {c.hello['capability']}, "
-                  f"{c.hello['threads']} threads")  # fmt: skip
+            print(
+                f"{label(s)}: torch.backends.cpu.get_cpu_capability() = {c.hello['capability']}, "
+                f"{c.hello['threads']} threads"
+            )
         times: dict[Setting, list[float]] = defaultdict(list)
         for _ in range(args.repeats):
             for s, c in children.items():
                 times[s].append(c.ask(f"time {args.steps}")["seconds"])
         ref = REF if REF in times else settings[0]
         flags = open("/proc/cpuinfo").read().count("avx512f")
-        print(f"\ndefault training step (batch {args.batch}, 8x8x4 latents, 32x384 context, fused AdamW + EMA"
-              f"{', channels_last' if args.channels_last else ''}), {args.repeats} interleaved repeats of "
-              f"{args.steps} steps; CPUs with avx512f: {flags} of {os.cpu_count()}, load average "
-              f"{os.getloadavg()[0]:.1f}")  # fmt: skip
+        print(
+            f"\ndefault training step (batch {args.batch}, 8x8x4 latents, 32x384 context, fused AdamW + EMA"
+            f"{', channels_last' if args.channels_last else ''}), {args.repeats} interleaved repeats of "
+            f"{args.steps} steps; CPUs with avx512f: {flags} of {os.cpu_count()}, load average "
+            f"{os.getloadavg()[0]:.1f}"
+        )
         rows = []
         for s, ts in times.items():
             ratios = [a / b for a, b in zip(ts, times[ref], strict=True)]
-            rows.append([label(s), spread([x * 1e3 for x in ts]), f"{1 / statistics.median(ts):.2f}",
-                         spread(ratios) + "x"])  # fmt: skip
+            rows.append(
+                [
+                    label(s),
+                    spread([x * 1e3 for x in ts]),
+                    f"{1 / statistics.median(ts):.2f}",
+                    spread(ratios) + "x",
+                ]
+            )
         table(["setting", "ms/step median (min-max)", "steps/s", f"time / {label(ref)} (min-max)"], rows)
         if args.profile:
             profile_tables(children, args.profile_steps, args.top)

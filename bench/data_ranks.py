@@ -1,12 +1,13 @@
 """The data path over 2 nodes x 2 ranks: each rank's loader rate, and that no sample is read twice.
 
-Four processes play ranks 0-3 of a world of 4 (node = rank // 2; the data plan needs only the rank and the world
-size, no collective), each reading its share of one ``exact`` epoch of the default emoji latent shards through
-``ShardDataModule`` with ``--workers`` DataLoader workers, all at the same time. The reference is one rank alone
-(world size 1) reading the whole epoch, interleaved with the 4-rank runs over ``--repeats`` rounds. Rates are
-samples per CPU-second of the rank's process and its workers (per-core rate: this box has fewer cores than
-4 ranks x workers, so wall rates only show the sharing); the table gives each rank's rate against the lone
-rank's, and the key check: every key read once at most over all ranks, and every rank the same batch count.
+Four processes play ranks 0-3 of a world of 4 (node = rank // 2; the data plan needs only the rank and the
+world size, no collective), each reading its share of one ``exact`` epoch of the default emoji latent shards
+through ``ShardDataModule`` with ``--workers`` DataLoader workers, all at the same time. The reference is one
+rank alone (world size 1) reading the whole epoch, interleaved with the 4-rank runs over ``--repeats`` rounds.
+Rates are samples per CPU-second of the rank's process and its workers (per-core rate: this box has fewer
+cores than 4 ranks x workers, so wall rates only show the sharing); the table gives each rank's rate against
+the lone rank's, and the key check: every key read once at most over all ranks, and every rank the same batch
+count.
 
     python bench/data_ranks.py [--repeats 3] [--workers 0] [--shards PATTERN]
 """
@@ -60,8 +61,13 @@ def read_rank(args: tuple[str, int, int, int, int]) -> dict:
         keys += b["__key__"]
         end_cpu = cpu_seconds(pids)
     n = len(keys) - batch  # from the first batch on
-    return {"rank": rank, "keys": keys, "batches": len(keys) // batch, "wall": time.perf_counter() - start_wall,
-            "per_cpu_s": n / max(end_cpu - start_cpu, 1e-9)}  # fmt: skip
+    return {
+        "rank": rank,
+        "keys": keys,
+        "batches": len(keys) // batch,
+        "wall": time.perf_counter() - start_wall,
+        "per_cpu_s": n / max(end_cpu - start_cpu, 1e-9),
+    }
 
 
 def main() -> None:
@@ -84,9 +90,11 @@ def main() -> None:
             checks.append((max(counts.values()), {res["batches"] for res in results}, sum(counts.values())))
             for res in results:
                 ranks[res["rank"]].append(res["per_cpu_s"])
-    print(f"\n2 nodes x 2 ranks (4 processes at once) vs 1 rank alone, exact mode, default emoji latent shards, "
-          f"batch {args.batch}, {args.workers} workers per rank, {args.repeats} interleaved repeats; "
-          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(
+        f"\n2 nodes x 2 ranks (4 processes at once) vs 1 rank alone, exact mode, default emoji latent "
+        f"shards, batch {args.batch}, {args.workers} workers per rank, {args.repeats} interleaved repeats; "
+        f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
+    )
     print("| rank (node) | samples per CPU-s, median (min-max) | / rank alone, median (min-max) |")
     print("| ----------- | ----------------------------------- | ------------------------------ |")
     print(
@@ -94,11 +102,15 @@ def main() -> None:
     )
     for r, rates in ranks.items():
         ratio = [a / b for a, b in zip(rates, alone, strict=True)]
-        print(f"| {r} ({r // 2}) | {statistics.median(rates):,.0f} ({min(rates):,.0f}-{max(rates):,.0f}) | "
-              f"{statistics.median(ratio):.2f} ({min(ratio):.2f}-{max(ratio):.2f}) |")  # fmt: skip
+        print(
+            f"| {r} ({r // 2}) | {statistics.median(rates):,.0f} ({min(rates):,.0f}-{max(rates):,.0f}) | "
+            f"{statistics.median(ratio):.2f} ({min(ratio):.2f}-{max(ratio):.2f}) |"
+        )
     most, batches, total = checks[-1]
-    print(f"\nmost reads of one key over all ranks: {max(c[0] for c in checks)} (every repeat); batches per rank: "
-          f"{sorted(batches)}; samples read per epoch: {total}")  # fmt: skip
+    print(
+        f"\nmost reads of one key over all ranks: {max(c[0] for c in checks)} (every repeat); batches per "
+        f"rank: {sorted(batches)}; samples read per epoch: {total}"
+    )
 
 
 if __name__ == "__main__":

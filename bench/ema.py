@@ -79,21 +79,28 @@ def main() -> None:
             times[name].append(seconds(fn, n))
     step = statistics.median(times["training step"])
     params = sum(p.numel() for p in net.parameters()) / 1e6
-    print(f"\nEMA vs training step: net={args.net} ({params:.2f} M params, {len(state)} tensors), batch "
-          f"{args.batch}, 8x8 latents, {torch.get_num_threads()} threads, {args.repeats} repeats, torch {torch.__version__}")  # fmt: skip
+    print(
+        f"\nEMA vs training step: net={args.net} ({params:.2f} M params, {len(state)} tensors), batch "
+        f"{args.batch}, 8x8 latents, {torch.get_num_threads()} threads, {args.repeats} repeats, torch "
+        f"{torch.__version__}"
+    )
     print(f"| {'part':<26} | {'median ms':>9} | {'min ms':>8} | {'max ms':>8} | {'% of step':>9} |")
     print(f"|{'-' * 28}|{'-' * 11}|{'-' * 10}|{'-' * 10}|{'-' * 11}|")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"| {name:<26} | {med * 1e3:>9.2f} | {min(ts) * 1e3:>8.2f} | {max(ts) * 1e3:>8.2f} | "
-              f"{100 * med / step:>8.2f}% |")  # fmt: skip
+        print(
+            f"| {name:<26} | {med * 1e3:>9.2f} | {min(ts) * 1e3:>8.2f} | {max(ts) * 1e3:>8.2f} | "
+            f"{100 * med / step:>8.2f}% |"
+        )
     share = statistics.median(times["EMA callback update"]) / (
         step + statistics.median(times["EMA callback update"])
     )
     ratio = [o / f for o, f in zip(times["  per-tensor lerp (old)"], times["  foreach lerp"], strict=True)]
     print(f"\nEMA share of a step with EMA: {100 * share:.2f}% (goal <= 3%)")
-    print(f"per-tensor / foreach lerp time: median {statistics.median(ratio):.2f}x "
-          f"(min {min(ratio):.2f}, max {max(ratio):.2f})")  # fmt: skip
+    print(
+        f"per-tensor / foreach lerp time: median {statistics.median(ratio):.2f}x "
+        f"(min {min(ratio):.2f}, max {max(ratio):.2f})"
+    )
 
 
 if __name__ == "__main__":

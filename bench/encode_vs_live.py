@@ -2,11 +2,12 @@
 
 Same LatentDiffusion module, same batch, same process. The autoencoder is a randomly initialised diffusers
 AutoencoderKL with Stable Diffusion's VAE config (block_out_channels 128/256/512/512, 4 latent channels, f=8),
-saved to a temporary directory and loaded through ``autoencoder=diffusers`` like a real one; images are 256x256,
-latents 32x32x4. The UNet is ``net=unet_sd`` with ``--model-channels`` (SD uses 320: 860 M parameters, too big for
-AdamW on this CPU; 128 gives 138 M) and MiniLM's 384-d context. One step = conditioning + loss forward + backward +
-AdamW step; the steps of the three variants are interleaved and the median is reported. Data loading is not
-timed (all variants read in-memory tensors), which if anything understates the gain of precomputing.
+saved to a temporary directory and loaded through ``autoencoder=diffusers`` like a real one; images are
+256x256, latents 32x32x4. The UNet is ``net=unet_sd`` with ``--model-channels`` (SD uses 320: 860 M
+parameters, too big for AdamW on this CPU; 128 gives 138 M) and MiniLM's 384-d context. One step =
+conditioning + loss forward + backward + AdamW step; the steps of the three variants are interleaved and the
+median is reported. Data loading is not timed (all variants read in-memory tensors), which if anything
+understates the gain of precomputing.
 
     python bench/encode_vs_live.py [--batch 2] [--steps 3] [--model-channels 128]
 """
@@ -79,11 +80,18 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         save_random_sd_vae(Path(tmp) / "sd_vae")
-        cfg = compose_config("train", [
-            "net=unet_sd", f"net.model_channels={args.model_channels}", "net.context_dim=384",
-            "net.gradient_checkpointing=false", "autoencoder=diffusers", f"autoencoder.pretrained={tmp}/sd_vae",
-            f"image_size={args.image_size}",
-        ])  # fmt: skip
+        cfg = compose_config(
+            "train",
+            [
+                "net=unet_sd",
+                f"net.model_channels={args.model_channels}",
+                "net.context_dim=384",
+                "net.gradient_checkpointing=false",
+                "autoencoder=diffusers",
+                f"autoencoder.pretrained={tmp}/sd_vae",
+                f"image_size={args.image_size}",
+            ],
+        )
         module: LatentDiffusion = instantiate(cfg.model)
     module.train()
     optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-4)
@@ -112,9 +120,12 @@ def main() -> None:
                 times[name].append(seconds)
     unet = sum(p.numel() for p in module.net.parameters()) / 1e6
     vae = sum(p.numel() for p in module.autoencoder.parameters()) / 1e6
-    print(f"\ntraining step, UNet unet_sd with model_channels={args.model_channels} ({unet:.0f} M params), SD-config "
-          f"VAE ({vae:.1f} M params, random), {args.image_size}^2 images -> {tuple(latent.shape[1:])} latents, batch "
-          f"{args.batch}, median of {args.steps} steps, {torch.get_num_threads()} threads, torch {torch.__version__}")  # fmt: skip
+    print(
+        f"\ntraining step, UNet unet_sd with model_channels={args.model_channels} ({unet:.0f} M params), "
+        f"SD-config VAE ({vae:.1f} M params, random), {args.image_size}^2 images -> "
+        f"{tuple(latent.shape[1:])} latents, batch {args.batch}, median of {args.steps} steps, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
     print(f"| {'variant':<34} | {'s/step':>7} | {'samples/s':>9} | {'ratio':>6} |")
     print(f"|{'-' * 36}|{'-' * 9}|{'-' * 11}|{'-' * 8}|")
     reference = statistics.median(times["live: VAE encode + text encoder"])

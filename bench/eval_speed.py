@@ -1,5 +1,5 @@
-"""What eval.py spends its time on: Inception features per image, the Fréchet distance in 2048-d (ours, by eigh,
-against scipy's sqrtm in the same run), KID, and optionally sampling per image from a checkpoint.
+"""What eval.py spends its time on: Inception features per image, the Fréchet distance in 2048-d (ours, by
+eigh, against scipy's sqrtm in the same run), KID, and optionally sampling per image from a checkpoint.
 
     python bench/eval_speed.py [--device cpu] [--batch 1 16 32] [--ckpt logs/.../last.ckpt --steps 25]
 
@@ -86,8 +86,17 @@ def sampling_row(ckpt: str, steps: int, device: torch.device, batch: int) -> tup
     prompts = ["red apple"] * batch
 
     def run() -> None:
-        generate(model.denoiser, model.conditioner, model.decode_samples, prompts, sampler=sampler,
-                 sigmas=sigmas, latent_shape=model.latent_shape, seeds=list(range(batch)), cfg_scale=5.0)  # fmt: skip
+        generate(
+            model.denoiser,
+            model.conditioner,
+            model.decode_samples,
+            prompts,
+            sampler=sampler,
+            sigmas=sigmas,
+            latent_shape=model.latent_shape,
+            seeds=list(range(batch)),
+            cfg_scale=5.0,
+        )
 
     run()
     return (f"sampling, {steps} steps, CFG, batch {batch} (s/image)", timed(run) / batch)
@@ -117,8 +126,12 @@ def main() -> None:
         dict(rows)["FID 2048-d, eigh, reference root cached (s)"]
         + dict(rows)["KID 100 subsets of 1000, 2048-d (s)"]
     )
-    log.info("estimate per (checkpoint, CFG scale) at n=%d: %.0f s (%s)", args.n, args.n * per_image + fid,
-             "sampling + features + metrics" if args.ckpt else "features + metrics; sampling not timed")  # fmt: skip
+    log.info(
+        "estimate per (checkpoint, CFG scale) at n=%d: %.0f s (%s)",
+        args.n,
+        args.n * per_image + fid,
+        "sampling + features + metrics" if args.ckpt else "features + metrics; sampling not timed",
+    )
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
-"""GPU training benchmark: the SD-1.x UNet (ours and diffusers' UNet2DConditionModel, same weights) at 256² and
-512² images (32x32 and 64x64 latents), bf16 autocast, with and without torch.compile and gradient checkpointing,
-each at the largest batch that fits: samples/s, peak memory and MFU.
+"""GPU training benchmark: the SD-1.x UNet (ours and diffusers' UNet2DConditionModel, same weights) at 256²
+and 512² images (32x32 and 64x64 latents), bf16 autocast, with and without torch.compile and gradient
+checkpointing, each at the largest batch that fits: samples/s, peak memory and MFU.
 
 MFU = model FLOPs per sample (forward + backward, counted by torch.utils.flop_counter on the eager net without
 checkpointing, so recomputation is not credited) x samples/s / the GPU's dense bf16 peak (PEAK_BF16 by device
 name). A step is forward + MSE loss + backward + fused AdamW (fp32 master weights), as in training.
 
-    python bench/gpu.py                      # everything, a few minutes on one H100/H200; writes bench_gpu.json
+    python bench/gpu.py                # everything, a few minutes on one H100/H200; writes bench_gpu.json
     python bench/gpu.py --latents 64 --impls ours --compile on --ckpt off
-    python bench/gpu.py --smoke              # CPU, tiny UNet, fixed batch, no MFU: checks the script end to end
+    python bench/gpu.py --smoke        # CPU, tiny UNet, fixed batch, no MFU: checks the script end to end
 """
 
 from __future__ import annotations
@@ -26,16 +26,39 @@ from torch.utils.flop_counter import FlopCounterMode
 from ldm.convert.diffusers_unet import unet_to_diffusers
 from ldm.nets.unet import UNet
 
-SD15 = dict(model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_resolutions=(1, 2, 4),
-            num_heads=8, context_dim=768)  # fmt: skip
-SMOKE = dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,), num_heads=2,
-             context_dim=32, norm_groups=8)  # fmt: skip
+SD15 = dict(
+    model_channels=320,
+    channel_mult=(1, 2, 4, 4),
+    num_res_blocks=2,
+    attention_resolutions=(1, 2, 4),
+    num_heads=8,
+    context_dim=768,
+)
+SMOKE = dict(
+    model_channels=16,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(2,),
+    num_heads=2,
+    context_dim=32,
+    norm_groups=8,
+)
 # dense bf16 tensor-core peak, FLOP/s (vendor datasheets; sparsity excluded), matched by substring of the name
 PEAK_BF16 = {
-    "H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
-    "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
-    "RTX 4090": 165e12, "RTX 3090": 71e12,
-}  # fmt: skip
+    "H200": 989e12,
+    "H100 SXM": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+}
 
 
 def peak_flops(device: torch.device) -> tuple[str, float | None]:
@@ -61,8 +84,15 @@ def build(impl: str, base: UNet, ckpt: bool, compiled: bool, device: torch.devic
 
 
 def base_kwargs(net: UNet) -> dict[str, Any]:
-    keys = ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads", "context_dim",
-            "norm_groups")  # fmt: skip
+    keys = (
+        "model_channels",
+        "channel_mult",
+        "num_res_blocks",
+        "attention_resolutions",
+        "num_heads",
+        "context_dim",
+        "norm_groups",
+    )
     return {k: getattr(net, k) for k in keys}
 
 
@@ -117,7 +147,8 @@ def fits(impl: str, base: UNet, ckpt: bool, batch: int, side: int, tokens: int, 
 def largest_batch(
     impl: str, base: UNet, ckpt: bool, side: int, tokens: int, device: torch.device, cap: int
 ) -> int:
-    """Doubling, then bisection between the last fit and the first failure (eager; compile needs no more memory)."""
+    """Doubling, then bisection between the last fit and the first failure (eager; compile needs no more
+    memory)."""
     lo, hi = 0, 1
     while hi <= cap and fits(impl, base, ckpt, hi, side, tokens, device):
         lo, hi = hi, hi * 2
@@ -136,8 +167,17 @@ def flops_per_sample(impl: str, base: UNet, side: int, tokens: int, device: torc
     return counter.get_total_flops() / 2
 
 
-def measure(impl: str, base: UNet, ckpt: bool, compiled: bool, batch: int, side: int, tokens: int,
-            device: torch.device, steps: int) -> dict[str, float | None]:  # fmt: skip
+def measure(
+    impl: str,
+    base: UNet,
+    ckpt: bool,
+    compiled: bool,
+    batch: int,
+    side: int,
+    tokens: int,
+    device: torch.device,
+    steps: int,
+) -> dict[str, float | None]:
     net = build(impl, base, ckpt, compiled, device)
     step, _ = make_step(impl, net, batch, side, tokens, device, bf16=device.type == "cuda")
     if device.type == "cuda":
@@ -195,11 +235,32 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 for compiled in compiles:
                     r = measure(impl, base, ckpt, compiled, batch, side, tokens, device, steps)
                     mfu = flops * r["samples_per_s"] / peak if peak else None
-                    rows.append({"image": side * 8, "latent": side, "impl": impl, "compile": compiled,
-                                 "grad_ckpt": ckpt, "batch": batch, "gflop_per_sample": flops / 1e9, "mfu": mfu, **r})  # fmt: skip
+                    rows.append(
+                        {
+                            "image": side * 8,
+                            "latent": side,
+                            "impl": impl,
+                            "compile": compiled,
+                            "grad_ckpt": ckpt,
+                            "batch": batch,
+                            "gflop_per_sample": flops / 1e9,
+                            "mfu": mfu,
+                            **r,
+                        }
+                    )
                     print_row(rows[-1], first=len(rows) == 1, device=name, params=params)
-    Path(args.out).write_text(json.dumps({"device": name, "peak_bf16_flops": peak, "params_m": params,
-                                          "torch": torch.__version__, "rows": rows}, indent=1))  # fmt: skip
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "device": name,
+                "peak_bf16_flops": peak,
+                "params_m": params,
+                "torch": torch.__version__,
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
     print_ratios(rows)
     print(f"\nwrote {args.out}")
     return rows
@@ -211,10 +272,13 @@ def print_ratios(rows: list[dict[str, Any]]) -> None:
     pairs = [(r, theirs.get((r["image"], r["compile"], r["grad_ckpt"]))) for r in rows if r["impl"] == "ours"]
     for ours, ref in pairs:
         if ref is not None:
-            print(f"ours/diffusers at {ours['image']}², compile {'on' if ours['compile'] else 'off'}, ckpt "
-                  f"{'on' if ours['grad_ckpt'] else 'off'}: {ours['samples_per_s'] / ref['samples_per_s']:.2f}x "
-                  f"samples/s, {(ours['peak_gib'] or 0) / (ref['peak_gib'] or 1):.2f}x peak memory (batch {ours['batch']} vs "
-                  f"{ref['batch']})")  # fmt: skip
+            print(
+                f"ours/diffusers at {ours['image']}², compile {'on' if ours['compile'] else 'off'}, ckpt "
+                f"{'on' if ours['grad_ckpt'] else 'off'}: "
+                f"{ours['samples_per_s'] / ref['samples_per_s']:.2f}x samples/s, "
+                f"{(ours['peak_gib'] or 0) / (ref['peak_gib'] or 1):.2f}x peak memory (batch {ours['batch']} "
+                f"vs {ref['batch']})"
+            )
 
 
 def print_row(r: dict[str, Any], first: bool, device: str, params: float) -> None:
@@ -223,15 +287,20 @@ def print_row(r: dict[str, Any], first: bool, device: str, params: float) -> Non
             f"\nUNet {params:.1f} M params on {device}, bf16 autocast (GPU), step = fwd + bwd + fused AdamW"
         )
         print(
-            "| image | impl      | compile | ckpt | batch | samples/s | peak GiB | GFLOP/sample | MFU    | warm-up s |"
+            "| image | impl      | compile | ckpt | batch | samples/s | peak GiB | GFLOP/sample | MFU    | "
+            "warm-up s |"
         )
         print(
             "|-------|-----------|---------|------|-------|-----------|----------|--------------|--------|-----------|"
         )
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-    print(f"| {r['image']:>5} | {r['impl']:<9} | {'on' if r['compile'] else 'off':<7} | "
-          f"{'on' if r['grad_ckpt'] else 'off':<4} | {r['batch']:>5} | {r['samples_per_s']:>9.2f} | "
-          f"{r['peak_gib'] or float('nan'):>8.2f} | {r['gflop_per_sample']:>12.1f} | {mfu:>6} | {r['warmup_s']:>9.1f} |", flush=True)  # fmt: skip
+    print(
+        f"| {r['image']:>5} | {r['impl']:<9} | {'on' if r['compile'] else 'off':<7} | "
+        f"{'on' if r['grad_ckpt'] else 'off':<4} | {r['batch']:>5} | {r['samples_per_s']:>9.2f} | "
+        f"{r['peak_gib'] or float('nan'):>8.2f} | {r['gflop_per_sample']:>12.1f} | {mfu:>6} | "
+        f"{r['warmup_s']:>9.1f} |",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""What the trust guards cost per training step of the default model (issue 8): the non-finite checks on the loss,
-the gradients and the weights before the EMA blend, and the finite check of a checkpoint before it is written.
+"""What the trust guards cost per training step of the default model (issue 8): the non-finite checks on the
+loss, the gradients and the weights before the EMA blend, and the finite check of a checkpoint before it is
+written.
 
 Same UNet, batch and process; the variants are interleaved (A B A B ...) so drift hits both alike.
 
@@ -27,8 +28,9 @@ def run(module: LatentDiffusion, batch: dict, steps: int, guarded: bool, shadow:
         if i == 2:
             start = time.perf_counter()
         g = module.step_generator(torch.device("cpu"), i, stream=0)
-        loss = module.loss_fn(net, batch["latent"], generator=g, context=batch["context"],
-                              context_mask=batch["context_mask"])  # fmt: skip
+        loss = module.loss_fn(
+            net, batch["latent"], generator=g, context=batch["context"], context_mask=batch["context_mask"]
+        )
         optimizer.zero_grad(set_to_none=True)
         if guarded:
             float(loss.detach())  # NonFiniteGuard.on_before_backward
@@ -52,8 +54,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     module: LatentDiffusion = instantiate(compose_config("train", []).model)
-    batch = {"latent": torch.randn(args.batch, 4, 8, 8), "context": torch.randn(args.batch, 12, 384),
-             "context_mask": torch.ones(args.batch, 12, dtype=torch.bool)}  # fmt: skip
+    batch = {
+        "latent": torch.randn(args.batch, 4, 8, 8),
+        "context": torch.randn(args.batch, 12, 384),
+        "context_mask": torch.ones(args.batch, 12, dtype=torch.bool),
+    }
     shadow = {k: v.detach().clone() for k, v in module.net.state_dict().items()}
     times: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(args.rounds):
@@ -77,16 +82,20 @@ def main() -> None:
     torch.save(ckpt, io.BytesIO())
     save = time.perf_counter() - start
     params = sum(p.numel() for p in module.net.parameters()) / 1e6
-    print(f"\ndefault training step ({params:.2f} M params, batch {args.batch}), best of {args.rounds} rounds of "
-          f"{args.steps} steps, {torch.get_num_threads()} threads")  # fmt: skip
+    print(
+        f"\ndefault training step ({params:.2f} M params, batch {args.batch}), best of {args.rounds} rounds "
+        f"of {args.steps} steps, {torch.get_num_threads()} threads"
+    )
     print("| variant | ms/step | ratio |\n|---|---|---|")
     print(f"| step + EMA | {plain * 1e3:.1f} | 1.000 |")
     print(f"| step + EMA + guards (loss, gradients, weights) | {guarded * 1e3:.1f} | {guarded / plain:.3f} |")
     print(
         f"| guards' own work alone (median of 50) | {work_ms:.2f} | {work_ms / (plain * 1e3):.3f} of a step |"
     )
-    print(f"\ncheckpoint finite check {check * 1e3:.1f} ms vs torch.save to memory {save * 1e3:.1f} ms "
-          f"({check / save:.2f}x)")  # fmt: skip
+    print(
+        f"\ncheckpoint finite check {check * 1e3:.1f} ms vs torch.save to memory {save * 1e3:.1f} ms "
+        f"({check / save:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""Shard loader throughput alone (no model): samples/s per core against the goal of 2,000 latent samples/s/core.
+"""Shard loader throughput alone (no model): samples/s per core against the goal of 2,000 latent
+samples/s/core.
 
-Writes synthetic latent shards (fp16, with and without 77x384 fp16 text embeddings) to a temporary folder, reads
-them through ``ShardDataset`` + ``DataLoader`` (batch 64, shuffle buffer 500) with 0 workers (one core) and 2
-workers, and prints a table: wall-clock samples/s, and samples per CPU-second of the loader's processes (the
-per-core rate, unaffected by whatever else shares the machine). Also: the raw tar read rate of our reader
+Writes synthetic latent shards (fp16, with and without 77x384 fp16 text embeddings) to a temporary folder,
+reads them through ``ShardDataset`` + ``DataLoader`` (batch 64, shuffle buffer 500) with 0 workers (one core)
+and 2 workers, and prints a table: wall-clock samples/s, and samples per CPU-second of the loader's processes
+(the per-core rate, unaffected by whatever else shares the machine). Also: the raw tar read rate of our reader
 against webdataset's, and the peak RSS growth while reading the same samples from 10 vs 1,000 shards (each
 case in a fresh process).
 
@@ -70,8 +71,16 @@ def loader_rate(paths: list[str], n: int, shape: tuple[int, ...], workers: int) 
     Both are measured from the first batch on (worker start-up excluded). The second is the per-core rate
     whatever else the machine runs: the CPU the loader spent, not the wall time it waited for a core.
     """
-    ds = ShardDataset(paths, "latents", batch_size=BATCH, num_batches=2 * n // BATCH, latent_shape=shape,
-                      latent_dtype="float16", shuffle_buffer=500, mode="cycle")  # fmt: skip
+    ds = ShardDataset(
+        paths,
+        "latents",
+        batch_size=BATCH,
+        num_batches=2 * n // BATCH,
+        latent_shape=shape,
+        latent_dtype="float16",
+        shuffle_buffer=500,
+        mode="cycle",
+    )
     count, start, pids, cpu_start, cpu_end = 0, 0.0, [], 0.0, 0.0
     for i, batch in enumerate(DataLoader(ds, batch_size=None, num_workers=workers)):
         if i == 0:
@@ -132,29 +141,42 @@ def main() -> None:
                 rows.append((f"4x{size}x{size}" + (f" + emb {emb}x384" if emb else ""), mb, w0, c0, w2, c2))
                 if size == 32 and not emb:
                     ours, theirs = raw_rates(paths)
-        print(f"\nloader alone: {n} synthetic fp16 samples read twice, batch {BATCH}, shuffle buffer 500, "
-              "page cache warm, from the first batch on")  # fmt: skip
         print(
-            "wall: samples/s; per core: samples per CPU-second of the main process + workers; /goal: per core / goal"
+            f"\nloader alone: {n} synthetic fp16 samples read twice, batch {BATCH}, shuffle buffer 500, "
+            "page cache warm, from the first batch on"
         )
-        print(f"{'shards':<24}{'MB':>5}{'0 workers: wall':>17}{'per core':>10}{'/goal':>7}"
-              f"{'2 workers: wall':>17}{'per core':>10}{'/goal':>7}")  # fmt: skip
+        print(
+            "wall: samples/s; per core: samples per CPU-second of the main process + workers; /goal: per "
+            "core / goal"
+        )
+        print(
+            f"{'shards':<24}{'MB':>5}{'0 workers: wall':>17}{'per core':>10}{'/goal':>7}"
+            f"{'2 workers: wall':>17}{'per core':>10}{'/goal':>7}"
+        )
         for name, mb, w0, c0, w2, c2 in rows:
-            print(f"{name:<24}{mb:>5.0f}{w0:>17,.0f}{c0:>10,.0f}{c0 / GOAL:>6.1f}x"
-                  f"{w2:>17,.0f}{c2:>10,.0f}{c2 / GOAL:>6.1f}x")  # fmt: skip
+            print(
+                f"{name:<24}{mb:>5.0f}{w0:>17,.0f}{c0:>10,.0f}{c0 / GOAL:>6.1f}x"
+                f"{w2:>17,.0f}{c2:>10,.0f}{c2 / GOAL:>6.1f}x"
+            )
         print(
             f"goal: {GOAL:,.0f} latent samples/s per core (4x32x32 fp16); cores here: {os.cpu_count()}, "
             f"load average {os.getloadavg()[0]:.1f}"
         )
-        print(f"raw tar read, 4x32x32: ours {ours:,.0f} samples/s, webdataset tarfile_samples {theirs:,.0f} "
-              f"samples/s ({ours / theirs:.1f}x)")  # fmt: skip
+        print(
+            f"raw tar read, 4x32x32: ours {ours:,.0f} samples/s, webdataset tarfile_samples {theirs:,.0f} "
+            f"samples/s ({ours / theirs:.1f}x)"
+        )
 
         print("\npeak RSS growth over one pass, same 5,000 samples (4x32x32 fp16), 0 workers:")
         for shards in (10, 1000):
             folder = Path(tmp) / f"rss_{shards}"
             make_shards(folder, 5000, (4, 32, 32), 0, per_shard=5000 // shards)
-            out = subprocess.run([sys.executable, __file__, "--rss-case", str(folder)], capture_output=True,
-                                 text=True, check=True).stdout  # fmt: skip
+            out = subprocess.run(
+                [sys.executable, __file__, "--rss-case", str(folder)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             result = json.loads(out.strip().splitlines()[-1])
             print(f"  {result['shards']:>5} shards: {result['rss_growth_mib']:6.1f} MiB")
     return None

@@ -1,4 +1,5 @@
-"""The DataLoader's cost per sample on the default shards: 0, 1, 2 and 4 workers, float32 vs float16 from workers.
+"""The DataLoader's cost per sample on the default shards: 0, 1, 2 and 4 workers, float32 vs float16 from
+workers.
 
 Reads the built-in emoji shards (``python prepare.py emoji`` first) through ``ShardDataModule`` exactly as
 training does: latent shards (4x8x8 fp16 latents + 32x384 fp16 MiniLM embeddings) and image shards (32x32 PNG,
@@ -53,8 +54,16 @@ def cpu_seconds(pids: list[int]) -> float:
 
 def one_pass(kind: str, workers: int, dtype: str, batches: int) -> tuple[float, float]:
     """(CPU us per sample, wall us per sample) over one loader pass, from the first batch on."""
-    dm = ShardDataModule(str(SHARDS[kind]), kind=kind, batch_size=64, num_workers=workers, mode="cycle",
-                         train_samples=64 * (batches + 1), worker_dtype=dtype, pin_memory=False)  # fmt: skip
+    dm = ShardDataModule(
+        str(SHARDS[kind]),
+        kind=kind,
+        batch_size=64,
+        num_workers=workers,
+        mode="cycle",
+        train_samples=64 * (batches + 1),
+        worker_dtype=dtype,
+        pin_memory=False,
+    )
     dm.setup("fit")
     dm.set_epoch(0)
     count, start, pids, cpu_start, cpu_end = 0, 0.0, [], 0.0, 0.0
@@ -81,8 +90,12 @@ def main() -> None:
     parser.add_argument("--kinds", default="latents,images")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the loader alone; the workers run one thread each (DataLoader sets it)
-    settings = [(kind, w, dtype) for kind in args.kinds.split(",") for w in map(int, args.workers.split(","))
-                for dtype in (("float32", "float16") if w else ("float32",))]  # fmt: skip
+    settings = [
+        (kind, w, dtype)
+        for kind in args.kinds.split(",")
+        for w in map(int, args.workers.split(","))
+        for dtype in (("float32", "float16") if w else ("float32",))
+    ]
     cpu: dict[tuple, list[float]] = defaultdict(list)
     wall: dict[tuple, list[float]] = defaultdict(list)
     for s in settings:  # warm-up: page cache, imports
@@ -92,17 +105,35 @@ def main() -> None:
             c, w = one_pass(*s, args.batches)
             cpu[s].append(c)
             wall[s].append(w)
-    print(f"\nloader cost per sample, default emoji shards, batch 64, {args.batches} batches per pass, "
-          f"{args.repeats} interleaved repeats; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
-    head = ["shards", "workers", "worker dtype", "CPU us/sample", "CPU / 0 workers", "wall us/sample",
-            "wall / 0 workers"]  # fmt: skip
+    print(
+        f"\nloader cost per sample, default emoji shards, batch 64, {args.batches} batches per pass, "
+        f"{args.repeats} interleaved repeats; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
+    )
+    head = [
+        "shards",
+        "workers",
+        "worker dtype",
+        "CPU us/sample",
+        "CPU / 0 workers",
+        "wall us/sample",
+        "wall / 0 workers",
+    ]
     rows = []
     for s in settings:
         ref = (s[0], 0, "float32")
         rc = [a / b for a, b in zip(cpu[s], cpu[ref], strict=True)]
         rw = [a / b for a, b in zip(wall[s], wall[ref], strict=True)]
-        rows.append([s[0], str(s[1]), s[2], spread(cpu[s], ".1f"), spread(rc) + "x", spread(wall[s], ".1f"),
-                     spread(rw) + "x"])  # fmt: skip
+        rows.append(
+            [
+                s[0],
+                str(s[1]),
+                s[2],
+                spread(cpu[s], ".1f"),
+                spread(rc) + "x",
+                spread(wall[s], ".1f"),
+                spread(rw) + "x",
+            ]
+        )
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for row in [head, ["-" * w for w in widths], *rows]:
         print("| " + " | ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) + " |")

@@ -45,18 +45,23 @@ def main() -> None:
                 opt.step()
             times[name].append((time.perf_counter() - start) / args.steps)
     params = sum(p.numel() for p in net.parameters()) / 1e6
-    print(f"\nAdamW step, net={args.net} ({params:.2f} M params), {torch.get_num_threads()} threads, "
-          f"{args.repeats} repeats x {args.steps} steps, torch {torch.__version__}")  # fmt: skip
     print(
-        f"| {'AdamW':<9} | {'median ms':>9} | {'min ms':>7} | {'max ms':>7} | {'for-loop/this':>13} | {'bitwise':>7} |"
+        f"\nAdamW step, net={args.net} ({params:.2f} M params), {torch.get_num_threads()} threads, "
+        f"{args.repeats} repeats x {args.steps} steps, torch {torch.__version__}"
+    )
+    print(
+        f"| {'AdamW':<9} | {'median ms':>9} | {'min ms':>7} | {'max ms':>7} | {'for-loop/this':>13} | "
+        f"{'bitwise':>7} |"
     )
     print(f"|{'-' * 11}|{'-' * 11}|{'-' * 9}|{'-' * 9}|{'-' * 15}|{'-' * 9}|")
     loop = list(nets["for-loop"].parameters())
     for name, ts in times.items():
         ratios = [a / b for a, b in zip(times["for-loop"], ts, strict=True)]
         same = all(torch.equal(a, b) for a, b in zip(loop, nets[name].parameters(), strict=True))
-        print(f"| {name:<9} | {statistics.median(ts) * 1e3:>9.1f} | {min(ts) * 1e3:>7.1f} | {max(ts) * 1e3:>7.1f} | "
-              f"{statistics.median(ratios):>12.2f}x | {str(same):>7} |")  # fmt: skip
+        print(
+            f"| {name:<9} | {statistics.median(ts) * 1e3:>9.1f} | {min(ts) * 1e3:>7.1f} | "
+            f"{max(ts) * 1e3:>7.1f} | {statistics.median(ratios):>12.2f}x | {str(same):>7} |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,15 +1,17 @@
-"""Which sampler, how many steps? Distance of each sampler to a 1,000-step reference from the same noise, and time.
+"""Which sampler, how many steps? Distance of each sampler to a 1,000-step reference from the same noise, and
+time.
 
-For a trained checkpoint: every sampler (for its schedule's coordinates) runs at 10/20/50 steps on each spacing,
-from the same initial noise, prompts and guidance as a 1,000-step deterministic reference (DDIM on every training
-timestep, i.e. the probability-flow ODE solved finely; flow Euler for rectified-flow models). Prints RMS distance
-in decoded pixels (0..1 scale) and in latents, and seconds per image; writes a picture (rows: samplers at the
-smallest step count, then the reference) next to the table.
+For a trained checkpoint: every sampler (for its schedule's coordinates) runs at 10/20/50 steps on each
+spacing, from the same initial noise, prompts and guidance as a 1,000-step deterministic reference (DDIM on
+every training timestep, i.e. the probability-flow ODE solved finely; flow Euler for rectified-flow models).
+Prints RMS distance in decoded pixels (0..1 scale) and in latents, and seconds per image; writes a picture
+(rows: samplers at the smallest step count, then the reference) next to the table.
 
-    python bench/sampler_chooser.py [--ckpt latest] [--steps 10 20 50] [--num-images 8] [--out bench/sampler_chooser.png]
+    python bench/sampler_chooser.py [--ckpt latest] [--steps 10 20 50] [--num-images 8]
+        [--out bench/sampler_chooser.png]
 
-Stochastic samplers (ddpm, euler_ancestral, dpmpp_2m_sde) sample the same distribution but not the ODE's path, so
-their distance to the reference does not shrink to 0; it is shown for completeness and marked "SDE".
+Stochastic samplers (ddpm, euler_ancestral, dpmpp_2m_sde) sample the same distribution but not the ODE's path,
+so their distance to the reference does not shrink to 0; it is shown for completeness and marked "SDE".
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ PROMPTS = [
 def run_sampler(
     model, sampler, sigmas, prompts, seeds, cfg_scale, repeats: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, float, int]:
-    """(latents, images, seconds per image (best of ``repeats``), network calls) for one sampler on one grid."""
+    """(latents, images, seconds per image (best of ``repeats``), network calls) for one sampler on one
+    grid."""
     captured: dict[str, torch.Tensor] = {}
     calls = [0]
 
@@ -58,8 +61,17 @@ def run_sampler(
     for _ in range(repeats):
         calls[0] = 0
         start = time.perf_counter()
-        images = generate(model.denoiser, model.conditioner, decode, prompts, sampler=sampler, sigmas=sigmas,
-                          latent_shape=model.latent_shape, seeds=seeds, cfg_scale=cfg_scale)  # fmt: skip
+        images = generate(
+            model.denoiser,
+            model.conditioner,
+            decode,
+            prompts,
+            sampler=sampler,
+            sigmas=sigmas,
+            latent_shape=model.latent_shape,
+            seeds=seeds,
+            cfg_scale=cfg_scale,
+        )
         best = min(best, (time.perf_counter() - start) / len(prompts))
     hook.remove()
     return captured["z"], images, best, calls[0]
@@ -107,8 +119,10 @@ def main() -> None:
     )
 
     print(f"checkpoint: {ckpt}  schedule: {schedule!r}  prediction: {model.denoiser.prediction}")
-    print(f"reference: {ref_sampler.__name__}, {args.reference_steps} steps, {ref_time:.3f} s/image; "
-          f"{args.num_images} images, cfg {args.cfg_scale}, torch threads {torch.get_num_threads()}")  # fmt: skip
+    print(
+        f"reference: {ref_sampler.__name__}, {args.reference_steps} steps, {ref_time:.3f} s/image; "
+        f"{args.num_images} images, cfg {args.cfg_scale}, torch threads {torch.get_num_threads()}"
+    )
     print(
         "cells: RMS distance to the reference in decoded pixels (0..1) / in latents, network calls, s/image"
     )

@@ -1,4 +1,5 @@
-"""Training-step throughput of the default emoji model: precomputed text embeddings vs the live MiniLM encoder.
+"""Training-step throughput of the default emoji model: precomputed text embeddings vs the live MiniLM
+encoder.
 
 Same UNet, same batch, same process; prints a table with steps/s, samples/s and the ratio, plus peak memory.
 
@@ -52,8 +53,12 @@ def main() -> None:
     with torch.no_grad():
         live = module.conditioner(captions)
     n_real = int(live["context_mask"].sum(1).max())
-    precomputed = {"latent": latent, "txt": captions, "context": live["context"][:, :n_real].half().float(),
-                   "context_mask": live["context_mask"][:, :n_real]}  # fmt: skip
+    precomputed = {
+        "latent": latent,
+        "txt": captions,
+        "context": live["context"][:, :n_real].half().float(),
+        "context_mask": live["context_mask"][:, :n_real],
+    }
     rows = []
     for name, batch in (
         ("live MiniLM encoder", {"latent": latent, "txt": captions}),
@@ -62,8 +67,10 @@ def main() -> None:
         seconds = timed_steps(module, batch, args.steps)
         rows.append((name, 1.0 / seconds, args.batch / seconds))
     params = sum(p.numel() for p in module.net.parameters()) / 1e6
-    print(f"\ntraining step, net={args.net} ({params:.2f} M params), batch {args.batch}, 8x8x4 latents, "
-          f"{torch.get_num_threads()} threads, {torch.__version__}")  # fmt: skip
+    print(
+        f"\ntraining step, net={args.net} ({params:.2f} M params), batch {args.batch}, 8x8x4 latents, "
+        f"{torch.get_num_threads()} threads, {torch.__version__}"
+    )
     print(f"| {'conditioning':<24} | {'steps/s':>8} | {'samples/s':>9} |")
     print(f"|{'-' * 26}|{'-' * 10}|{'-' * 11}|")
     for name, sps, samples in rows:

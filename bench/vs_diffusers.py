@@ -1,14 +1,14 @@
 """Ours vs diffusers at the same weights (ldm.convert): forward, training step and peak memory, interleaved.
 
 Two sizes: the default emoji UNet (configs/net/unet_small.yaml, 8x8x4 latents, 32x384 context) and an
-SD-1.x-shaped UNet scaled down (SD's block layout, heads and 768-d context at model_channels=64, 16x16 latents).
-A training step is forward + MSE + backward + fused AdamW + EMA (the same ``ldm.lit.ema.blend`` on both).
-Peak memory: the rise of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs after
+SD-1.x-shaped UNet scaled down (SD's block layout, heads and 768-d context at model_channels=64, 16x16
+latents). A training step is forward + MSE + backward + fused AdamW + EMA (the same ``ldm.lit.ema.blend`` on
+both). Peak memory: the rise of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs after
 ``malloc_trim``) during one training step — RSS, not tracemalloc, which does not see torch's CPU allocator.
 Ratios are diffusers' time / ours (> 1: ours faster) and ours' memory / diffusers', per interleaved repeat.
 
-``--sampling``: the full text-to-image path (text encoding, 25 DDIM steps with CFG, decode) of the default model
-vs ``StableDiffusionPipeline`` built from the same components by ``ldm.convert.export_pipeline``.
+``--sampling``: the full text-to-image path (text encoding, 25 DDIM steps with CFG, decode) of the default
+model vs ``StableDiffusionPipeline`` built from the same components by ``ldm.convert.export_pipeline``.
 
     python bench/vs_diffusers.py [--repeats 5] [--sizes emoji,sd_small]
     python bench/vs_diffusers.py --sampling [--repeats 3]
@@ -36,9 +36,20 @@ from ldm.nets.unet import UNet
 
 SIZES = {  # name: (UNet kwargs, batch, latent side, context tokens)
     "emoji": (None, 64, 8, 32),
-    "sd_small": (dict(model_channels=64, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_resolutions=(1, 2, 4),
-                      num_heads=8, context_dim=768), 4, 16, 77),
-}  # fmt: skip
+    "sd_small": (
+        dict(
+            model_channels=64,
+            channel_mult=(1, 2, 4, 4),
+            num_res_blocks=2,
+            attention_resolutions=(1, 2, 4),
+            num_heads=8,
+            context_dim=768,
+        ),
+        4,
+        16,
+        77,
+    ),
+}
 PROMPTS = [
     "red apple",
     "woman detective: medium-dark skin tone",
@@ -49,7 +60,8 @@ PROMPTS = [
 
 def uniform_groups() -> int:
     """The default UNet's GroupNorm group count made uniform: ours falls back to gcd(groups, width) per layer,
-    diffusers needs one count that divides every width (48-channel default: 16 groups at 48, 32 at 96 -> 16)."""
+    diffusers needs one count that divides every width (48-channel default: 16 groups at 48, 32 at 96 ->
+    16)."""
     net = compose_config("train", ["net=unet_small"]).net
     groups = math.gcd(net.get("norm_groups", 32), *(net.model_channels * m for m in net.channel_mult))
     print(
@@ -133,14 +145,29 @@ def sampling_parts(steps: int, cfg: float) -> dict[str, dict[str, Callable[[], o
 
     def ours() -> torch.Tensor:
         with torch.no_grad():
-            return generate(model.denoiser, model.conditioner, model.decode_samples, PROMPTS,
-                            sampler=functools.partial(sample_ddim), sigmas=sigmas, latent_shape=shape, seeds=seeds,
-                            cfg_scale=cfg)  # fmt: skip
+            return generate(
+                model.denoiser,
+                model.conditioner,
+                model.decode_samples,
+                PROMPTS,
+                sampler=functools.partial(sample_ddim),
+                sigmas=sigmas,
+                latent_shape=shape,
+                seeds=seeds,
+                cfg_scale=cfg,
+            )
 
     def theirs() -> torch.Tensor:
         side = 8 * ae.downsample_factor
-        return pipe(PROMPTS, num_inference_steps=steps, guidance_scale=cfg, height=side, width=side,
-                    output_type="pt", latents=initial_noise(seeds, shape, torch.device("cpu"))).images  # fmt: skip
+        return pipe(
+            PROMPTS,
+            num_inference_steps=steps,
+            guidance_scale=cfg,
+            height=side,
+            width=side,
+            output_type="pt",
+            latents=initial_noise(seeds, shape, torch.device("cpu")),
+        ).images
 
     diff = float((ours() - theirs()).abs().max())
     print(f"sampling: max |ours - pipeline| over the images = {diff:.2e}")
@@ -154,17 +181,22 @@ def report(title: str, times: dict[tuple[str, str], list[float]], memory: dict[s
     for what in dict.fromkeys(w for _, w in times):
         a, b = times["ours", what], times["diffusers", what]
         r = sorted(y / x for x, y in zip(a, b, strict=True))
-        print(f"| {what:<14} | {statistics.median(a) * 1e3:>9.1f} | {statistics.median(b) * 1e3:>12.1f} | "
-              f"{f'{r[0]:.2f} - {statistics.median(r):.2f} - {r[-1]:.2f}x':>27} |")  # fmt: skip
+        print(
+            f"| {what:<14} | {statistics.median(a) * 1e3:>9.1f} | {statistics.median(b) * 1e3:>12.1f} | "
+            f"{f'{r[0]:.2f} - {statistics.median(r):.2f} - {r[-1]:.2f}x':>27} |"
+        )
     if memory:
         r = sorted(x / y for x, y in zip(memory["ours"], memory["diffusers"], strict=True))
-        print(f"| {'peak RSS rise':<14} | {statistics.median(memory['ours']):>7.0f}MB | "
-              f"{statistics.median(memory['diffusers']):>10.0f}MB | "
-              f"{f'ours/diffusers {r[0]:.2f} - {statistics.median(r):.2f} - {r[-1]:.2f}x':>27} |")  # fmt: skip
+        print(
+            f"| {'peak RSS rise':<14} | {statistics.median(memory['ours']):>7.0f}MB | "
+            f"{statistics.median(memory['diffusers']):>10.0f}MB | "
+            f"{f'ours/diffusers {r[0]:.2f} - {statistics.median(r):.2f} - {r[-1]:.2f}x':>27} |"
+        )
 
 
 def profile_step(parts: dict[str, dict[str, Callable[[], object]]], steps: int, top: int) -> None:
-    """Top ops by self CPU time of the training step, ours vs diffusers, with call counts (launch overheads)."""
+    """Top ops by self CPU time of the training step, ours vs diffusers, with call counts (launch
+    overheads)."""
     from torch.profiler import ProfilerActivity, profile
 
     found: dict[str, dict[str, tuple[float, float]]] = {}
@@ -176,8 +208,10 @@ def profile_step(parts: dict[str, dict[str, Callable[[], object]]], steps: int, 
         found[impl] = {
             e.key: (e.self_cpu_time_total / steps / 1e3, e.count / steps) for e in prof.key_averages()
         }
-    ops = sorted(set(found["ours"]) | set(found["diffusers"]),
-                 key=lambda op: -max(found[i].get(op, (0, 0))[0] for i in found))  # fmt: skip
+    ops = sorted(
+        set(found["ours"]) | set(found["diffusers"]),
+        key=lambda op: -max(found[i].get(op, (0, 0))[0] for i in found),
+    )
     print(
         f"\ntraining step profile (torch.profiler, {steps} steps each): self CPU ms per step, calls per step"
     )
@@ -187,8 +221,10 @@ def profile_step(parts: dict[str, dict[str, Callable[[], object]]], steps: int, 
         (a, na), (b, nb) = found["ours"].get(op, (0, 0)), found["diffusers"].get(op, (0, 0))
         print(f"| {op[:44]:<44} | {a:>8.1f} | {na:>6.0f} | {b:>12.1f} | {nb:>6.0f} |")
     totals = {i: (sum(v[0] for v in f.values()), sum(v[1] for v in f.values())) for i, f in found.items()}
-    print(f"| {'all ops':<44} | {totals['ours'][0]:>8.1f} | {totals['ours'][1]:>6.0f} | "
-          f"{totals['diffusers'][0]:>12.1f} | {totals['diffusers'][1]:>6.0f} |")  # fmt: skip
+    print(
+        f"| {'all ops':<44} | {totals['ours'][0]:>8.1f} | {totals['ours'][1]:>6.0f} | "
+        f"{totals['diffusers'][0]:>12.1f} | {totals['diffusers'][1]:>6.0f} |"
+    )
 
 
 def run(parts: dict[str, dict[str, Callable[[], object]]], repeats: int, n: int, memory: bool) -> tuple:
@@ -222,8 +258,12 @@ def main() -> None:
     )
     if args.sampling:
         times, _ = run(sampling_parts(args.steps, args.cfg), args.repeats, 1, memory=False)
-        report(f"text-to-image, default emoji model, {len(PROMPTS)} prompts, {args.steps} DDIM steps, CFG "
-               f"{args.cfg}, ours vs StableDiffusionPipeline ({machine})", times, {})  # fmt: skip
+        report(
+            f"text-to-image, default emoji model, {len(PROMPTS)} prompts, {args.steps} DDIM steps, CFG "
+            f"{args.cfg}, ours vs StableDiffusionPipeline ({machine})",
+            times,
+            {},
+        )
         return
     for size in args.sizes.split(","):
         parts = unet_parts(size)

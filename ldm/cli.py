@@ -1,8 +1,9 @@
-"""Entry-point plumbing shared by train.py, sample.py and prepare.py: user errors end as one line, not a traceback.
+"""Entry-point plumbing shared by train.py, sample.py and prepare.py: user errors end as one line, not a
+traceback.
 
-A user error is an exception whose message already names the fix (bad path, bad option, refused checkpoint). It is
-logged as one line and the process exits with status 2. Anything else is a bug and keeps its traceback. Set
-``LDM_TRACEBACK=1`` to see the traceback of a user error too.
+A user error is an exception whose message already names the fix (bad path, bad option, refused checkpoint).
+It is logged as one line and the process exits with status 2. Anything else is a bug and keeps its traceback.
+Set ``LDM_TRACEBACK=1`` to see the traceback of a user error too.
 """
 
 from __future__ import annotations

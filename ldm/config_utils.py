@@ -1,4 +1,5 @@
-"""Compose the project's Hydra configs in code, the way train.py / sample.py do (tests, benches, notebooks)."""
+"""Compose the project's Hydra configs in code, the way train.py / sample.py do (tests, benches,
+notebooks)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 
 
 def compose_config(name: str, overrides: list[str]) -> DictConfig:
-    """The config ``name`` (train, sample, eval) with ``overrides``, hydra node removed, ``${hydra:...}`` resolvable."""
+    """The config ``name`` (train, sample, eval) with ``overrides``, hydra node removed, ``${hydra:...}``
+    resolvable."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
         cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
@@ -27,9 +29,10 @@ CLASS_CONDITIONER = "ldm.conditioning.labels.ClassConditioner"
 
 
 def fill_label_vocabulary(node: DictConfig, labels: list[str] | None) -> bool:
-    """Give every ClassConditioner node under ``node`` (e.g. ``cfg.model.conditioner``) the training shards' label
-    names (``index.json`` "labels") when its ``labels`` is null, and ``num_classes`` when that is null too, so the
-    checkpoint's stored config carries the vocabulary (``sample.py label=<name>``). Returns whether it changed."""
+    """Give every ClassConditioner node under ``node`` (e.g. ``cfg.model.conditioner``) the training shards'
+    label names (``index.json`` "labels") when its ``labels`` is null, and ``num_classes`` when that is null
+    too, so the checkpoint's stored config carries the vocabulary (``sample.py label=<name>``). Returns
+    whether it changed."""
     if not labels:
         return False
     changed = False

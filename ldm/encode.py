@@ -1,14 +1,15 @@
-"""Image shards -> latent shards with a frozen autoencoder (and optionally a frozen text encoder): precompute once,
-train many times.
+"""Image shards -> latent shards with a frozen autoencoder (and optionally a frozen text encoder): precompute
+once, train many times.
 
-Layout: the i-th image shard of a pattern becomes ``{prefix}-{i:06d}.tar`` (``KEY.latent.npy`` fp16 scaled latents,
-``KEY.txt``, ``[KEY.emb.npy]`` fp16 embeddings of the real tokens, ``[KEY.json|cls]``), written through a ``.tmp`` file
-and renamed, then a sidecar ``{prefix}-{i:06d}.tar.done.json``: the image shard (path, size, mtime), the settings
-(autoencoder identity, image size, text encoder, latent shape), count, skipped samples per reason and the shard's
-latent moments. A shard is finished when both files exist and the sidecar matches the current image shard and
-settings, so a restarted encode only does the rest. Shards go round-robin to ranks x local worker processes; the
-process that finds every shard finished writes the index ``{prefix}.json`` (``ldm.data.shards.read_index`` format)
-with the moments summed in shard order, so 1 or N processes, or an interrupted run, give the same bytes.
+Layout: the i-th image shard of a pattern becomes ``{prefix}-{i:06d}.tar`` (``KEY.latent.npy`` fp16 scaled
+latents, ``KEY.txt``, ``[KEY.emb.npy]`` fp16 embeddings of the real tokens, ``[KEY.json|cls]``), written
+through a ``.tmp`` file and renamed, then a sidecar ``{prefix}-{i:06d}.tar.done.json``: the image shard (path,
+size, mtime), the settings (autoencoder identity, image size, text encoder, latent shape), count, skipped
+samples per reason and the shard's latent moments. A shard is finished when both files exist and the sidecar
+matches the current image shard and settings, so a restarted encode only does the rest. Shards go round-robin
+to ranks x local worker processes; the process that finds every shard finished writes the index
+``{prefix}.json`` (``ldm.data.shards.read_index`` format) with the moments summed in shard order, so 1 or N
+processes, or an interrupted run, give the same bytes.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ SIDECAR = ".done.json"  # train-000003.tar -> train-000003.tar.done.json
 SHARD_FORMAT = "ldm.latent_shard/1"
 
 
-# ---------------------------------------------------------------------------------------------- what a shard is
+# -------------------------------------------------------------------------------------------- what a shard is
 def encode_settings(
     ae: FrozenAutoencoder,
     image_size: int,
@@ -55,8 +56,8 @@ def encode_settings(
     bucket_seed: int = 0,
     alpha_background: str | Sequence[int] = "white",
 ) -> dict[str, Any]:
-    """What a latent shard depends on besides its image shard (batch size and device are not part of it), including
-    the colour behind transparent pixels ("alpha_background" [r, g, b]).
+    """What a latent shard depends on besides its image shard (batch size and device are not part of it),
+    including the colour behind transparent pixels ("alpha_background" [r, g, b]).
 
     With ``buckets`` (H, W): "buckets", "bucket_crop" [, "bucket_seed"], "latent_shapes" (one (C, h, w) per
     bucket); "latent_shape" is the single bucket's shape, or None for several, and "image_size" is None.
@@ -91,8 +92,9 @@ def describe(settings: dict[str, Any]) -> str:
     ae, text = settings.get("autoencoder") or {}, settings.get("text_encoder") or {}
     return (
         f"(autoencoder {ae.get('name')} sha256 {str(ae.get('sha256'))[:12]} scale {ae.get('scale_factor')} "
-        f"shift {ae.get('shift_factor')}, latents {settings.get('latent_shapes') or settings.get('latent_shape')} "
-        f"from {settings.get('image_size') or settings.get('buckets')} px, text encoder {text.get('pretrained')})"
+        f"shift {ae.get('shift_factor')}, latents "
+        f"{settings.get('latent_shapes') or settings.get('latent_shape')} from "
+        f"{settings.get('image_size') or settings.get('buckets')} px, text encoder {text.get('pretrained')})"
     )
 
 
@@ -135,9 +137,17 @@ def is_finished(side: dict[str, Any] | None, job: ShardJob, settings: dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------- encoding
-def encode_one(job: ShardJob, out: Path, ae: FrozenAutoencoder, text: TextConditioner | None,
-               settings: dict[str, Any], batch_size: int, device: torch.device) -> dict[str, Any]:  # fmt: skip
-    """One image shard -> one latent shard + its sidecar (written last: from then on the shard counts as done)."""
+def encode_one(
+    job: ShardJob,
+    out: Path,
+    ae: FrozenAutoencoder,
+    text: TextConditioner | None,
+    settings: dict[str, Any],
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """One image shard -> one latent shard + its sidecar (written last: from then on the shard counts as
+    done)."""
     counter = SkipCounter(f"encode {Path(job.url).name}")
     moments = LatentMoments()  # of the fp16 latents as stored
     buckets: Counter[str] = Counter()
@@ -184,8 +194,16 @@ def encode_one(job: ShardJob, out: Path, ae: FrozenAutoencoder, text: TextCondit
     return side
 
 
-def encode_worker(jobs: list[ShardJob], out_dir: str, ae: FrozenAutoencoder, text: TextConditioner | None,
-                  settings: dict[str, Any], batch_size: int, device: str, threads: int | None = None) -> list[str]:  # fmt: skip
+def encode_worker(
+    jobs: list[ShardJob],
+    out_dir: str,
+    ae: FrozenAutoencoder,
+    text: TextConditioner | None,
+    settings: dict[str, Any],
+    batch_size: int,
+    device: str,
+    threads: int | None = None,
+) -> list[str]:
     """Encodes the unfinished shards among ``jobs`` on one device; returns the names it wrote."""
     if threads is not None:
         torch.set_num_threads(threads)
@@ -205,7 +223,8 @@ def _worker_logging(level: int) -> None:
 
 
 def dist_env(rank: int | None, world_size: int | None) -> tuple[int, int, int]:
-    """(rank, world size, local rank) from the arguments, else torchrun's or SLURM's variables, else (0, 1, 0)."""
+    """(rank, world size, local rank) from the arguments, else torchrun's or SLURM's variables, else (0, 1,
+    0)."""
 
     def env(*names: str, default: int) -> int:
         return int(next((os.environ[n] for n in names if n in os.environ), default))
@@ -228,7 +247,8 @@ def _device_list(device: torch.device | str | Sequence[str]) -> list[str]:
 
 
 def check_out_dir(out: Path, jobs: list[ShardJob], settings: dict[str, Any], overwrite: bool) -> None:
-    """Refuse to mix latents made with other settings (another autoencoder...) into ``out`` unless ``overwrite``."""
+    """Refuse to mix latents made with other settings (another autoencoder...) into ``out`` unless
+    ``overwrite``."""
     for job in jobs:
         side = read_sidecar(out, job.name)
         if side is not None and side.get("settings") != settings:
@@ -265,18 +285,20 @@ def encode_shards(
     """Image shards -> latent shards (resumable, split over ranks and processes), then the index.
 
     ``buckets`` ("HxW,..." or [(H, W), ...], see ``ldm.data.buckets``): each image is resized and cropped into
-    its nearest bucket (``bucket_crop`` "center" or "random" with ``bucket_seed``) instead of image_size squared;
-    every bucket side must be a multiple of the autoencoder factor x ``latent_multiple`` (the UNet's
+    its nearest bucket (``bucket_crop`` "center" or "random" with ``bucket_seed``) instead of image_size
+    squared; every bucket side must be a multiple of the autoencoder factor x ``latent_multiple`` (the UNet's
     2**(levels - 1)). Each sample then also stores ``KEY.size.json`` and the index counts samples per bucket.
 
-    ``alpha_background`` (white, black, #rrggbb, r,g,b): the colour behind transparent pixels, part of the settings.
+    ``alpha_background`` (white, black, #rrggbb, r,g,b): the colour behind transparent pixels, part of the
+    settings.
 
-    ``device``: one device, or several (a comma list) that the local workers take in turn. Shard i goes to global
-    worker i % (world_size * num_procs); ``num_procs`` > 1 spawns processes (each gets the autoencoder and text
-    encoder pickled, and ``threads`` CPU threads, by default 1/num_procs of this process's). The bytes are the same
-    for any split when the device and the threads per process are (CPU float sums depend on the thread count).
-    Finished shards are skipped; shards made with other settings raise unless ``overwrite``. Returns {"encoded": shard names this call wrote, "meta": the index meta, or
-    None while shards of other ranks are unfinished}.
+    ``device``: one device, or several (a comma list) that the local workers take in turn. Shard i goes to
+    global worker i % (world_size * num_procs); ``num_procs`` > 1 spawns processes (each gets the autoencoder
+    and text encoder pickled, and ``threads`` CPU threads, by default 1/num_procs of this process's). The
+    bytes are the same for any split when the device and the threads per process are (CPU float sums depend on
+    the thread count). Finished shards are skipped; shards made with other settings raise unless
+    ``overwrite``. Returns {"encoded": shard names this call wrote, "meta": the index meta, or None while
+    shards of other ranks are unfinished}.
     """
     if num_procs < 1:
         raise ValueError(f"num_procs={num_procs}: pass 1 or more")
@@ -293,8 +315,15 @@ def encode_shards(
     rank, world_size, local_rank = dist_env(rank, world_size)
     mine = jobs[rank::world_size]
     todo = [j for j in mine if not is_finished(read_sidecar(out, j.name), j, settings)]
-    log.info("latents %s rank %d/%d: %d shards, %d finished before, %d to encode",
-             prefix, rank, world_size, len(mine), len(mine) - len(todo), len(todo))  # fmt: skip
+    log.info(
+        "latents %s rank %d/%d: %d shards, %d finished before, %d to encode",
+        prefix,
+        rank,
+        world_size,
+        len(mine),
+        len(mine) - len(todo),
+        len(todo),
+    )
     names = _device_list(device)
     devices = [names[(local_rank * num_procs + j) % len(names)] for j in range(num_procs)]
     if num_procs == 1:
@@ -306,8 +335,20 @@ def encode_shards(
         with ProcessPoolExecutor(
             num_procs, mp_context=ctx, initializer=_worker_logging, initargs=(level,)
         ) as pool:
-            futures = [pool.submit(encode_worker, todo[j::num_procs], out_dir, ae, text, settings, batch_size,
-                                   devices[j], threads) for j in range(num_procs)]  # fmt: skip
+            futures = [
+                pool.submit(
+                    encode_worker,
+                    todo[j::num_procs],
+                    out_dir,
+                    ae,
+                    text,
+                    settings,
+                    batch_size,
+                    devices[j],
+                    threads,
+                )
+                for j in range(num_procs)
+            ]
             encoded = sorted(name for fut in futures for name in fut.result())
     return {"encoded": encoded, "meta": merge_latent_index(pattern, out_dir, prefix, settings)}
 
@@ -317,18 +358,29 @@ def merge_latent_index(
 ) -> dict[str, Any] | None:
     """Writes ``{prefix}.json`` from the sidecars once every shard is finished (None before).
 
-    Counts, total, skipped per reason, and the latent moments summed in shard order: the result does not depend
-    on how the shards were split. Without ``settings`` those of the first sidecar are used, and all must agree.
+    Counts, total, skipped per reason, and the latent moments summed in shard order: the result does not
+    depend on how the shards were split. Without ``settings`` those of the first sidecar are used, and all
+    must agree.
     """
     out = Path(out_dir)
     jobs = plan_jobs(pattern, prefix)
     check_latent_outputs(out, prefix, [], [j.url for j in jobs], [], SIDECAR)  # the index only
     sides = [read_sidecar(out, j.name) for j in jobs]
     settings = settings or next((s["settings"] for s in sides if s is not None), None)
-    waiting = [j.name for j, s in zip(jobs, sides, strict=True) if settings is None or not is_finished(s, j, settings)]  # fmt: skip
+    waiting = [
+        j.name
+        for j, s in zip(jobs, sides, strict=True)
+        if settings is None or not is_finished(s, j, settings)
+    ]
     if waiting:
-        log.info("latents %s: %d of %d shards unfinished (%s ...); the last process to finish writes the index, "
-                 "or run `prepare.py latents-merge`", prefix, len(waiting), len(jobs), waiting[0])  # fmt: skip
+        log.info(
+            "latents %s: %d of %d shards unfinished (%s ...); the last process to finish writes the index, "
+            "or run `prepare.py latents-merge`",
+            prefix,
+            len(waiting),
+            len(jobs),
+            waiting[0],
+        )
         return None
     done = [s for s in sides if s is not None]
     moments, skipped, buckets = LatentMoments(), Counter(), Counter()
@@ -350,9 +402,19 @@ def merge_latent_index(
     current = {j.name for j in jobs}
     stale = sorted(p.name for p in out.glob(f"{prefix}-*.tar") if p.name not in current)
     if stale:
-        log.warning("latents %s: %d shards beyond the current image shards are not in the index (%s ...)",
-                    prefix, len(stale), stale[0])  # fmt: skip
+        log.warning(
+            "latents %s: %d shards beyond the current image shards are not in the index (%s ...)",
+            prefix,
+            len(stale),
+            stale[0],
+        )
     write_index(out, prefix, [j.name for j in jobs], [s["count"] for s in done], meta)
-    log.info("latents %s: index of %d samples in %d shards, skipped %s, stats %s", prefix,
-             sum(s["count"] for s in done), len(jobs), meta["skipped"], meta["latent_stats"])  # fmt: skip
+    log.info(
+        "latents %s: index of %d samples in %d shards, skipped %s, stats %s",
+        prefix,
+        sum(s["count"] for s in done),
+        len(jobs),
+        meta["skipped"],
+        meta["latent_stats"],
+    )
     return meta

@@ -1,9 +1,10 @@
 """Text-to-image generation: conditioner -> CFG denoiser -> sampler over a sigma schedule -> decoder.
 
-Used by ``sample.py``, the training-time sample grid and the notebook, so all three produce the same images for
-the same settings. Knows no Lightning and no concrete classes: any conditioner with ``forward``/``null_inputs``,
-any autoencoder with ``decode`` and any ``sample_*`` function work. A model with several conditioners (text +
-labels, size conditioning, ...) takes its inputs as a dict {batch_key: inputs} (``ldm.conditioning.multi``).
+Used by ``sample.py``, the training-time sample grid and the notebook, so all three produce the same images
+for the same settings. Knows no Lightning and no concrete classes: any conditioner with
+``forward``/``null_inputs``, any autoencoder with ``decode`` and any ``sample_*`` function work. A model with
+several conditioners (text + labels, size conditioning, ...) takes its inputs as a dict {batch_key: inputs}
+(``ldm.conditioning.multi``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from ldm.sampling.registry import check_sampler
 def latent_shape(
     net: nn.Module, autoencoder: nn.Module, image_size: int | Sequence[int]
 ) -> tuple[int, int, int]:
-    """(C, h, w) of the latents the network denoises for images of ``image_size`` pixels (a side, or (H, W))."""
+    """(C, h, w) of the latents the network denoises for images of ``image_size`` pixels (a side, or (H,
+    W))."""
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     f = autoencoder.downsample_factor
     return (net.in_channels, int(height) // f, int(width) // f)
@@ -62,19 +64,20 @@ def generate(
 ) -> Tensor:
     """Returns images (B, 3, H, W) in [0, 1].
 
-    ``denoiser`` is an ``ldm.diffusion.Denoiser`` (its schedule sets the prior's scale and which samplers fit).
-    ``negative_prompt`` (one per prompt) replaces the unconditional input of classifier-free guidance; by default
-    the conditioner's null input (the empty caption the model saw under caption dropout) is used.
+    ``denoiser`` is an ``ldm.diffusion.Denoiser`` (its schedule sets the prior's scale and which samplers
+    fit). ``negative_prompt`` (one per prompt) replaces the unconditional input of classifier-free guidance;
+    by default the conditioner's null input (the empty caption the model saw under caption dropout) is used.
     ``guidance_rescale`` and ``guidance_interval`` are passed to ``CFGDenoiser``.
 
     ``prompts`` is a list (one conditioner: captions, or label ids) or a dict {batch_key: inputs} for several
-    (e.g. {"txt": captions, "cls": (B,) ids, "original_size": (B, 2), ...}); then the unconditional branch nulls
-    the conditioners marked for guidance and keeps the others (``MultiConditioner.guidance_pair``), and
+    (e.g. {"txt": captions, "cls": (B,) ids, "original_size": (B, 2), ...}); then the unconditional branch
+    nulls the conditioners marked for guidance and keeps the others (``MultiConditioner.guidance_pair``), and
     ``negative_prompt`` replaces the null input of the "txt" conditioner(s).
 
-    Image-to-image (``ldm.img2img``): ``init_latents`` (B, C, h, w) are noised with the seeds' noise to the level
-    where the last int(N * ``strength``) steps of the grid remain, and only those run (strength 0: the latents
-    as given). ``keep_mask`` (B | 1, 1, h, w), 1 = keep: inpainting, the kept region pinned to ``init_latents``.
+    Image-to-image (``ldm.img2img``): ``init_latents`` (B, C, h, w) are noised with the seeds' noise to the
+    level where the last int(N * ``strength``) steps of the grid remain, and only those run (strength 0: the
+    latents as given). ``keep_mask`` (B | 1, 1, h, w), 1 = keep: inpainting, the kept region pinned to
+    ``init_latents``.
     """
     n = batch_size(prompts) if isinstance(prompts, Mapping) else len(prompts)
     if len(seeds) != n:
@@ -91,9 +94,15 @@ def generate(
         uncond = conditioner(negatives)
     interval = tuple(guidance_interval) if guidance_interval is not None else None
     guided = CFGDenoiser(
-        denoiser, cond, uncond, cfg_scale, rescale=guidance_rescale, interval=interval,
-        to_prediction=denoiser.prediction_from_x0, from_prediction=denoiser.x0_from_prediction,
-    )  # fmt: skip
+        denoiser,
+        cond,
+        uncond,
+        cfg_scale,
+        rescale=guidance_rescale,
+        interval=interval,
+        to_prediction=denoiser.prediction_from_x0,
+        from_prediction=denoiser.x0_from_prediction,
+    )
     sigmas = sigmas.to(device)
     noise = initial_noise(seeds, latent_shape, device)  # (B, C, h, w)
     generator = torch.Generator().manual_seed(int(seeds[0]))  # noise injected by stochastic samplers

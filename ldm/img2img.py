@@ -1,19 +1,19 @@
 """Image-to-image (SDEdit) and inpainting for ordinary text-to-image models: torch-only maths + image reading.
 
 SDEdit (Meng et al. 2022, Sec. 3): encode the init image to z0, noise it to the level where a fraction
-``strength`` of the sampler grid is left, x = forward(z0, eps, sigma_start), and run the rest of the grid. With N
-steps, the last int(N * strength) steps run (diffusers' ``StableDiffusionImg2ImgPipeline`` convention): strength 0
-runs none (the init's reconstruction), strength 1 the whole grid.
+``strength`` of the sampler grid is left, x = forward(z0, eps, sigma_start), and run the rest of the grid.
+With N steps, the last int(N * strength) steps run (diffusers' ``StableDiffusionImg2ImgPipeline`` convention):
+strength 0 runs none (the init's reconstruction), strength 1 the whole grid.
 
 Inpainting (RePaint-style, Lugmayr et al. 2022, eq. 8, without resampling): at every denoiser call the known
 region of the state is replaced by the init latent noised to the current level with the same eps,
 x_in = m * forward(z0, eps, sigma) + (1 - m) * x, and the known region of the x0 estimate by z0,
 D'(x, sigma) = m * z0 + (1 - m) * D(x_in, sigma). Because every sampler steps through x0 estimates, the known
-region then follows z0's own noising path and ends at z0 exactly (up to float error) for every sampler; the model
-only ever fills the unknown region, conditioned on a consistent context.
+region then follows z0's own noising path and ends at z0 exactly (up to float error) for every sampler; the
+model only ever fills the unknown region, conditioned on a consistent context.
 
-The forward process is the schedule's own: a x = alpha z0 + s eps (``schedule.coefficients``), so x = z0 + sigma
-eps for VP/EDM and x = (1 - t) z0 + t eps for rectified flow.
+The forward process is the schedule's own: a x = alpha z0 + s eps (``schedule.coefficients``), so x = z0 +
+sigma eps for VP/EDM and x = (1 - t) z0 + t eps for rectified flow.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def truncate_sigmas(sigmas: Tensor, strength: float) -> Tensor:
 
 
 def forward_noise(schedule: Any, z0: Tensor, noise: Tensor, sigma: Tensor | float) -> Tensor:
-    """x at level sigma in the sampler's coordinates: (alpha z0 + s eps) / a. z0, noise (B, C, h, w); sigma scalar
-    or (B,). Computed in float64 (the schedule's work dtype), returned in z0's dtype."""
+    """x at level sigma in the sampler's coordinates: (alpha z0 + s eps) / a. z0, noise (B, C, h, w); sigma
+    scalar or (B,). Computed in float64 (the schedule's work dtype), returned in z0's dtype."""
     sigma = torch.as_tensor(sigma, device=z0.device)
     sigma = sigma.to(torch.float32) if not sigma.is_floating_point() else sigma
     sigma = sigma.reshape(-1) if sigma.ndim else sigma.reshape(1)
@@ -78,8 +78,9 @@ class InpaintDenoiser:
 
 
 def keep_mask_latent(repaint: Tensor, factor: int) -> Tensor:
-    """(B, 1, H, W) pixel mask, 1 = repaint -> (B, 1, H/f, W/f) latent keep mask in {0, 1}: a latent pixel is kept
-    only when none of its f x f pixels is to be repainted (max-pooling grows the repainted region, never the kept)."""
+    """(B, 1, H, W) pixel mask, 1 = repaint -> (B, 1, H/f, W/f) latent keep mask in {0, 1}: a latent pixel is
+    kept only when none of its f x f pixels is to be repainted (max-pooling grows the repainted region, never
+    the kept)."""
     repaint = (repaint > 0.5).to(torch.float32)
     return 1.0 - F.max_pool2d(repaint, kernel_size=factor, stride=factor)
 
@@ -120,7 +121,8 @@ def read_mask(path: str | Path, size: tuple[int, int], image_size: tuple[int, in
         raise ValueError(f"mask '{path}' is not a readable image ({err}): pass a PNG") from None
     if image_size is not None and gray.size != (image_size[1], image_size[0]):
         raise ValueError(
-            f"mask '{path}' is {gray.size[0]}x{gray.size[1]} but the init image is {image_size[1]}x{image_size[0]}: "
+            f"mask '{path}' is {gray.size[0]}x{gray.size[1]} but the init image is "
+            f"{image_size[1]}x{image_size[0]}: "
             "make the mask the init image's size"
         )
     if gray.size != (size[1], size[0]):
@@ -152,8 +154,8 @@ def as_paths(value: Any) -> list[str]:
 
 
 def check_init_inputs(init_image: Any, mask: Any, strength: Any) -> tuple[list[str], list[str], float]:
-    """The init image paths, mask paths and strength, checked before any checkpoint is read: files exist, one mask
-    or one per init image, each mask the size of its image, strength in [0, 1]."""
+    """The init image paths, mask paths and strength, checked before any checkpoint is read: files exist, one
+    mask or one per init image, each mask the size of its image, strength in [0, 1]."""
     images, masks = as_paths(init_image), as_paths(mask)
     strength = check_strength(strength)
     if masks and not images:
@@ -174,7 +176,8 @@ def check_init_inputs(init_image: Any, mask: Any, strength: Any) -> tuple[list[s
 def load_init_inputs(
     images: list[str], masks: list[str], size: tuple[int, int]
 ) -> tuple[Tensor, Tensor | None]:
-    """(K, 3, H, W) init images in [-1, 1] and (K, 1, H, W) repaint masks (or None) at the model's ``size``."""
+    """(K, 3, H, W) init images in [-1, 1] and (K, 1, H, W) repaint masks (or None) at the model's
+    ``size``."""
     pixels = torch.stack([read_image(p, size) for p in images])
     if not masks:
         return pixels, None

@@ -10,7 +10,8 @@ from omegaconf import DictConfig
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
-    """hydra.utils.instantiate, re-raising the cause: the user sees its one-line fix, not a wrapped traceback."""
+    """hydra.utils.instantiate, re-raising the cause: the user sees its one-line fix, not a wrapped
+    traceback."""
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as exc:

@@ -1,13 +1,13 @@
 """Low-rank adaptation (LoRA, Hu et al. 2022) of a network's linear layers through ``peft``.
 
-A LoRA layer computes W x + (alpha / r) B A x with W (out, in) frozen, A (r, in) and B (out, r) trained; B starts
-at zero, so the adapted network starts equal to its base (Hu et al. 2022, Sec. 4.1). Our attention layers use
-diffusers' names (``to_q``, ``to_k``, ``to_v``, ``to_out.0``), so the same ``target_modules`` select the same
-layers as a diffusers/peft LoRA of Stable Diffusion.
+A LoRA layer computes W x + (alpha / r) B A x with W (out, in) frozen, A (r, in) and B (out, r) trained; B
+starts at zero, so the adapted network starts equal to its base (Hu et al. 2022, Sec. 4.1). Our attention
+layers use diffusers' names (``to_q``, ``to_k``, ``to_v``, ``to_out.0``), so the same ``target_modules``
+select the same layers as a diffusers/peft LoRA of Stable Diffusion.
 
 Plain functions over ``nn.Module``s and state dicts: no Lightning. The base weights a LoRA was trained on are
-identified by ``state_sha256`` (over names, dtypes, shapes and bytes), so a LoRA checkpoint can refuse a base that
-is not the one it was trained against.
+identified by ``state_sha256`` (over names, dtypes, shapes and bytes), so a LoRA checkpoint can refuse a base
+that is not the one it was trained against.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ BASE_LAYER = ".base_layer"  # peft moves the wrapped layer's own tensors under <
 @dataclass(frozen=True)
 class LoraSettings:
     """``model.lora``: rank r, alpha (default r: scale 1), the layers to adapt (suffixes of module names), the
-    dropout on the adapter's input, and ``base``: a train.py checkpoint whose (EMA) net weights are the base, when
-    the base is not ``model.init_from``."""
+    dropout on the adapter's input, and ``base``: a train.py checkpoint whose (EMA) net weights are the base,
+    when the base is not ``model.init_from``."""
 
     rank: int
     alpha: float | None = None
@@ -92,18 +92,19 @@ def is_lora_key(name: str) -> bool:
 
 
 def add_lora(net: nn.Module, settings: LoraSettings, seed: int = 0) -> nn.Module:
-    """Wrap ``net``'s target linear layers with LoRA adapters in place; only adapter parameters keep requires_grad.
+    """Wrap ``net``'s target linear layers with LoRA adapters in place; only adapter parameters keep
+    requires_grad.
 
-    A is drawn from its own generator (``seed``), so the adapter's start does not depend on, or move, the global
-    random state. A target that matches no layer is a one-line error."""
+    A is drawn from its own generator (``seed``), so the adapter's start does not depend on, or move, the
+    global random state. A target that matches no layer is a one-line error."""
     from peft import LoraConfig, inject_adapter_in_model
 
     names = [n for n, _ in net.named_modules()]
     for target in settings.target_modules:
         if not any(n == target or n.endswith(f".{target}") for n in names):
             raise ValueError(
-                f"model.lora.target_modules: '{target}' matches no layer of {type(net).__name__}: use names such as "
-                f"{list(DEFAULT_TARGETS)}"
+                f"model.lora.target_modules: '{target}' matches no layer of {type(net).__name__}: use names "
+                f"such as {list(DEFAULT_TARGETS)}"
             )
     config = LoraConfig(
         r=settings.rank,
@@ -132,7 +133,8 @@ def has_lora(net: nn.Module) -> bool:
 
 
 def base_key(name: str) -> str:
-    """A LoRA-wrapped net's base tensor name -> the plain net's (``to_q.base_layer.weight`` -> ``to_q.weight``)."""
+    """A LoRA-wrapped net's base tensor name -> the plain net's (``to_q.base_layer.weight`` ->
+    ``to_q.weight``)."""
     return name.replace(BASE_LAYER + ".", ".")
 
 
@@ -142,13 +144,14 @@ def base_state_dict(net: nn.Module) -> dict[str, Tensor]:
 
 
 def lora_state_dict(net: nn.Module) -> dict[str, Tensor]:
-    """The adapter tensors only: {``<layer>.lora_A.default.weight``: (r, in), ``<layer>.lora_B.default.weight``:
-    (out, r)}."""
+    """The adapter tensors only: {``<layer>.lora_A.default.weight``: (r, in),
+    ``<layer>.lora_B.default.weight``: (out, r)}."""
     return {k: v for k, v in net.state_dict().items() if is_lora_key(k)}
 
 
 def state_sha256(state: Mapping[str, Tensor]) -> str:
-    """sha256 over sorted names, dtypes, shapes and the raw bytes of every tensor: the identity of a set of weights."""
+    """sha256 over sorted names, dtypes, shapes and the raw bytes of every tensor: the identity of a set of
+    weights."""
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach().to("cpu").contiguous()
@@ -160,7 +163,8 @@ def state_sha256(state: Mapping[str, Tensor]) -> str:
 @torch.no_grad()
 def merge_lora(net: nn.Module, scale: float = 1.0) -> nn.Module:
     """Fold every adapter into its base layer, W <- W + scale (alpha / r) B A, and unwrap: the plain net again
-    (same module names and state-dict keys as before ``add_lora``). ``scale`` is the LoRA strength (0 = the base)."""
+    (same module names and state-dict keys as before ``add_lora``). ``scale`` is the LoRA strength (0 = the
+    base)."""
     for name, layer in lora_layers(net):
         for adapter in list(layer.lora_A.keys()):
             layer.scaling[adapter] *= float(scale)

@@ -1,7 +1,8 @@
-"""Sample quality of a model on its own data: prompts and reference images from shards, generated images scored.
+"""Sample quality of a model on its own data: prompts and reference images from shards, generated images
+scored.
 
-The glue between ``ldm.data`` (shards), ``ldm.evaluation`` (torch-only metrics) and ``ldm.generate`` (sampling),
-shared by ``eval.py`` and the training callback ``ldm.lit.sample_quality.SampleQuality``:
+The glue between ``ldm.data`` (shards), ``ldm.evaluation`` (torch-only metrics) and ``ldm.generate``
+(sampling), shared by ``eval.py`` and the training callback ``ldm.lit.sample_quality.SampleQuality``:
 
 - ``shard_kind`` / ``shard_captions``: what the (validation) shards hold, and their captions as prompts;
 - ``reference_batches``: their images (B, 3, H, W) in [0, 1], decoded as in training, or their latents decoded
@@ -66,7 +67,8 @@ def reference_identity(
     autoencoder_identity: dict | None,
     background: Any,
 ) -> dict[str, Any]:
-    """What cached reference statistics must have been made from (the extractor is added by ``load_or_compute``)."""
+    """What cached reference statistics must have been made from (the extractor is added by
+    ``load_or_compute``)."""
     source: dict[str, Any] = {"kind": kind, "image_size": int(image_size)}
     if kind == "latents":
         source["autoencoder"] = autoencoder_identity
@@ -102,8 +104,8 @@ def reference_batches(
     decode: Callable[[torch.Tensor], torch.Tensor] | None,
     wrap: Callable[[Iterator[Any]], Iterator[Any]] = lambda it: it,
 ) -> Iterator[torch.Tensor]:
-    """(B, 3, H, W) in [0, 1]: images decoded as in training, or latents through ``decode`` (the autoencoder's,
-    returning about [-1, 1]). ``wrap`` may add a progress bar around the sample iterator."""
+    """(B, 3, H, W) in [0, 1]: images decoded as in training, or latents through ``decode`` (the
+    autoencoder's, returning about [-1, 1]). ``wrap`` may add a progress bar around the sample iterator."""
     counter = SkipCounter("reference")
     pending: list[torch.Tensor] = []
 
@@ -141,5 +143,11 @@ def score_features(
     fid = frechet_distance(ref.stats, gaussian_stats(features))
     kid, kid_std = kernel_distance(ref.features, features, kid_subsets, kid_subset_size, seed=seed)
     clip = float(torch.cat(list(clip_scores)).mean()) if clip_scores else None
-    return {"fid": fid, "kid": kid, "kid_std": kid_std, "clip_score": clip, "n": int(len(features)),
-            "ref_n": ref.n}  # fmt: skip
+    return {
+        "fid": fid,
+        "kid": kid,
+        "kid_std": kid_std,
+        "clip_score": clip,
+        "n": int(len(features)),
+        "ref_n": ref.n,
+    }

@@ -1,17 +1,19 @@
-"""A checkpoint's stored config is data, not code: check it against the project's allowlist before building it.
+"""A checkpoint's stored config is data, not code: check it against the project's allowlist before building
+it.
 
 ``train.py`` stores the resolved run config in every checkpoint (``checkpoint["ldm_config"]``) and sampling
 rebuilds the model from it with Hydra. Hydra's ``instantiate`` calls whatever ``_target_`` names, so a crafted
-checkpoint could reach any importable callable (``pathlib.Path.write_text``, a helper that runs a command, ...).
-``check_config`` walks the whole node before anything is built and refuses:
+checkpoint could reach any importable callable (``pathlib.Path.write_text``, a helper that runs a command,
+...). ``check_config`` walks the whole node before anything is built and refuses:
 
-- a ``_target_`` (plain, ``_partial_``, nested in a dict value, a list element or ``_args_``) not in the allowlist
-  below: exactly the ``_target_``s of the project's own configs/ (a test keeps the two equal);
-- a ``_target_`` that is not a string, and any other ``_key_``-style special key than ``_target_``, ``_partial_``,
-  ``_args_``, ``_convert_`` and ``_recursive_`` (the last two only change how arguments are passed);
-- any string holding an OmegaConf interpolation ``${...}``: ``train.py`` stores the config resolved, so a genuine
-  checkpoint has none, and resolvers are not all read-only (``oc.create``/``oc.decode`` turn a string into a
-  ``_target_`` node after this check; ``oc.env`` would copy secrets into paths and metadata).
+- a ``_target_`` (plain, ``_partial_``, nested in a dict value, a list element or ``_args_``) not in the
+  allowlist below: exactly the ``_target_``s of the project's own configs/ (a test keeps the two equal);
+- a ``_target_`` that is not a string, and any other ``_key_``-style special key than ``_target_``,
+  ``_partial_``, ``_args_``, ``_convert_`` and ``_recursive_`` (the last two only change how arguments are
+  passed);
+- any string holding an OmegaConf interpolation ``${...}``: ``train.py`` stores the config resolved, so a
+  genuine checkpoint has none, and resolvers are not all read-only (``oc.create``/``oc.decode`` turn a string
+  into a ``_target_`` node after this check; ``oc.env`` would copy secrets into paths and metadata).
 
 ``trust_checkpoint_config=true`` skips the check (after a warning) for checkpoints whose config you wrote.
 """
@@ -95,7 +97,8 @@ TRAINING_TARGETS = (
 SAMPLING_TARGETS: frozenset[str] = frozenset(MODEL_PART_TARGETS + SAMPLER_TARGETS)
 ALLOWED_TARGETS: frozenset[str] = SAMPLING_TARGETS | frozenset(TRAINING_TARGETS)
 
-# Hydra's special keys (hydra._internal.instantiate._Keys) other than _target_: they shape the call, call nothing
+# Hydra's special keys (hydra._internal.instantiate._Keys) other than _target_: they shape the call, call
+# nothing
 HARMLESS_SPECIAL_KEYS = frozenset({"_partial_", "_args_", "_convert_", "_recursive_"})
 
 
@@ -115,8 +118,9 @@ def _refuse(problem: str, where: str, source: str) -> UntrustedConfigError:
 
 
 def check_config(node: Any, allowed: Collection[str], where: str = "", source: str = "the config") -> None:
-    """Raise UntrustedConfigError at the first disallowed ``_target_``, special key or interpolation in ``node``
-    (plain dicts/lists as stored in a checkpoint, or an unresolved DictConfig), depth first, before anything is built."""
+    """Raise UntrustedConfigError at the first disallowed ``_target_``, special key or interpolation in
+    ``node`` (plain dicts/lists as stored in a checkpoint, or an unresolved DictConfig), depth first, before
+    anything is built."""
     if isinstance(node, DictConfig | ListConfig):
         node = OmegaConf.to_container(node, resolve=False)
     if isinstance(node, str):
@@ -149,7 +153,8 @@ def check_or_trust(
     """check_config, or with ``trust`` a one-line warning that the stored config is built as it is."""
     if trust:
         log.warning(
-            "%s=true: building %s (%s) as stored, without the allowlist check — its _target_s can run any code",
+            "%s=true: building %s (%s) as stored, without the allowlist check — its _target_s can run any "
+            "code",
             TRUST_FLAG,
             where or "the config",
             source,

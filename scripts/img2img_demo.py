@@ -4,9 +4,9 @@
         [--init "red apple"] [--prompt "green apple"] [--out docs/images/img2img.png]
 
 Renders the ``--init`` emoji (OpenMoji, as the training data) as the init image, then runs ``sample.py`` with
-``init_image=`` at strengths 0.3 / 0.6 / 0.9 and prompt ``--prompt``, and once with ``mask=`` (white = repaint:
-the right half) at strength 1. The picture has one row per seed: init | 0.3 | 0.6 | 0.9 | mask (black = keep,
-grey = repaint) | inpainted, each image scaled 4x (nearest).
+``init_image=`` at strengths 0.3 / 0.6 / 0.9 and prompt ``--prompt``, and once with ``mask=`` (white =
+repaint: the right half) at strength 1. The picture has one row per seed: init, 0.3, 0.6, 0.9, the mask
+(black = keep, grey = repaint), inpainted; each image scaled 4x (nearest).
 """
 
 from __future__ import annotations
@@ -71,11 +71,19 @@ def main(argv: list[str] | None = None) -> None:
         for row, seed in enumerate(args.seeds):
             tiles = [Image.open(init).convert("RGB")]
             for k, strength in enumerate(STRENGTHS):
-                tiles.append(run_sample(args.ckpt, tmp / f"s{seed}_{k}", args.prompt, seed, init_image=init,
-                                        strength=strength))  # fmt: skip
-            tiles.append(repaint.point(lambda v: 160 if v else 0).convert("RGB"))  # shown grey: white is the page
-            tiles.append(run_sample(args.ckpt, tmp / f"m{seed}", args.prompt, seed, init_image=init, mask=mask,
-                                    strength=1.0))  # fmt: skip
+                tiles.append(
+                    run_sample(
+                        args.ckpt, tmp / f"s{seed}_{k}", args.prompt, seed, init_image=init, strength=strength
+                    )
+                )
+            tiles.append(
+                repaint.point(lambda v: 160 if v else 0).convert("RGB")
+            )  # shown grey: white is the page
+            tiles.append(
+                run_sample(
+                    args.ckpt, tmp / f"m{seed}", args.prompt, seed, init_image=init, mask=mask, strength=1.0
+                )
+            )
             for i, tile in enumerate(tiles):
                 big = tile.resize((args.size * zoom, args.size * zoom), Image.NEAREST)
                 canvas.paste(big, (i * cell, label_h + row * cell))

@@ -1,6 +1,7 @@
 """A labelled picture of a checkpoint: one row per prompt, one column per seed (used for the README image).
 
-python scripts/prompt_grid.py --ckpt latest --out docs/images/default_samples.png [--sampler euler_ancestral unipc --steps 50 25]
+python scripts/prompt_grid.py --ckpt latest --out docs/images/default_samples.png [--sampler euler_ancestral
+unipc --steps 50 25]
 
 The checkpoint's stored config may only name the project's own classes (ldm/safe_config.py) unless
 --trust-checkpoint-config is given; the samplers come from this repository's configs/sampler/*.yaml.
@@ -41,9 +42,17 @@ def panel(model, sampler_name: str, steps: int, spacing: str | None, args: argpa
     prompts = [p for p in PROMPTS for _ in range(args.seeds)]
     sampler = build(OmegaConf.load(CONFIGS / "sampler" / f"{sampler_name}.yaml"))
     sigmas = sampling_sigmas(model.denoiser.schedule, steps, spacing)
-    images = generate(model.denoiser, model.conditioner, model.decode_samples, prompts, sampler=sampler,
-                      sigmas=sigmas, latent_shape=model.latent_shape, seeds=list(range(args.seeds)) * len(PROMPTS),
-                      cfg_scale=args.cfg_scale)  # fmt: skip
+    images = generate(
+        model.denoiser,
+        model.conditioner,
+        model.decode_samples,
+        prompts,
+        sampler=sampler,
+        sigmas=sigmas,
+        latent_shape=model.latent_shape,
+        seeds=list(range(args.seeds)) * len(PROMPTS),
+        cfg_scale=args.cfg_scale,
+    )
     tile, label_w, title_h = size * args.zoom, 110, 20
     canvas = Image.new(
         "RGB", (label_w + args.seeds * (tile + 2), title_h + len(PROMPTS) * (tile + 2)), "white"
@@ -77,7 +86,8 @@ def main() -> None:
     parser.add_argument(
         "--trust-checkpoint-config",
         action="store_true",
-        help="build the checkpoint's stored config even if it names code outside ldm/safe_config.py's allowlist",
+        help="build the checkpoint's stored config even if it names code outside ldm/safe_config.py's "
+        "allowlist",
     )
     args = parser.parse_args()
     if len(args.steps) != len(args.sampler):

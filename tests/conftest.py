@@ -38,12 +38,26 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     save_kl_autoencoder(ae, str(root / "ae" / "tiny_ae"), scale_factor=1.0)
     frozen = load_kl_autoencoder(str(root / "ae" / "tiny_ae.safetensors"))
     text = TextConditioner(max_length=32, dropout_prob=0.0)
-    # train latents carry the frozen MiniLM embeddings (the encoder is skipped in training); val latents do not
+    # train latents carry the frozen MiniLM embeddings (the encoder is skipped in training); val latents do
+    # not
     for prefix, last, encoder in (("train", 2, text), ("val", 0, None)):
-        encode_shards(str(root / "images" / f"{prefix}-{{000000..{last:06d}}}.tar"), str(root / "latents"), prefix,
-                      frozen, image_size=32, batch_size=64, device="cpu", text=encoder)  # fmt: skip
-    return {"root": root, "images": root / "images", "latents": root / "latents",
-            "ae": root / "ae" / "tiny_ae.safetensors", "counts": counts}  # fmt: skip
+        encode_shards(
+            str(root / "images" / f"{prefix}-{{000000..{last:06d}}}.tar"),
+            str(root / "latents"),
+            prefix,
+            frozen,
+            image_size=32,
+            batch_size=64,
+            device="cpu",
+            text=encoder,
+        )
+    return {
+        "root": root,
+        "images": root / "images",
+        "latents": root / "latents",
+        "ae": root / "ae" / "tiny_ae.safetensors",
+        "counts": counts,
+    }
 
 
 def tiny_overrides(data: dict[str, Path], out_dir: Path, *extra: str) -> list[str]:
@@ -74,7 +88,8 @@ def tiny_overrides(data: dict[str, Path], out_dir: Path, *extra: str) -> list[st
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """last.ckpt of a 3-step tiny run (EMA, DDPM eps, unipc sample grid): a base for LoRA and image-to-image tests."""
+    """last.ckpt of a 3-step tiny run (EMA, DDPM eps, unipc sample grid): a base for LoRA and image-to-image
+    tests."""
     import train
     from ldm.config_utils import compose_config
 

@@ -1,6 +1,6 @@
 """(run by tests/test_fsdp.py) a tiny net trained with the EMA callback, on one process or under FSDP on 2 CPU
-processes (gloo); writes the checkpoint's EMA, the EMA swapped into the gathered net (what the sample grid sees)
-and the final weights to ``OUT/result_{mode}.pt``.
+processes (gloo); writes the checkpoint's EMA, the EMA swapped into the gathered net (what the sample grid
+sees) and the final weights to ``OUT/result_{mode}.pt``.
 
     python tests/fsdp_probe.py OUT single|fsdp [--resume CKPT] [--steps 4]
 """
@@ -37,7 +37,8 @@ class Tiny(L.LightningModule):
 
 
 class Probe(L.Callback):
-    """At the end: the EMA swapped in and every weight gathered, as ``SampleGrid.sample`` does; rank 0 keeps it."""
+    """At the end: the EMA swapped in and every weight gathered, as ``SampleGrid.sample`` does; rank 0 keeps
+    it."""
 
     def __init__(self) -> None:
         self.seen: dict[str, torch.Tensor] = {}
@@ -57,14 +58,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    data = torch.utils.data.DataLoader(list(torch.randn(8, 4, 4, 4, generator=torch.Generator().manual_seed(1))),
-                                       batch_size=2)  # fmt: skip
+    data = torch.utils.data.DataLoader(
+        list(torch.randn(8, 4, 4, 4, generator=torch.Generator().manual_seed(1))), batch_size=2
+    )
     strategy = FSDPStrategy(process_group_backend="gloo") if args.mode == "fsdp" else "auto"
     probe = Probe()
-    trainer = L.Trainer(accelerator="cpu", devices=2 if args.mode == "fsdp" else 1, strategy=strategy,
-                        max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, use_distributed_sampler=False,
-                        callbacks=[EMA(decay=0.9), probe])  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2 if args.mode == "fsdp" else 1,
+        strategy=strategy,
+        max_steps=args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[EMA(decay=0.9), probe],
+    )
     module = Tiny()
     trainer.fit(module, data, ckpt_path=args.resume)
     out = Path(args.out)
@@ -72,8 +82,10 @@ def main() -> None:
     trainer.save_checkpoint(ckpt)  # a collective under FSDP: every rank
     if trainer.is_global_zero:
         saved = torch.load(ckpt, weights_only=False)
-        torch.save({"ema": saved["ema_state_dict"], "seen": probe.seen, "weights": saved["state_dict"]},
-                   out / f"result_{args.mode}{'_resumed' if args.resume else ''}.pt")  # fmt: skip
+        torch.save(
+            {"ema": saved["ema_state_dict"], "seen": probe.seen, "weights": saved["state_dict"]},
+            out / f"result_{args.mode}{'_resumed' if args.resume else ''}.pt",
+        )
 
 
 if __name__ == "__main__":

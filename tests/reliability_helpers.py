@@ -1,4 +1,5 @@
-"""Test callbacks that break a run on purpose: a signal or an exception at a chosen step, a poisoned gradient."""
+"""Test callbacks that break a run on purpose: a signal or an exception at a chosen step, a poisoned
+gradient."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import torch
 
 
 class InterruptAt(L.Callback):
-    """At the start of the batch that trains step ``step + 1`` (after it was fetched), send ``action`` (a signal
-    name) to this process, or raise a RuntimeError (``action=exception``): the stop arrives mid-step. ``rank``:
-    only on that rank (None: every rank)."""
+    """At the start of the batch that trains step ``step + 1`` (after it was fetched), send ``action`` (a
+    signal name) to this process, or raise a RuntimeError (``action=exception``): the stop arrives mid-step.
+    ``rank``: only on that rank (None: every rank)."""
 
     def __init__(self, step: int, action: str, rank: int | None = None) -> None:
         self.step = step
@@ -33,8 +34,8 @@ class InterruptAt(L.Callback):
 
 
 class MarkAndPace(L.Callback):
-    """Writes ``marker`` once training reaches ``step`` and sleeps ``pause`` s per batch, so that a test can send a
-    signal from outside while the run is training."""
+    """Writes ``marker`` once training reaches ``step`` and sleeps ``pause`` s per batch, so that a test can
+    send a signal from outside while the run is training."""
 
     def __init__(self, marker: str, step: int = 2, pause: float = 0.2) -> None:
         self.marker = Path(marker)
@@ -48,8 +49,8 @@ class MarkAndPace(L.Callback):
 
 
 class PoisonGradient(L.Callback):
-    """Sets one gradient element to NaN after the backward pass (and DDP's all-reduce) of step ``step`` (0-based
-    optimizer step), on ``rank`` only (None: every rank)."""
+    """Sets one gradient element to NaN after the backward pass (and DDP's all-reduce) of step ``step``
+    (0-based optimizer step), on ``rank`` only (None: every rank)."""
 
     def __init__(self, step: int, rank: int | None = None) -> None:
         self.step = step

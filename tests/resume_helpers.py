@@ -1,7 +1,7 @@
-"""Helpers for the data-order tests: a callback that records the sample keys trained on, per step and rank, and a
-two-process gloo reader (run as a script) that reads epochs of the shards in lockstep, as DDP would.
+"""Helpers for the data-order tests: a callback that records the sample keys trained on, per step and rank,
+and a two-process gloo reader (run as a script) that reads epochs of the shards in lockstep, as DDP would.
 
-    python tests/resume_helpers.py --rank R --world 2 --port P --shards 'dir/train-{000000..000002}.tar' --out DIR
+    python tests/resume_helpers.py --rank R --world 2 --port P --shards 'dir/train-*.tar' --out DIR
 """
 
 from __future__ import annotations
@@ -51,8 +51,13 @@ def gloo_reader(rank: int, world: int, port: int, shards: str, out: Path) -> Non
     from ldm.data import ShardDataModule
 
     dist = torch.distributed
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))  # fmt: skip
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
     result: dict[str, list[list[list[str]]]] = {}
     for mode, workers in CONFIGS:
         dm = ShardDataModule(shards, batch_size=16, num_workers=workers, mode=mode, shuffle_buffer=8)

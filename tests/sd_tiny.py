@@ -30,9 +30,14 @@ NET_OVERRIDES = [  # net=unet_sd resized to UNET
     "net.gradient_checkpointing=false",
 ]
 SCHEDULER = dict(  # Stable Diffusion 1.x's training schedule
-    num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-    steps_offset=1, clip_sample=False, set_alpha_to_one=True,
-)  # fmt: skip
+    num_train_timesteps=1000,
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    steps_offset=1,
+    clip_sample=False,
+    set_alpha_to_one=True,
+)
 
 
 def jitter(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -83,13 +88,18 @@ def save_tiny_sd_pipeline(path: Path, prediction_type: str = "epsilon") -> Path:
             bos_token_id=0,
             eos_token_id=1,
             pad_token_id=1,
-        )  # fmt: skip
+        )
     ).eval()
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=tiny_clip_tokenizer(), unet=unet,
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tiny_clip_tokenizer(),
+        unet=unet,
         scheduler=DDIMScheduler(**SCHEDULER, prediction_type=prediction_type),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(path, safe_serialization=True)
     return path
 

@@ -57,8 +57,11 @@ def test_latent_shards_from_another_autoencoder_are_refused(tiny_data: dict, tmp
     torch.manual_seed(
         123
     )  # not the seed of tiny_data's autoencoder: the global RNG may sit at a fresh seed 0 here
-    save_kl_autoencoder(KLAutoencoder(base_channels=8, channel_mult=(1, 2, 2), norm_groups=8, mid_attention=False),
-                        str(other), scale_factor=1.0)  # fmt: skip
+    save_kl_autoencoder(
+        KLAutoencoder(base_channels=8, channel_mult=(1, 2, 2), norm_groups=8, mid_attention=False),
+        str(other),
+        scale_factor=1.0,
+    )
     cfg = compose_config(
         "train", tiny_overrides(tiny_data, tmp_path / "r", f"autoencoder.path={other}.safetensors")
     )
@@ -78,18 +81,37 @@ def add_to_tar(path: Path, members: dict[str, bytes]) -> None:
 
 
 def test_corrupt_image_and_missing_caption_are_counted_and_logged(tiny_data: dict, tmp_path: Path) -> None:
-    """Training on image shards (encoding on the fly) with one undecodable image and one caption-less sample."""
+    """Training on image shards (encoding on the fly) with one undecodable image and one caption-less
+    sample."""
     import shutil
 
     images = tmp_path / "images"
     shutil.copytree(tiny_data["images"], images)
     good_png = next(iter(tarfile.open(images / "train-000000.tar").getmembers())).name
-    add_to_tar(images / "train-000000.tar", {"zz_bad.png": b"not a png at all", "zz_bad.txt": b"broken image",
-                                             "zz_nocap.png": tarfile.open(images / "train-000000.tar").extractfile(good_png).read()})  # fmt: skip
+    add_to_tar(
+        images / "train-000000.tar",
+        {
+            "zz_bad.png": b"not a png at all",
+            "zz_bad.txt": b"broken image",
+            "zz_nocap.png": tarfile.open(images / "train-000000.tar").extractfile(good_png).read(),
+        },
+    )
     out = tmp_path / "r"
-    cfg = compose_config("train", tiny_overrides(tiny_data, out, "data.kind=images", f"data.train_shards='{images}/train-{{000000..000002}}.tar'",
-                                                 f"data.val_shards={images}/val-000000.tar", "data.train_samples=200",
-                                                 "data.batch_size=40", "trainer.max_steps=5", "data.shuffle_buffer=1", "data.mode=cycle"))  # fmt: skip
+    cfg = compose_config(
+        "train",
+        tiny_overrides(
+            tiny_data,
+            out,
+            "data.kind=images",
+            f"data.train_shards='{images}/train-{{000000..000002}}.tar'",
+            f"data.val_shards={images}/val-000000.tar",
+            "data.train_samples=200",
+            "data.batch_size=40",
+            "trainer.max_steps=5",
+            "data.shuffle_buffer=1",
+            "data.mode=cycle",
+        ),
+    )
     train.run(cfg)
     rows = list(csv.DictReader(open(out / "csv" / "metrics.csv")))
     last = {k: v for r in rows for k, v in r.items() if v}

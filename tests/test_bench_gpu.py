@@ -1,4 +1,5 @@
-"""bench/gpu.py runs end to end on CPU with --smoke (tiny UNet, ours and diffusers', both checkpointing modes)."""
+"""bench/gpu.py runs end to end on CPU with --smoke (tiny UNet, ours and diffusers', both checkpointing
+modes)."""
 
 from __future__ import annotations
 

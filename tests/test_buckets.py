@@ -1,5 +1,6 @@
-"""Aspect-ratio buckets: bucket sets and assignment, resize + crop metadata, bucketed latent encoding, batches of one
-shape with the rank's batch count unchanged, and a short training run whose sample grid has the bucket's size."""
+"""Aspect-ratio buckets: bucket sets and assignment, resize + crop metadata, bucketed latent encoding, batches
+of one shape with the rank's batch count unchanged, and a short training run whose sample grid has the
+bucket's size."""
 
 from __future__ import annotations
 
@@ -162,8 +163,9 @@ def bucketed(tmp_path_factory: pytest.TempPathFactory) -> dict:
     metas = {}
     for prefix, last in (("train", 2), ("val", 0)):
         pattern = str(root / "images" / f"{prefix}-{{000000..{last:06d}}}.tar")
-        result = encode_shards(pattern, str(root / "latents"), prefix, ae, 32, 4, "cpu", buckets=BUCKETS,
-                               latent_multiple=2)  # fmt: skip
+        result = encode_shards(
+            pattern, str(root / "latents"), prefix, ae, 32, 4, "cpu", buckets=BUCKETS, latent_multiple=2
+        )
         metas[prefix] = result["meta"]
     return {"root": root, "latents": root / "latents", "ae": root / "ae" / "tiny.safetensors", "meta": metas}
 
@@ -241,8 +243,10 @@ def test_train_on_bucketed_shards_and_sample_grid_at_the_common_bucket(
     overrides = [
         o for o in tiny_overrides(data, out) if not o.startswith(("data.batch_size", "trainer.max_steps"))
     ]
-    cfg = compose_config("train", [*overrides, "data.batch_size=4", "trainer.max_steps=3",
-                                   "callbacks.sample_grid.image_size=auto"])  # fmt: skip
+    cfg = compose_config(
+        "train",
+        [*overrides, "data.batch_size=4", "trainer.max_steps=3", "callbacks.sample_grid.image_size=auto"],
+    )
     summary = train.run(cfg)
     assert summary["global_step"] == 3 and math.isfinite(summary["metrics"]["train/loss"])
     grid = Image.open(out / "samples" / "step_000003.png")
@@ -251,8 +255,23 @@ def test_train_on_bucketed_shards_and_sample_grid_at_the_common_bucket(
 
 def test_cli_bucket_area_flags_resume_and_settings_guard(bucketed: dict, tmp_path: Path) -> None:
     images = str(bucketed["root"] / "images" / "val-000000.tar")
-    args = ["latents", "--shards", images, "--out", str(tmp_path), "--prefix", "val", "--autoencoder",
-            str(bucketed["ae"]), "--device", "cpu", "--bucket-area", "32", "--bucket-step", "8"]  # fmt: skip
+    args = [
+        "latents",
+        "--shards",
+        images,
+        "--out",
+        str(tmp_path),
+        "--prefix",
+        "val",
+        "--autoencoder",
+        str(bucketed["ae"]),
+        "--device",
+        "cpu",
+        "--bucket-area",
+        "32",
+        "--bucket-step",
+        "8",
+    ]
     prepare.main(args)
     meta = json.loads((tmp_path / "val.json").read_text())["meta"]
     assert meta["buckets"] == [[40, 24], [32, 32], [24, 40]] and sum(meta["bucket_counts"].values()) == 6

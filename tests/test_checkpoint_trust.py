@@ -1,4 +1,5 @@
-"""A checkpoint's stored config never runs code: every `_target_` it names must be on the project's allowlist."""
+"""A checkpoint's stored config never runs code: every `_target_` it names must be on the project's
+allowlist."""
 
 from __future__ import annotations
 
@@ -32,10 +33,14 @@ def good_ckpt(tiny_data: dict, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 def write_text(marker: Path, data: str = "") -> dict[str, Any]:
-    """Path(marker).write_text(data) -> len(data): a file write that fits any int/float argument, so sampling with
-    the payload in e.g. net.dropout still exits 0. (Hydra blocks os.system & co.; it does not block this.)"""
-    return {"_target_": "pathlib.Path.write_text", "self": {"_target_": "pathlib.Path", "_args_": [str(marker)]},
-            "data": data}  # fmt: skip
+    """Path(marker).write_text(data) -> len(data): a file write that fits any int/float argument, so sampling
+    with the payload in e.g. net.dropout still exits 0. (Hydra blocks os.system & co.; it does not block
+    this.)"""
+    return {
+        "_target_": "pathlib.Path.write_text",
+        "self": {"_target_": "pathlib.Path", "_args_": [str(marker)]},
+        "data": data,
+    }
 
 
 def set_at(config: dict, path: str, value: Any) -> None:
@@ -55,16 +60,28 @@ PAYLOADS = {
     "top_level_model_node": ("model.conditioner", write_text, WRITE, "model.conditioner"),
     "nested_argument": ("model.denoiser.net.dropout", write_text, WRITE, "model.denoiser.net.dropout"),
     "unknown_argument": ("model.autoencoder.extra", write_text, WRITE, "model.autoencoder.extra"),
-    "list_element": ("model.denoiser.net.channel_mult.0", lambda m: write_text(m, "x"), WRITE,
-                     r"model.denoiser.net.channel_mult\[0\]"),
+    "list_element": (
+        "model.denoiser.net.channel_mult.0",
+        lambda m: write_text(m, "x"),
+        WRITE,
+        r"model.denoiser.net.channel_mult\[0\]",
+    ),
     "sampler_node": ("sampler", write_text, WRITE, "sampler"),
     "inside_partial_sampler": ("sampler.order", lambda m: write_text(m, "xx"), WRITE, "sampler.order"),
     "partial_target": ("sampler", lambda m: {**write_text(m), "_partial_": True}, WRITE, "sampler"),
-    "inside_args": ("model.denoiser.schedule._args_", lambda m: [write_text(m)], WRITE,
-                    r"model.denoiser.schedule._args_\[0\]"),
-    "hydra_blocklisted_too": ("model.denoiser.net.dropout", lambda m: {"_target_": "os.system",
-                              "_args_": [f"touch {m}"]}, "os.system", "model.denoiser.net.dropout"),
-}  # fmt: skip
+    "inside_args": (
+        "model.denoiser.schedule._args_",
+        lambda m: [write_text(m)],
+        WRITE,
+        r"model.denoiser.schedule._args_\[0\]",
+    ),
+    "hydra_blocklisted_too": (
+        "model.denoiser.net.dropout",
+        lambda m: {"_target_": "os.system", "_args_": [f"touch {m}"]},
+        "os.system",
+        "model.denoiser.net.dropout",
+    ),
+}
 
 
 def evil_checkpoint(good: Path, tmp_path: Path, where: str, payload: Any) -> Path:
@@ -77,8 +94,10 @@ def evil_checkpoint(good: Path, tmp_path: Path, where: str, payload: Any) -> Pat
 
 
 def sample_cfg(ckpt: Path, out_dir: Path, *extra: str):
-    return compose_config("sample", [f"ckpt={ckpt}", f"out_dir={out_dir}", "prompt=red apple", "num_images=1",
-                                     "steps=2", *extra])  # fmt: skip
+    return compose_config(
+        "sample",
+        [f"ckpt={ckpt}", f"out_dir={out_dir}", "prompt=red apple", "num_images=1", "steps=2", *extra],
+    )
 
 
 @pytest.mark.parametrize("name", sorted(PAYLOADS))
@@ -96,7 +115,8 @@ def test_checkpoint_payload_is_refused_and_never_runs(name: str, good_ckpt: Path
 
 
 def test_interpolation_that_would_build_a_node_is_refused(good_ckpt: Path, tmp_path: Path) -> None:
-    """${oc.create:...} would turn a string into a `_target_` node after the check: stored configs are resolved."""
+    """${oc.create:...} would turn a string into a `_target_` node after the check: stored configs are
+    resolved."""
     marker = tmp_path / "marker"
     payload = (
         "${oc.create:{_target_: pathlib.Path.write_text, self: {_target_: pathlib.Path, _args_: ['"
@@ -130,8 +150,9 @@ def test_trust_flag_builds_an_unlisted_target_after_a_warning(
     good_ckpt: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """trust_checkpoint_config=true: the checkpoint's own config is built as stored (here an OrderedDict)."""
-    ckpt = evil_checkpoint(good_ckpt, tmp_path, "sampler.eta",
-                           {"_target_": "collections.OrderedDict", "_args_": [[]]})  # fmt: skip
+    ckpt = evil_checkpoint(
+        good_ckpt, tmp_path, "sampler.eta", {"_target_": "collections.OrderedDict", "_args_": [[]]}
+    )
     with pytest.raises(UntrustedConfigError, match="collections.OrderedDict"):
         sample.run(sample_cfg(ckpt, tmp_path / "refused"))
     built: list[Any] = []
@@ -168,7 +189,8 @@ def config_targets() -> set[str]:
 
 
 def test_allowlist_is_exactly_the_targets_of_the_configs() -> None:
-    """A new config `_target_` fails here until it is allowlisted in ldm/safe_config.py (and stale ones too)."""
+    """A new config `_target_` fails here until it is allowlisted in ldm/safe_config.py (and stale ones
+    too)."""
     targets = config_targets()
     assert len(targets) > 30
     assert targets - ALLOWED_TARGETS == set(), "add these to ldm/safe_config.py"
@@ -187,8 +209,12 @@ def test_every_experiment_stores_a_config_that_passes_the_check(experiment: str 
     overrides = [f"experiment={experiment}"] if experiment else []
     if experiment == "finetune_sd":  # its one mandatory value: the pipeline directory
         overrides.append("paths.pretrained_pipeline=/models/sd15")
-    cfg = compose_config("train", [*overrides, "autoencoder.path=/x.safetensors"]
-                         if experiment in (None, "edm", "rectified_flow") else overrides)  # fmt: skip
+    cfg = compose_config(
+        "train",
+        [*overrides, "autoencoder.path=/x.safetensors"]
+        if experiment in (None, "edm", "rectified_flow")
+        else overrides,
+    )
     stored = OmegaConf.to_container(cfg, resolve=True)
     model = stored["model"]
     nodes = {k: model[k] for k in ("denoiser", "conditioner", "autoencoder") if k in model}

@@ -17,8 +17,14 @@ from ldm.nets.unet import UNet
 
 def tiny_unet() -> UNet:
     torch.manual_seed(0)
-    net = UNet(model_channels=16, channel_mult=(1, 2), attention_resolutions=(2,), num_heads=2,
-               context_dim=24, norm_groups=8)  # fmt: skip
+    net = UNet(
+        model_channels=16,
+        channel_mult=(1, 2),
+        attention_resolutions=(2,),
+        num_heads=2,
+        context_dim=24,
+        norm_groups=8,
+    )
     with torch.no_grad():  # non-zero output conv, so that the parity check sees every layer
         net.out[-1].weight.normal_(std=0.05)
     return net

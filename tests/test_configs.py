@@ -1,4 +1,5 @@
-"""Layer (a): every config group composes, the cheap ones instantiate, and the Hydra CLI behaves as users expect."""
+"""Layer (a): every config group composes, the cheap ones instantiate, and the Hydra CLI behaves as users
+expect."""
 
 from __future__ import annotations
 

@@ -141,8 +141,9 @@ def test_default_emoji_unet_to_diffusers_matches() -> None:
     node = OmegaConf.load(REPO / "configs/net/unet_small.yaml")
     kwargs = OmegaConf.to_container(OmegaConf.create({"net": node}).net, resolve=True)
     kwargs.pop("_target_")
-    # the default's 48 and 96 channels get 16 and 32 GroupNorm groups (gcd with norm_groups=32); diffusers has one
-    # count for every width: refused in one line, and the same net with 16 groups everywhere converts exactly
+    # the default's 48 and 96 channels get 16 and 32 GroupNorm groups (gcd with norm_groups=32); diffusers has
+    # one count for every width: refused in one line, and the same net with 16 groups everywhere converts
+    # exactly
     with pytest.raises(ValueError, match="norm_groups=32 does not divide the 48 channels"):
         unet_to_diffusers(UNet(**kwargs), sample_size=8)
     kwargs["norm_groups"] = 16
@@ -172,9 +173,20 @@ def test_ldm_single_file_matches_diffusers_own_converter(tmp_path: Path) -> None
     ours_as_diffusers = convert_state_dict(net.state_dict(), net, "ours", "diffusers")
     assert sorted(theirs) == sorted(ours_as_diffusers)
     assert all(torch.equal(theirs[k], ours_as_diffusers[k]) for k in theirs)
-    params = dict(in_channels=4, out_channels=4, model_channels=16, channel_mult=[1, 2, 2], num_res_blocks=2,
-                  attention_resolutions=[1, 2], num_heads=4, context_dim=CTX, use_spatial_transformer=True,
-                  legacy=False, image_size=8, use_checkpoint=True)  # fmt: skip
+    params = dict(
+        in_channels=4,
+        out_channels=4,
+        model_channels=16,
+        channel_mult=[1, 2, 2],
+        num_res_blocks=2,
+        attention_resolutions=[1, 2],
+        num_heads=4,
+        context_dim=CTX,
+        use_spatial_transformer=True,
+        legacy=False,
+        image_size=8,
+        use_checkpoint=True,
+    )
     from_yaml = ldm_unet_params_to_kwargs(params)  # the YAML's unet_config.params: same net (norms aside)
     assert from_yaml == {k: kwargs[k] for k in from_yaml}
     assert read_ldm_unet_state_dict(tmp_path / "sd.ckpt").keys() == {k[len(LDM_UNET_PREFIX) :] for k in flat}
@@ -205,7 +217,7 @@ SD15_CONFIG = dict(  # the published SD 1.5 / SD 2.1 UNet config.json values tha
             },
             865_910_724,
         ),
-    ],  # fmt: skip
+    ],
 )
 def test_real_sd_configs_give_the_published_parameter_counts(config: dict, params: int) -> None:
     net = meta_unet(diffusers_config_to_unet_kwargs(config))  # meta device: no memory, no init

@@ -221,8 +221,9 @@ def test_ranks_read_disjoint_shards_with_equal_batch_counts(tmp_path: Path, num_
     assert len(paths) == 5
     keys_by_rank = []
     for rank in range(2):
-        ds = ShardDataset(paths, "images", batch_size=4, num_batches=6, image_size=4, rank=rank, world_size=2,
-                          mode="cycle")  # fmt: skip
+        ds = ShardDataset(
+            paths, "images", batch_size=4, num_batches=6, image_size=4, rank=rank, world_size=2, mode="cycle"
+        )
         batches = _read_all(ds, num_workers)
         assert len(batches) == 6  # rank 1 has 16 samples for 24 slots: it cycles its shards
         keys_by_rank.append({k for b in batches for k in b["__key__"]})
@@ -236,8 +237,9 @@ def test_fewer_shards_than_consumers_splits_samples(tmp_path: Path) -> None:
     paths = write_shards(_image_samples(24, size=4), str(tmp_path), max_per_shard=8)  # 3 shards, 4 consumers
     keys = []
     for rank in range(2):
-        ds = ShardDataset(paths, "images", batch_size=3, num_batches=4, image_size=4, rank=rank, world_size=2,
-                          mode="cycle")  # fmt: skip
+        ds = ShardDataset(
+            paths, "images", batch_size=3, num_batches=4, image_size=4, rank=rank, world_size=2, mode="cycle"
+        )
         batches = _read_all(ds, num_workers=2)
         assert len(batches) == 4
         keys += [k for b in batches for k in b["__key__"]]
@@ -267,9 +269,11 @@ def test_datamodule_counts_from_index(tmp_path: Path) -> None:
     write_shards(_latent_samples(20), str(tmp_path), prefix="train", max_per_shard=5, meta={"ae": "tiny"})
     write_shards(_latent_samples(6, seed=1), str(tmp_path), prefix="val", max_per_shard=5)
     dm = ShardDataModule(
-        f"{tmp_path}/train-{{000000..000003}}.tar", f"{tmp_path}/val-{{000000..000001}}.tar", batch_size=4,
+        f"{tmp_path}/train-{{000000..000003}}.tar",
+        f"{tmp_path}/val-{{000000..000001}}.tar",
+        batch_size=4,
         latent_shape=[4, 2, 2],
-    )  # fmt: skip
+    )
     assert dm.train_samples == 20 and dm.val_samples == 6 and dm.index_meta == {"ae": "tiny"}
     dm.setup("fit")
     train = list(dm.train_dataloader())
@@ -311,8 +315,8 @@ def test_latent_shape_is_required_not_taken_from_the_first_sample(tmp_path: Path
 
 
 def test_a_failed_write_closes_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """TarWriter does not close a file object it was given: write_shard must, or every failed shard leaks an fd
-    (until the garbage collector finds it)."""
+    """TarWriter does not close a file object it was given: write_shard must, or every failed shard leaks an
+    fd (until the garbage collector finds it)."""
     from ldm.data import shards
 
     opened: list = []

@@ -1,10 +1,11 @@
-"""The bad-sample fraction is exact: each bad sample counts once per epoch, against the samples read on its rank.
+"""The bad-sample fraction is exact: each bad sample counts once per epoch, against the samples read on its
+rank.
 
 Four latent shards of 125 samples, one bad sample each (0.8 %), over 2 ranks x 2 workers with the default
-shuffle buffer. A batch of 25 leaves each worker 124 valid samples for a quota of 125, so every worker reads its
-shard a second time (the re-read must not count again), and the shuffle buffer reads a whole shard before the
-first batch (the read-ahead must count in the denominator too). The limit 1 % must never trip, and the report
-must show exactly 2 bad of 250 read per rank, 1 per shard.
+shuffle buffer. A batch of 25 leaves each worker 124 valid samples for a quota of 125, so every worker reads
+its shard a second time (the re-read must not count again), and the shuffle buffer reads a whole shard before
+the first batch (the read-ahead must count in the denominator too). The limit 1 % must never trip, and the
+report must show exactly 2 bad of 250 read per rank, 1 per shard.
 """
 
 from __future__ import annotations
@@ -62,8 +63,16 @@ def _guard_over(ds: ShardDataset, workers: int, guard: BadSampleGuard) -> list[d
 @pytest.mark.parametrize("rank", [0, 1])
 def test_bad_fraction_is_exact_per_rank(bad_shards: dict, rank: int) -> None:
     urls = bad_shards["urls"]
-    ds = ShardDataset(urls, "latents", batch_size=BATCH, num_batches=100, rank=rank, world_size=2,
-                      shard_counts=index_counts(urls, {})[0], num_workers=2)  # fmt: skip
+    ds = ShardDataset(
+        urls,
+        "latents",
+        batch_size=BATCH,
+        num_batches=100,
+        rank=rank,
+        world_size=2,
+        shard_counts=index_counts(urls, {})[0],
+        num_workers=2,
+    )
     assert ds.shuffle_buffer == 500 and len(ds) == 10  # the default buffer; 2 workers x 5 batches of 25
     guard = BadSampleGuard(max_bad_fraction=0.01, min_samples=1, rank=rank)
     batches = _guard_over(ds, 2, guard)
@@ -97,8 +106,16 @@ def test_resumed_epoch_attaches_the_same_counts_to_the_same_batches(bad_shards: 
     urls = bad_shards["urls"]
 
     def counts(skip: int) -> list[tuple]:
-        ds = ShardDataset(urls, "latents", batch_size=BATCH, num_batches=100, rank=1, world_size=2,
-                          shard_counts=index_counts(urls, {})[0], num_workers=2)  # fmt: skip
+        ds = ShardDataset(
+            urls,
+            "latents",
+            batch_size=BATCH,
+            num_batches=100,
+            rank=1,
+            world_size=2,
+            shard_counts=index_counts(urls, {})[0],
+            num_workers=2,
+        )
         ds.set_epoch(0, skip)
         loader = DataLoader(ds, batch_size=None, num_workers=2)
         return [(b["__key__"], b["read"], b["skipped"], b["skipped_shards"]) for b in loader]
@@ -110,27 +127,48 @@ def test_resumed_epoch_attaches_the_same_counts_to_the_same_batches(bad_shards: 
 
 
 def test_a_sample_with_a_duplicated_member_is_one_bad_read(tmp_path: Path) -> None:
-    """Two ``KEY.txt`` in one sample: which one is meant is unknown, so the sample is dropped and counted once."""
+    """Two ``KEY.txt`` in one sample: which one is meant is unknown, so the sample is dropped and counted
+    once."""
     from test_data_robustness import SHAPE, _good, _tar
 
     members = _good("a", 0) + [("a.txt", b"again")] + _good("b", 1)
     (tmp_path / "t-000000.tar").write_bytes(_tar(members))
-    ds = ShardDataset([str(tmp_path / "t-000000.tar")], "latents", batch_size=1, num_batches=1,
-                      latent_shape=SHAPE, shuffle=False)  # fmt: skip
+    ds = ShardDataset(
+        [str(tmp_path / "t-000000.tar")],
+        "latents",
+        batch_size=1,
+        num_batches=1,
+        latent_shape=SHAPE,
+        shuffle=False,
+    )
     batch = next(iter(DataLoader(ds, batch_size=None)))
     assert batch["__key__"] == ["b"] and batch["skipped"] == {"duplicate_member": 1} and batch["read"] == 2
 
 
 def test_two_ddp_ranks_report_the_exact_fraction_and_do_not_stop(bad_shards: dict, tiny_data: dict) -> None:
-    """train.py, DDP on 2 CPU processes with 2 workers each: one epoch with the check active from 100 reads."""
+    """train.py, DDP on 2 CPU processes with 2 workers each: one epoch with the check active from 100
+    reads."""
     out = bad_shards["root"] / "run"
-    args = tiny_overrides(tiny_data, out, f"data.train_shards='{bad_shards['pattern']}'", f"data.batch_size={BATCH}",
-                          "data.num_workers=2", "data.max_bad_fraction=0.01", "data.bad_fraction_min_samples=100",
-                          "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
-                          "trainer.max_steps=10", "trainer.check_val_every_n_epoch=100",
-                          "callbacks.model_checkpoint.every_n_train_steps=0", f"hydra.run.dir={out}")  # fmt: skip
-    done = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=400)  # fmt: skip
+    args = tiny_overrides(
+        tiny_data,
+        out,
+        f"data.train_shards='{bad_shards['pattern']}'",
+        f"data.batch_size={BATCH}",
+        "data.num_workers=2",
+        "data.max_bad_fraction=0.01",
+        "data.bad_fraction_min_samples=100",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "trainer.max_steps=10",
+        "trainer.check_val_every_n_epoch=100",
+        "callbacks.model_checkpoint.every_n_train_steps=0",
+        f"hydra.run.dir={out}",
+    )
+    done = subprocess.run(
+        [sys.executable, "train.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     shards: list[tuple[str, dict[str, int]]] = []
     for rank in range(2):

@@ -1,8 +1,8 @@
-"""Images of any mode become the right 8-bit RGB, the same way wherever they are decoded; captions that are not
-UTF-8 are skipped and counted, not fatal.
+"""Images of any mode become the right 8-bit RGB, the same way wherever they are decoded; captions that are
+not UTF-8 are skipped and counted, not fatal.
 
-16-bit grayscale maps 0..65535 onto 0..255 (round(v / 257)), not clipped to white; transparency (RGBA, LA, P with
-a transparent index, a tRNS colour) is composited over a configurable background, white by default:
+16-bit grayscale maps 0..65535 onto 0..255 (round(v / 257)), not clipped to white; transparency (RGBA, LA, P
+with a transparent index, a tRNS colour) is composited over a configurable background, white by default:
 half-transparent red on white is (255, 127, 127).
 """
 
@@ -80,7 +80,8 @@ def test_16_bit_gray_maps_onto_8_bits_not_white() -> None:
 
 
 def test_48_bit_rgb_keeps_pillows_high_byte() -> None:
-    """Pillow loads 16-bit RGB as 8-bit RGB keeping the high byte (floor(v / 256), within 1 of round(v / 257))."""
+    """Pillow loads 16-bit RGB as 8-bit RGB keeping the high byte (floor(v / 256), within 1 of round(v /
+    257))."""
     rgb = np.array([[[65535, 0, 32896], [257 * 100, 257 * 50 + 200, 300]]], np.uint16)
     assert _rgb(_png16(rgb, 2)).tolist() == [[[255, 0, 128], [100, 50, 1]]]
 
@@ -123,19 +124,24 @@ def test_background_spellings_and_errors() -> None:
 
 
 def test_every_decoder_shares_the_conversion(tmp_path: Path) -> None:
-    """Training images (ShardDataset / ShardDataModule data.alpha_background), encoding (image_batches, buckets)
-    and the folder source give the same composited pixels."""
+    """Training images (ShardDataset / ShardDataModule data.alpha_background), encoding (image_batches,
+    buckets) and the folder source give the same composited pixels."""
     rgba = _save(Image.new("RGBA", (8, 8), RED_HALF))
     gray16 = _save(Image.fromarray(np.full((8, 8), 32896, np.uint16)))
     assert _pixels(decode_image(rgba, 8))[0, 0].tolist() == [255, 127, 127]
     assert _pixels(decode_image(rgba, 8, (0, 0, 0)))[0, 0].tolist() == [128, 0, 0]
     assert _pixels(bucket_image(rgba, [(8, 8)], None, (0, 0, 0))[0])[0, 0].tolist() == [128, 0, 0]
     assert _pixels(decode_image(gray16, 8))[0, 0].tolist() == [128, 128, 128]
-    write_shards([{"__key__": "a", "png": rgba, "txt": "red"}, {"__key__": "g", "png": gray16, "txt": "grey"}],
-                 str(tmp_path / "img"), prefix="train", max_per_shard=10)  # fmt: skip
+    write_shards(
+        [{"__key__": "a", "png": rgba, "txt": "red"}, {"__key__": "g", "png": gray16, "txt": "grey"}],
+        str(tmp_path / "img"),
+        prefix="train",
+        max_per_shard=10,
+    )
     url = str(tmp_path / "img" / "train-000000.tar")
-    ds = ShardDataset([url], "images", batch_size=2, num_batches=1, image_size=8, shuffle=False,
-                      alpha_background="black")  # fmt: skip
+    ds = ShardDataset(
+        [url], "images", batch_size=2, num_batches=1, image_size=8, shuffle=False, alpha_background="black"
+    )
     batch = next(iter(DataLoader(ds, batch_size=None)))
     assert [_pixels(im)[0, 0].tolist() for im in batch["image"]] == [[128, 0, 0], [128, 128, 128]]
     dm = ShardDataModule(url, kind="images", batch_size=2, image_size=8, alpha_background="#0000ff")
@@ -152,8 +158,12 @@ def test_encode_records_the_background_and_prepare_has_the_flag(tmp_path: Path) 
     from test_data_no_overwrite import _latents
 
     rgba = _save(Image.new("RGBA", (8, 8), RED_HALF))
-    write_shards([{"__key__": f"k{i}", "png": rgba, "txt": "red"} for i in range(2)], str(tmp_path / "images"),
-                 prefix="train", max_per_shard=1)  # fmt: skip
+    write_shards(
+        [{"__key__": f"k{i}", "png": rgba, "txt": "red"} for i in range(2)],
+        str(tmp_path / "images"),
+        prefix="train",
+        max_per_shard=1,
+    )
     prepare.main(_latents(tmp_path / "images", str(tmp_path / "black"), "--alpha-background", "black"))
     prepare.main(_latents(tmp_path / "images", str(tmp_path / "white")))
     black = json.loads((tmp_path / "black" / "train.json").read_text())["meta"]
@@ -180,5 +190,7 @@ def test_prepare_images_skips_and_counts_captions_that_are_not_utf8(
         prepare.main(["images", "--input", str(src), "--out", str(tmp_path / "out")])
     assert json.loads((tmp_path / "out" / "train.json").read_text())["total"] == 3
     summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("images: ")]
-    assert summary == [f"images: 3 samples written to {tmp_path / 'out'}, 2 skipped: "
-                       "{'caption_not_utf8': 1, 'missing_caption': 1}"]  # fmt: skip
+    assert summary == [
+        f"images: 3 samples written to {tmp_path / 'out'}, 2 skipped: "
+        "{'caption_not_utf8': 1, 'missing_caption': 1}"
+    ]

@@ -1,6 +1,7 @@
-"""No command writes over its input: an output path that is, or resolves to, an input shard, an input shard index
-or another input file is refused before anything is written, however it is spelled (same directory and prefix,
-``--overwrite``, ``..``, a relative path, a symlinked directory, a hard link), and the inputs stay byte-identical.
+"""No command writes over its input: an output path that is, or resolves to, an input shard, an input shard
+index or another input file is refused before anything is written, however it is spelled (same directory and
+prefix, ``--overwrite``, ``..``, a relative path, a symlinked directory, a hard link), and the inputs stay
+byte-identical.
 """
 
 from __future__ import annotations
@@ -46,8 +47,20 @@ def images(tmp_path: Path) -> Path:
 
 def _latents(images: Path, out: str, *extra: str) -> list[str]:
     ae = Path(__file__).resolve().parents[1] / "ldm" / "autoencoder" / "weights" / "emoji_kl_f4.safetensors"
-    return ["latents", "--shards", str(images / PATTERN), "--out", out, "--autoencoder",
-            str(ae) if ae.is_file() else "emoji-kl-f4", "--image-size", "8", "--device", "cpu", *extra]  # fmt: skip
+    return [
+        "latents",
+        "--shards",
+        str(images / PATTERN),
+        "--out",
+        out,
+        "--autoencoder",
+        str(ae) if ae.is_file() else "emoji-kl-f4",
+        "--image-size",
+        "8",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def _refused(argv: list[str], match: str, *roots: Path) -> str:
@@ -100,14 +113,29 @@ def test_latents_through_a_hard_link_or_symlinked_file_is_refused(images: Path, 
 
 
 def test_latents_merge_over_the_image_index_is_refused(images: Path) -> None:
-    _refused(["latents-merge", "--shards", str(images / PATTERN), "--out", f"{images}/."],
-             r"train\.json would overwrite the input .*train\.json.*--out", images)  # fmt: skip
+    _refused(
+        ["latents-merge", "--shards", str(images / PATTERN), "--out", f"{images}/."],
+        r"train\.json would overwrite the input .*train\.json.*--out",
+        images,
+    )
 
 
 def test_export_over_the_image_index_is_refused(images: Path, tmp_path: Path) -> None:
-    """--out images/train would write images/train.json (and .safetensors): refused before the checkpoint loads."""
-    _refused(["export-autoencoder", "--ckpt", str(tmp_path / "missing.ckpt"), "--shards", str(images / PATTERN),
-              "--out", str(images / "train")], r"train\.json would overwrite the input .*--out", images)  # fmt: skip
+    """--out images/train would write images/train.json (and .safetensors): refused before the checkpoint
+    loads."""
+    _refused(
+        [
+            "export-autoencoder",
+            "--ckpt",
+            str(tmp_path / "missing.ckpt"),
+            "--shards",
+            str(images / PATTERN),
+            "--out",
+            str(images / "train"),
+        ],
+        r"train\.json would overwrite the input .*--out",
+        images,
+    )
 
 
 def test_images_out_where_an_input_resolves_is_refused(tmp_path: Path) -> None:

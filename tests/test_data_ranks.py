@@ -1,4 +1,5 @@
-"""2 nodes x 2 ranks: the exact-mode data plan gives every rank the same batch count and reads no sample twice."""
+"""2 nodes x 2 ranks: the exact-mode data plan gives every rank the same batch count and reads no sample
+twice."""
 
 from __future__ import annotations
 
@@ -41,8 +42,18 @@ def test_four_ranks_read_their_own_samples(tiny_data: dict, tmp_path: Path) -> N
     keys: Counter[str] = Counter()
     batches = set()
     for rank in range(4):
-        ds = ShardDataset(urls, "latents", batch_size=4, num_batches=10**6, rank=rank, world_size=4,
-                          num_workers=2, shard_counts=counts, mode="exact", latent_shape=(4, 8, 8))  # fmt: skip
+        ds = ShardDataset(
+            urls,
+            "latents",
+            batch_size=4,
+            num_batches=10**6,
+            rank=rank,
+            world_size=4,
+            num_workers=2,
+            shard_counts=counts,
+            mode="exact",
+            latent_shape=(4, 8, 8),
+        )
         got = [b["__key__"] for b in DataLoader(ds, batch_size=None, num_workers=2)]
         batches.add(len(got))
         keys.update(k for b in got for k in b)

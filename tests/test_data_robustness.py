@@ -43,9 +43,11 @@ def _tar(members: list[tuple[str, bytes]], fmt: int = tarfile.PAX_FORMAT) -> byt
 
 def _good(key: str, seed: int) -> list[tuple[str, bytes]]:
     rng = np.random.default_rng(seed)
-    return [(f"{key}.latent.npy", _npy(rng.standard_normal(SHAPE).astype(np.float16))),
-            (f"{key}.txt", f"caption {key}".encode()),
-            (f"{key}.emb.npy", _npy(rng.standard_normal((3, 16)).astype(np.float16)))]  # fmt: skip
+    return [
+        (f"{key}.latent.npy", _npy(rng.standard_normal(SHAPE).astype(np.float16))),
+        (f"{key}.txt", f"caption {key}".encode()),
+        (f"{key}.emb.npy", _npy(rng.standard_normal((3, 16)).astype(np.float16))),
+    ]
 
 
 def _latent(key: str, array: np.ndarray, caption: bytes = b"fine caption") -> list[tuple[str, bytes]]:
@@ -77,9 +79,18 @@ def _defects() -> list[tuple[str, bytes]]:
     ]
 
 
-EXPECTED_A = {"missing_caption": 2, "caption_too_long": 1, "latent_shape": 1, "latent_dtype": 1,
-              "latent_nonfinite": 2, "decode_error": 1, "caption_not_utf8": 1, "missing_latent": 1,
-              "bad_embedding": 1, "bad_label": 1}  # fmt: skip
+EXPECTED_A = {
+    "missing_caption": 2,
+    "caption_too_long": 1,
+    "latent_shape": 1,
+    "latent_dtype": 1,
+    "latent_nonfinite": 2,
+    "decode_error": 1,
+    "caption_not_utf8": 1,
+    "missing_latent": 1,
+    "bad_embedding": 1,
+    "bad_label": 1,
+}
 
 
 def _write_defect_shards(root: Path) -> tuple[list[str], list[str]]:
@@ -95,8 +106,12 @@ def _write_defect_shards(root: Path) -> tuple[list[str], list[str]]:
     garbled = _tar(before + _good("junk", 98) + after)
     end = _archive_end(before)  # where junk.latent.npy's header starts
     (root / "train-000002.tar").write_bytes(garbled[:end] + b"\x01" * 512 + garbled[end + 512 :])
-    index = {"shards": [f"train-00000{i}.tar" for i in range(4)], "counts": [4, 4, 4, 4], "total": 16,
-             "meta": {"latent_shape": list(SHAPE), "latent_dtype": "float16"}}  # fmt: skip
+    index = {
+        "shards": [f"train-00000{i}.tar" for i in range(4)],
+        "counts": [4, 4, 4, 4],
+        "total": 16,
+        "meta": {"latent_shape": list(SHAPE), "latent_dtype": "float16"},
+    }
     (root / "train.json").write_text(json.dumps(index))
     urls = [str(root / f"train-00000{i}.tar") for i in (3, 2, 1, 0)]
     return urls, good["c"] + good["b"] + good["a"]
@@ -124,23 +139,39 @@ def _totals(batches: list[dict], field: str = "skipped") -> dict:
 
 def test_each_defect_is_counted_exactly_and_every_good_sample_arrives(tmp_path: Path) -> None:
     urls, good = _write_defect_shards(tmp_path)
-    ds = ShardDataset(urls, "latents", batch_size=4, num_batches=3, shuffle=False, latent_shape=SHAPE,
-                      latent_dtype="float16", max_caption_chars=1000)  # fmt: skip
+    ds = ShardDataset(
+        urls,
+        "latents",
+        batch_size=4,
+        num_batches=3,
+        shuffle=False,
+        latent_shape=SHAPE,
+        latent_dtype="float16",
+        max_caption_chars=1000,
+    )
     batches = list(DataLoader(ds, batch_size=None))
     assert [k for b in batches for k in b["__key__"]] == good
     assert all(b["latent"].shape == (4, *SHAPE) and b["context"].shape == (4, 3, 16) for b in batches)
     # the garbled header costs its member only: the reader goes on from the next valid header (junk.txt)
     after_garble = {"corrupt_shard": 1, "missing_latent": 1}
-    assert _totals(batches, "skipped_shards") == {urls[0]: {"read_error": 1}, urls[1]: after_garble,
-                                                  urls[2]: {"truncated_shard": 1}, urls[3]: EXPECTED_A}  # fmt: skip
+    assert _totals(batches, "skipped_shards") == {
+        urls[0]: {"read_error": 1},
+        urls[1]: after_garble,
+        urls[2]: {"truncated_shard": 1},
+        urls[3]: EXPECTED_A,
+    }
     expected = {**EXPECTED_A, "read_error": 1, "corrupt_shard": 1, "truncated_shard": 1, "missing_latent": 2}
     assert _totals(batches) == expected
 
 
 def test_bad_fraction_limit_names_the_worst_shard(tmp_path: Path) -> None:
     _write_defect_shards(tmp_path)
-    dm = ShardDataModule(f"{tmp_path}/train-{{000000..000003}}.tar", batch_size=4, max_bad_fraction=0.2,
-                         bad_fraction_min_samples=1)  # fmt: skip
+    dm = ShardDataModule(
+        f"{tmp_path}/train-{{000000..000003}}.tar",
+        batch_size=4,
+        max_bad_fraction=0.2,
+        bad_fraction_min_samples=1,
+    )
     assert dm.latent_shape == SHAPE and dm.latent_dtype == "float16" and dm.train_samples == 12
     dm.setup("fit")
     with pytest.raises(RuntimeError) as caught:
@@ -159,8 +190,13 @@ def test_bad_fraction_limit_names_the_worst_shard(tmp_path: Path) -> None:
 def test_image_decode_error_and_missing_image(tmp_path: Path) -> None:
     png = io.BytesIO()
     Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(png, format="PNG")
-    members = [("bad.png", b"\x89PNG not really"), ("bad.txt", b"x"), ("noimg.txt", b"y"),
-               ("good.png", png.getvalue()), ("good.txt", b"a grey square")]  # fmt: skip
+    members = [
+        ("bad.png", b"\x89PNG not really"),
+        ("bad.txt", b"x"),
+        ("noimg.txt", b"y"),
+        ("good.png", png.getvalue()),
+        ("good.txt", b"a grey square"),
+    ]
     (tmp_path / "img-000000.tar").write_bytes(_tar(members, fmt=tarfile.USTAR_FORMAT))
     ds = ShardDataset([str(tmp_path / "img-000000.tar")], "images", batch_size=1, num_batches=1, image_size=8)
     batch = next(iter(DataLoader(ds, batch_size=None)))
@@ -198,12 +234,26 @@ def test_counts_reach_the_run_directory_and_the_limit_stops_the_run(tiny_data: d
     ok = np.zeros(SHAPE, np.float16)
     nan = ok.copy()
     nan[0, 0, 0] = np.nan
-    _prepend(latents / "train-000000.tar", [("nocap.latent.npy", _npy(ok)), *_latent("long", ok, b"x" * 1001),
-                                            *_latent("shape", np.zeros((4, 4, 4), np.float16)),
-                                            *_latent("dtype", np.zeros(SHAPE, np.float32)), *_latent("nan", nan),
-                                            ("bad.latent.npy", b"junk"), ("bad.txt", b"caption")])  # fmt: skip
-    expected = {"caption_too_long": 1, "decode_error": 1, "latent_dtype": 1, "latent_nonfinite": 1,
-                "latent_shape": 1, "missing_caption": 1}  # fmt: skip
+    _prepend(
+        latents / "train-000000.tar",
+        [
+            ("nocap.latent.npy", _npy(ok)),
+            *_latent("long", ok, b"x" * 1001),
+            *_latent("shape", np.zeros((4, 4, 4), np.float16)),
+            *_latent("dtype", np.zeros(SHAPE, np.float32)),
+            *_latent("nan", nan),
+            ("bad.latent.npy", b"junk"),
+            ("bad.txt", b"caption"),
+        ],
+    )
+    expected = {
+        "caption_too_long": 1,
+        "decode_error": 1,
+        "latent_dtype": 1,
+        "latent_nonfinite": 1,
+        "latent_shape": 1,
+        "missing_caption": 1,
+    }
     total = json.loads((latents / "train.json").read_text())["total"]
     data = {**tiny_data, "latents": latents}
     out = tmp_path / "run"
@@ -222,8 +272,17 @@ def test_counts_reach_the_run_directory_and_the_limit_stops_the_run(tiny_data: d
     }
 
     stop = tmp_path / "stop"
-    cfg = compose_config("train", tiny_overrides(data, stop, f"data.batch_size={total // 3}", "trainer.max_steps=3",
-                                                 "data.max_bad_fraction=0.01", "data.bad_fraction_min_samples=1"))  # fmt: skip
+    cfg = compose_config(
+        "train",
+        tiny_overrides(
+            data,
+            stop,
+            f"data.batch_size={total // 3}",
+            "trainer.max_steps=3",
+            "data.max_bad_fraction=0.01",
+            "data.bad_fraction_min_samples=1",
+        ),
+    )
     with pytest.raises(
         RuntimeError, match=r"over data\.max_bad_fraction=0\.01: worst shards .*train-000000\.tar \(6: "
     ):
@@ -238,8 +297,17 @@ def test_damage_of_a_shard_split_between_ranks_counts_once(tmp_path: Path) -> No
     for url, reason in ((urls[2], "truncated_shard"), (urls[1], "corrupt_shard")):
         totals: dict[str, int] = {}
         for rank in range(2):
-            ds = ShardDataset([url], "latents", batch_size=1, num_batches=2, shuffle=False, latent_shape=SHAPE,
-                              rank=rank, world_size=2, shard_counts=[5])  # fmt: skip
+            ds = ShardDataset(
+                [url],
+                "latents",
+                batch_size=1,
+                num_batches=2,
+                shuffle=False,
+                latent_shape=SHAPE,
+                rank=rank,
+                world_size=2,
+                shard_counts=[5],
+            )
             pieces = ds.plan(0).pieces[rank][0]
             assert [(p[1], p[2]) for p in pieces] == [(2, rank)]  # the shard is split, not given to one rank
             counter = SkipCounter()

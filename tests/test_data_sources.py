@@ -80,8 +80,9 @@ def test_http_shards_equal_local_shards(tiny_data: dict, http_root: tuple[str, P
     for path in Path(tiny_data["latents"]).iterdir():
         shutil.copy(path, root / path.name)
     names = _shard_names(tiny_data)
-    remote = ShardDataModule(f"{base}/train-{{000000..000002}}.tar", f"{base}/val-000000.tar",
-                             batch_size=16, shuffle_buffer=8)  # fmt: skip
+    remote = ShardDataModule(
+        f"{base}/train-{{000000..000002}}.tar", f"{base}/val-000000.tar", batch_size=16, shuffle_buffer=8
+    )
     local = _local(tiny_data)
     assert remote.train_urls == [f"{base}/{n}" for n in names]
     assert (remote.train_samples, remote.val_samples) == (local.train_samples, local.val_samples)
@@ -114,8 +115,12 @@ def test_http_missing_shard_is_counted_and_the_rest_is_read(
 
 def test_pipe_shards_equal_local_shards(tiny_data: dict) -> None:
     latents = shlex.quote(str(tiny_data["latents"]))
-    remote = ShardDataModule(f"pipe:cat {latents}/train-{{000000..000002}}.tar", f"pipe:cat {latents}/val-000000.tar",
-                             batch_size=16, shuffle_buffer=8)  # fmt: skip
+    remote = ShardDataModule(
+        f"pipe:cat {latents}/train-{{000000..000002}}.tar",
+        f"pipe:cat {latents}/val-000000.tar",
+        batch_size=16,
+        shuffle_buffer=8,
+    )
     assert remote.train_samples == _local(tiny_data).train_samples and remote.latent_shape == (4, 8, 8)
     _assert_same_batches(_batches(remote), _batches(_local(tiny_data)))
 
@@ -129,10 +134,16 @@ def test_pipe_shards_with_two_workers(tiny_data: dict) -> None:
 
 
 def test_s3_urls_run_through_their_command_template(tiny_data: dict) -> None:
-    """``s3://`` becomes a command; here the template is ``cat`` of the local copy, so no aws CLI is needed."""
+    """``s3://`` becomes a command; here the template is ``cat`` of the local copy, so no aws CLI is
+    needed."""
     command = f"cat {shlex.quote(str(tiny_data['latents']))}/{{key}}"
-    remote = ShardDataModule("s3://tiny-bucket/train-{000000..000002}.tar", "s3://tiny-bucket/val-000000.tar",
-                             batch_size=16, shuffle_buffer=8, url_commands={"s3": command})  # fmt: skip
+    remote = ShardDataModule(
+        "s3://tiny-bucket/train-{000000..000002}.tar",
+        "s3://tiny-bucket/val-000000.tar",
+        batch_size=16,
+        shuffle_buffer=8,
+        url_commands={"s3": command},
+    )
     assert remote.train_samples == _local(tiny_data).train_samples and remote.index_meta["latent_shape"] == [
         4,
         8,

@@ -1,5 +1,6 @@
-"""Tests for the DiT backbone (ldm/nets/dit.py): shapes for any grid, zero init, positions, masks, checkpointing,
-every objective and sampler, a tiny overfit and a train.py -> sample.py run with ``net=dit_tiny``."""
+"""Tests for the DiT backbone (ldm/nets/dit.py): shapes for any grid, zero init, positions, masks,
+checkpointing, every objective and sampler, a tiny overfit and a train.py -> sample.py run with
+``net=dit_tiny``."""
 
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ def test_zero_output_at_init_and_unconditional() -> None:
 
 
 def numpy_2d_sincos(dim: int, gh: int, gw: int) -> np.ndarray:
-    """MAE / DiT ``get_2d_sincos_pos_embed`` (facebookresearch/mae util/pos_embed.py), generalised to gh x gw."""
+    """MAE / DiT ``get_2d_sincos_pos_embed`` (facebookresearch/mae util/pos_embed.py), generalised to gh x
+    gw."""
 
     def one_d(d: int, pos: np.ndarray) -> np.ndarray:
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
@@ -230,8 +232,18 @@ def test_train_py_and_sample_py_with_dit_tiny(tiny_data: dict, tmp_path: Path) -
     ckpt = load_checkpoint_file(ckpt_path)
     assert ckpt["ldm_config"]["model"]["denoiser"]["net"]["_target_"] == "ldm.nets.dit.DiT"
     assert any(k.startswith("denoiser.net.blocks.1.cross_attn.") for k in ckpt["state_dict"])
-    cfg = compose_config("sample", [f"ckpt={ckpt_path}", f"out_dir={tmp_path / 's'}", "prompt=red apple",
-                                    "num_images=2", "steps=4", "cfg_scale=3", "seed=7"])  # fmt: skip
+    cfg = compose_config(
+        "sample",
+        [
+            f"ckpt={ckpt_path}",
+            f"out_dir={tmp_path / 's'}",
+            "prompt=red apple",
+            "num_images=2",
+            "steps=4",
+            "cfg_scale=3",
+            "seed=7",
+        ],
+    )
     records = sample.run(cfg)
     assert len(records) == 2
     image = np.asarray(Image.open(tmp_path / "s" / records[0]["file"]))

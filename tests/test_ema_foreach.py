@@ -1,5 +1,5 @@
-"""The EMA's fused ``torch._foreach_lerp_`` update is bit-identical to the per-tensor lerp it replaced, and the
-callback keeps its warm-up decay, NaN refusal, ``swapped_in`` and checkpoint layout."""
+"""The EMA's fused ``torch._foreach_lerp_`` update is bit-identical to the per-tensor lerp it replaced, and
+the callback keeps its warm-up decay, NaN refusal, ``swapped_in`` and checkpoint layout."""
 
 from __future__ import annotations
 
@@ -39,8 +39,11 @@ def test_blend_is_bit_identical_to_per_tensor_lerp(weight: float) -> None:
     state["half"] = torch.randn(33, generator=g).to(torch.bfloat16)  # shadow fp32 of a bf16 weight
     state["fp16"] = torch.randn(9, generator=g).half()  # its own dtype group
     state["count"] = torch.tensor(7)
-    shadow = {k: torch.randn(v.shape, generator=g).to(v.dtype if k != "half" else torch.float32)
-              for k, v in state.items() if k != "count"}  # fmt: skip
+    shadow = {
+        k: torch.randn(v.shape, generator=g).to(v.dtype if k != "half" else torch.float32)
+        for k, v in state.items()
+        if k != "count"
+    }
     shadow["count"] = torch.tensor(0)
     expected = {k: v.clone() for k, v in shadow.items()}
     for _ in range(5):

@@ -1,4 +1,5 @@
-"""Labelled emoji shards (class id ``cls`` per sample, class names in the index meta) and the sources' own splits."""
+"""Labelled emoji shards (class id ``cls`` per sample, class names in the index meta) and the sources' own
+splits."""
 
 from __future__ import annotations
 
@@ -58,12 +59,25 @@ def test_unlabelled_emoji_are_skipped_counted_and_logged(
 
 @pytest.fixture(scope="module")
 def labelled(tiny_data: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The first 45 emoji as labelled image shards (prepare.py emoji --labels category), encoded by the tiny AE."""
+    """The first 45 emoji as labelled image shards (prepare.py emoji --labels category), encoded by the tiny
+    AE."""
     from ldm.autoencoder.loaders import load_kl_autoencoder
 
     root = tmp_path_factory.mktemp("labelled")
-    prepare.main(["emoji", "--labels", "category", "--limit", "45", "--max-per-shard", "20", "--images-only",
-                  "--out", str(root)])  # fmt: skip
+    prepare.main(
+        [
+            "emoji",
+            "--labels",
+            "category",
+            "--limit",
+            "45",
+            "--max-per-shard",
+            "20",
+            "--images-only",
+            "--out",
+            str(root),
+        ]
+    )
     ae = load_kl_autoencoder(str(tiny_data["ae"]))
     for prefix in ("train", "val"):
         pattern = ",".join(read_index(str(root / "images" / f"{prefix}.json"))["paths"])
@@ -84,8 +98,12 @@ def test_labelled_shards_carry_cls_and_the_class_names(labelled: Path) -> None:
     assert int(members[f"{first}.cls"]) == emoji_label(_emoji_with_caption(caption), "category")
     latent_meta = read_index(str(labelled / "latents" / "train.json"))["meta"]
     assert latent_meta["labels"] == names and latent_meta["label_level"] == "category"
-    for source in (labelled / "latents", labelled / "latents" / "val.json", latent_meta,
-                   str(labelled / "latents" / "train-{000000..000001}.tar")):  # fmt: skip
+    for source in (
+        labelled / "latents",
+        labelled / "latents" / "val.json",
+        latent_meta,
+        str(labelled / "latents" / "train-{000000..000001}.tar"),
+    ):
         assert read_label_names(source) == names
 
 
@@ -170,8 +188,9 @@ def test_prepare_images_splits_by_key_and_keeps_the_duplicate_check(
 
 def test_split_samples_takes_the_split_from_the_caller(tmp_path: Path) -> None:
     samples = [{"__key__": f"k{i}", "txt": "x", "cls": i % 2} for i in range(6)]
-    counts = prepare.split_samples(iter(samples), str(tmp_path), 4, lambda key: key in ("k0", "k3"),
-                                   labels=(["even", "odd"], "parity"))  # fmt: skip
+    counts = prepare.split_samples(
+        iter(samples), str(tmp_path), 4, lambda key: key in ("k0", "k3"), labels=(["even", "odd"], "parity")
+    )
     assert counts == {"train": 4, "val": 2}
     meta = json.loads((tmp_path / "val.json").read_text())["meta"]
     assert meta == {"labels": ["even", "odd"], "label_level": "parity", "label_counts": [1, 1]}

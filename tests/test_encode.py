@@ -1,5 +1,6 @@
 """Latent encoding: the same bytes from 1 or 2 processes, from split ranks or after an interruption; per-shard
-sidecars with the autoencoder identity; latent statistics equal to a direct computation; another autoencoder refused.
+sidecars with the autoencoder identity; latent statistics equal to a direct computation; another autoencoder
+refused.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def save_tiny_ae(path: Path, seed: int) -> Path:
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread() -> Iterator[None]:
-    """Bit-identical latents need the same threads per process (CPU float sums depend on it): 1 here, as in the
-    two spawned workers, which get this process's threads / 2."""
+    """Bit-identical latents need the same threads per process (CPU float sums depend on it): 1 here, as in
+    the two spawned workers, which get this process's threads / 2."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -90,8 +91,25 @@ def reference(setup: dict) -> Path:
 
 def test_two_processes_from_the_cli_give_identical_bytes_and_index(setup: dict, reference: Path) -> None:
     out = setup["root"] / "two_procs"
-    prepare.main(["latents", "--shards", setup["pattern"], "--out", str(out), "--autoencoder", str(setup["ae_path"]),
-                  "--image-size", "32", "--batch-size", str(BATCH), "--num-procs", "2", "--devices", "cpu"])  # fmt: skip
+    prepare.main(
+        [
+            "latents",
+            "--shards",
+            setup["pattern"],
+            "--out",
+            str(out),
+            "--autoencoder",
+            str(setup["ae_path"]),
+            "--image-size",
+            "32",
+            "--batch-size",
+            str(BATCH),
+            "--num-procs",
+            "2",
+            "--devices",
+            "cpu",
+        ]
+    )
     assert shard_bytes(out) == shard_bytes(reference) and len(shard_bytes(out)) == SHARDS
     assert index(out) == index(reference)
     for i in range(SHARDS):
@@ -151,12 +169,20 @@ def test_latent_stats_equal_a_direct_computation(setup: dict, reference: Path) -
     torch.testing.assert_close(
         torch.tensor(stats["channel_mean"], dtype=torch.float64), z.mean(dim=(0, 2, 3)), rtol=1e-9, atol=1e-12
     )
-    torch.testing.assert_close(torch.tensor(stats["channel_std"], dtype=torch.float64), z.transpose(0, 1).flatten(1).std(dim=1), rtol=1e-9, atol=1e-12)  # fmt: skip
+    torch.testing.assert_close(
+        torch.tensor(stats["channel_std"], dtype=torch.float64),
+        z.transpose(0, 1).flatten(1).std(dim=1),
+        rtol=1e-9,
+        atol=1e-12,
+    )
     assert stats["mean"] == pytest.approx(float(z.mean()), rel=1e-9, abs=1e-12)
     assert stats["std"] == pytest.approx(float(z.std()), rel=1e-9)
     assert stats["count"] == z.numel()
     side = json.loads((reference / f"train-000002.tar{SIDECAR}").read_text())  # each shard's own stats too
-    torch.testing.assert_close(torch.tensor(side["latent_stats"]["channel_mean"], dtype=torch.float64), per_shard[2].double().mean(dim=(0, 2, 3)))  # fmt: skip
+    torch.testing.assert_close(
+        torch.tensor(side["latent_stats"]["channel_mean"], dtype=torch.float64),
+        per_shard[2].double().mean(dim=(0, 2, 3)),
+    )
 
 
 def test_sidecar_and_index_show_the_autoencoder_identity(setup: dict, reference: Path) -> None:
@@ -208,9 +234,9 @@ def _png(size: int, colour: int) -> bytes:
 def test_bad_samples_are_counted_and_the_rest_encoded(
     setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A caption that is not UTF-8 (caption_not_utf8), a .png that is no image and a decompression bomb (PIL raises a
-    plain Exception; decode_error), and a blank caption are skipped under training's reasons; the good samples are
-    encoded."""
+    """A caption that is not UTF-8 (caption_not_utf8), a .png that is no image and a decompression bomb (PIL
+    raises a plain Exception; decode_error), and a blank caption are skipped under training's reasons; the
+    good samples are encoded."""
     from PIL import Image
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)  # 64x64 = 4096 > 2 x 1500: DecompressionBombError
@@ -235,12 +261,16 @@ def test_bad_samples_are_counted_and_the_rest_encoded(
     }
     with tarfile.open(tmp_path / "latents" / "bad-000000.tar") as tar:
         assert sorted(m.name for m in tar.getmembers()) == [
-            "good0.latent.npy", "good0.txt", "good1.latent.npy", "good1.txt",
-        ]  # fmt: skip
+            "good0.latent.npy",
+            "good0.txt",
+            "good1.latent.npy",
+            "good1.txt",
+        ]
 
 
 def test_a_missing_image_shard_is_refused_not_renumbered(setup: dict, tmp_path: Path) -> None:
-    """Dropping train-000004 would shift the numbering of every later latent shard: encoding names it instead."""
+    """Dropping train-000004 would shift the numbering of every later latent shard: encoding names it
+    instead."""
     pattern = setup["pattern"].replace(f"{SHARDS - 1:06d}}}", f"{SHARDS:06d}}}")  # one shard past the last
     ae = load_kl_autoencoder(str(setup["ae_path"]))
     with pytest.raises(
@@ -254,5 +284,16 @@ def test_max_per_shard_is_refused_for_latents(setup: dict, tmp_path: Path) -> No
     with pytest.raises(
         SystemExit, match="latent shard i mirrors image shard i.*prepare.py images --max-per-shard"
     ):
-        prepare.main(["latents", "--shards", setup["pattern"], "--out", str(tmp_path), "--autoencoder",
-                      str(setup["ae_path"]), "--max-per-shard", "5"])  # fmt: skip
+        prepare.main(
+            [
+                "latents",
+                "--shards",
+                setup["pattern"],
+                "--out",
+                str(tmp_path),
+                "--autoencoder",
+                str(setup["ae_path"]),
+                "--max-per-shard",
+                "5",
+            ]
+        )

@@ -27,9 +27,22 @@ def run_dir(tiny_data: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def eval_cfg(ckpt: Path, out_dir: Path, *extra: str):
-    return compose_config("eval", [f"ckpt={ckpt}", f"out_dir={out_dir}", "num_samples=6", "batch_size=4", "steps=3",
-                                   "cfg_scale=[1,4]", "extractor=tiny", "progress=false", "kid_subsets=5",
-                                   "save_grid=4", *extra])  # fmt: skip
+    return compose_config(
+        "eval",
+        [
+            f"ckpt={ckpt}",
+            f"out_dir={out_dir}",
+            "num_samples=6",
+            "batch_size=4",
+            "steps=3",
+            "cfg_scale=[1,4]",
+            "extractor=tiny",
+            "progress=false",
+            "kid_subsets=5",
+            "save_grid=4",
+            *extra,
+        ],
+    )
 
 
 class Calls:

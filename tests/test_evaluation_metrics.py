@@ -1,5 +1,5 @@
-"""FID / KID maths: agreement with a plain scipy/numpy computation, zero on identical sets, monotone in noise and
-blur, and a same-data split far below another data set (tiny random extractor: fast, no weights)."""
+"""FID / KID maths: agreement with a plain scipy/numpy computation, zero on identical sets, monotone in noise
+and blur, and a same-data split far below another data set (tiny random extractor: fast, no weights)."""
 
 from __future__ import annotations
 

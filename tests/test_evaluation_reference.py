@@ -1,4 +1,5 @@
-"""Reference statistics cache (identity kept, mismatch refused in one line) and the eval.json/csv/plot records."""
+"""Reference statistics cache (identity kept, mismatch refused in one line) and the eval.json/csv/plot
+records."""
 
 from __future__ import annotations
 
@@ -89,10 +90,27 @@ def test_file_identity_follows_size_and_mtime(tmp_path) -> None:
 
 
 def record(step: int, scale: float, fid: float, **extra) -> dict:
-    settings = {"checkpoint": f"/run/step_{step}.ckpt", "step": step, "n": 8, "sampler": "ddim", "steps": 4,
-                "seed": 0, "use_ema": True}  # fmt: skip
-    return {**settings, "cfg_scale": scale, "fid": fid, "kid": fid / 100, "kid_std": 0.0, "clip_score": None,
-            "ref_n": 10, "sample_seconds": 1.0, "score_seconds": 0.5, **extra}  # fmt: skip
+    settings = {
+        "checkpoint": f"/run/step_{step}.ckpt",
+        "step": step,
+        "n": 8,
+        "sampler": "ddim",
+        "steps": 4,
+        "seed": 0,
+        "use_ema": True,
+    }
+    return {
+        **settings,
+        "cfg_scale": scale,
+        "fid": fid,
+        "kid": fid / 100,
+        "kid_std": 0.0,
+        "clip_score": None,
+        "ref_n": 10,
+        "sample_seconds": 1.0,
+        "score_seconds": 0.5,
+        **extra,
+    }
 
 
 def test_results_resume_keys_csv_and_plots(tmp_path) -> None:
@@ -109,8 +127,11 @@ def test_results_resume_keys_csv_and_plots(tmp_path) -> None:
     )  # overwritten file, new step
     assert point_key(record(3, 1.0, 1.0)) == point_key(record(3, 1.0, 2.0))
     rows = list(csv.DictReader(io.StringIO((tmp_path / "eval.csv").read_text())))
-    assert [(r["step"], r["cfg_scale"], r["fid"]) for r in rows] == [("3", "1.0", "50.0"), ("3", "3.0", "40.0"),
-                                                                     ("6", "1.0", "30.0")]  # fmt: skip
+    assert [(r["step"], r["cfg_scale"], r["fid"]) for r in rows] == [
+        ("3", "1.0", "50.0"),
+        ("3", "3.0", "40.0"),
+        ("6", "1.0", "30.0"),
+    ]
     names = [p.name for p in plot(reopened.records, tmp_path)]
     assert names == ["fid_vs_cfg.png", "fid_vs_step.png"]
     with_clip = [record(3, s, 10 * s, clip_score=20 + s) for s in (1.0, 3.0)]

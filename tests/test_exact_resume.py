@@ -1,10 +1,10 @@
 """Exact resume under every save path: periodic, last, SIGTERM, SIGINT, SIGUSR1 and an exception.
 
-A 7-step run is stopped at step 4 by each path (a signal arrives mid-step; the exception is raised after the 5th
-batch was fetched but before it was trained), then resumed from the checkpoint that path wrote. The resumed run must
-end with bitwise the same weights and EMA as the uninterrupted run, and the saved data position must be the batches
-whose optimizer step is in the saved weights. Negative control: the same resume without the data position ends
-elsewhere, so the comparison can fail.
+A 7-step run is stopped at step 4 by each path (a signal arrives mid-step; the exception is raised after the
+5th batch was fetched but before it was trained), then resumed from the checkpoint that path wrote. The
+resumed run must end with bitwise the same weights and EMA as the uninterrupted run, and the saved data
+position must be the batches whose optimizer step is in the saved weights. Negative control: the same resume
+without the data position ends elsewhere, so the comparison can fail.
 """
 
 from __future__ import annotations
@@ -29,8 +29,13 @@ from ldm.lit.preemption import TrainingInterrupted
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
 STEPS, STOP = 7, 4  # 3 batches of 16 per epoch (48 samples): step 4 is one batch into the second epoch
-BASE = ("data.train_samples=48", "trainer.max_steps=7", "trainer.check_val_every_n_epoch=100",
-        "callbacks.model_checkpoint.every_n_train_steps=4", "callbacks.model_checkpoint.save_last=false")  # fmt: skip
+BASE = (
+    "data.train_samples=48",
+    "trainer.max_steps=7",
+    "trainer.check_val_every_n_epoch=100",
+    "callbacks.model_checkpoint.every_n_train_steps=4",
+    "callbacks.model_checkpoint.save_last=false",
+)
 PATHS = ["periodic", "last", "SIGTERM", "SIGINT", "SIGUSR1", "exception"]
 
 
@@ -114,10 +119,20 @@ def _data_position(checkpoint: dict) -> dict:
 
 
 def _ddp(tiny_data: dict, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    args = tiny_overrides(tiny_data, out, *BASE, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                          "trainer.precision=32-true", f"hydra.run.dir={out}", *extra)  # fmt: skip
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=400)  # fmt: skip
+    args = tiny_overrides(
+        tiny_data,
+        out,
+        *BASE,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        f"hydra.run.dir={out}",
+        *extra,
+    )
+    return subprocess.run(
+        [sys.executable, "train.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400
+    )
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +184,8 @@ def test_two_gloo_ranks_resume_exactly(
 
 @pytest.mark.slow  # a DDP pair; the single-process halt is in the default suite (test_reliability.py)
 def test_nonfinite_gradient_on_one_rank_halts_both(tiny_data: dict, tmp_path: Path) -> None:
-    """A NaN gradient on rank 1 only (after the all-reduce) stops both ranks before the step, exit 3, no NaN saved."""
+    """A NaN gradient on rank 1 only (after the all-reduce) stops both ranks before the step, exit 3, no NaN
+    saved."""
     poison = "+callbacks.poison={_target_:reliability_helpers.PoisonGradient,step:2,rank:1}"
     done = _ddp(tiny_data, tmp_path / "run", poison)
     assert done.returncode == 3, done.stderr[-3000:]

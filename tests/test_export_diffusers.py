@@ -1,5 +1,5 @@
-"""prepare.py export-diffusers: a tiny model trained through train.py -> a StableDiffusionPipeline directory that
-diffusers loads offline and that samples the same images as ours; import(export(x)) is x bit for bit."""
+"""prepare.py export-diffusers: a tiny model trained through train.py -> a StableDiffusionPipeline directory
+that diffusers loads offline and that samples the same images as ours; import(export(x)) is x bit for bit."""
 
 from __future__ import annotations
 
@@ -40,11 +40,19 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def exported(tiny_data: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """3 steps (one epoch) of the tiny model with SD's padding behaviour, on the latent shard without stored embeddings."""
+    """3 steps (one epoch) of the tiny model with SD's padding behaviour, on the latent shard without stored
+    embeddings."""
     out = tmp_path_factory.mktemp("export_run") / "run"
     val = f"{tiny_data['latents']}/val-000000.tar"
-    extra = ("conditioner.mask_padding=false", f"data.train_shards={val}", "data.batch_size=2", "data.num_workers=0",
-             "trainer.max_steps=3", "callbacks.sample_grid=null", "model.val_levels=0")  # fmt: skip
+    extra = (
+        "conditioner.mask_padding=false",
+        f"data.train_shards={val}",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "trainer.max_steps=3",
+        "callbacks.sample_grid=null",
+        "model.val_levels=0",
+    )
     train.run(compose_config("train", tiny_overrides(tiny_data, out, *extra)))
     ckpt = out / "checkpoints" / "last.ckpt"
     target = out.parent / "sd"
@@ -63,13 +71,25 @@ def test_pipeline_loads_offline_and_samples_our_images(exported: tuple[Path, Pat
     model = load_for_sampling(ckpt, use_ema=True, device=torch.device("cpu"))
     steps, seeds, shape = 8, [3, 4], model.latent_shape
     ours = generate(
-        model.denoiser, model.conditioner, model.decode_samples, PROMPTS, sampler=functools.partial(sample_ddim),
-        sigmas=sampling_sigmas(model.denoiser.schedule, steps), latent_shape=shape, seeds=seeds, cfg_scale=3.0,
-    )  # fmt: skip
+        model.denoiser,
+        model.conditioner,
+        model.decode_samples,
+        PROMPTS,
+        sampler=functools.partial(sample_ddim),
+        sigmas=sampling_sigmas(model.denoiser.schedule, steps),
+        latent_shape=shape,
+        seeds=seeds,
+        cfg_scale=3.0,
+    )
     ref = pipe(
-        PROMPTS, num_inference_steps=steps, guidance_scale=3.0, height=32, width=32, output_type="pt",
+        PROMPTS,
+        num_inference_steps=steps,
+        guidance_scale=3.0,
+        height=32,
+        width=32,
+        output_type="pt",
         latents=initial_noise(seeds, shape, torch.device("cpu")),
-    ).images  # fmt: skip
+    ).images
     assert ours.std() > 0.01
     assert (ours - ref).abs().max() <= 1e-3
 
@@ -121,7 +141,9 @@ def test_what_a_pipeline_cannot_express_is_refused(exported: tuple[Path, Path]) 
         folded_scaling_factor(0.5, 0.1, None)
 
 
-def test_finetune_demo_export_import_lora_sample(exported: tuple[Path, Path], tiny_data: dict, tmp_path: Path) -> None:
+def test_finetune_demo_export_import_lora_sample(
+    exported: tuple[Path, Path], tiny_data: dict, tmp_path: Path
+) -> None:
     """The README's CPU fine-tuning demo through the entry points: the exported tiny model is the pretrained
     pipeline of experiment=finetune_sd (UNet via model.init_from=diffusers:<dir>, its VAE, its MiniLM text
     encoder); LoRA trains 2 steps on image shards; sample.py merges the LoRA into that base."""
@@ -130,21 +152,56 @@ def test_finetune_demo_export_import_lora_sample(exported: tuple[Path, Path], ti
     _, pipeline = exported
     run = tmp_path / "lora_run"
     overrides = [
-        "experiment=finetune_sd", f"paths.pretrained_pipeline={pipeline}", "trainer=cpu", "image_size=32",
-        *DEMO_NET, "diffusion=ddpm_linear_v_min_snr", "conditioner.model_class=auto", "conditioner.max_length=32",
-        "data.kind=images", f"data.train_shards={tiny_data['images']}/train-000000.tar", "data.batch_size=4",
-        "data.num_workers=0", "++model.lora.rank=4", "optim.lr=1e-3", "callbacks.ema.decay=0.5", "trainer.max_steps=2",
-        "model.val_levels=0", "logger=csv", "callbacks.sample_grid=null", "callbacks.sample_quality=null",
-        "trainer.enable_progress_bar=false", "check_autoencoder=0", f"paths.output_dir={run}", f"paths.log_dir={tmp_path}",
-    ]  # fmt: skip
+        "experiment=finetune_sd",
+        f"paths.pretrained_pipeline={pipeline}",
+        "trainer=cpu",
+        "image_size=32",
+        *DEMO_NET,
+        "diffusion=ddpm_linear_v_min_snr",
+        "conditioner.model_class=auto",
+        "conditioner.max_length=32",
+        "data.kind=images",
+        f"data.train_shards={tiny_data['images']}/train-000000.tar",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "++model.lora.rank=4",
+        "optim.lr=1e-3",
+        "callbacks.ema.decay=0.5",
+        "trainer.max_steps=2",
+        "model.val_levels=0",
+        "logger=csv",
+        "callbacks.sample_grid=null",
+        "callbacks.sample_quality=null",
+        "trainer.enable_progress_bar=false",
+        "check_autoencoder=0",
+        f"paths.output_dir={run}",
+        f"paths.log_dir={tmp_path}",
+    ]
     assert train.run(compose_config("train", overrides))["global_step"] == 2
     ckpt = run / "checkpoints" / "last.ckpt"
-    records = sample.run(compose_config("sample", [f"ckpt={ckpt}", f"out_dir={tmp_path / 'samples'}", "steps=3",
-                                                   "prompt=red apple", "num_images=2", "lora_scale=1.0"]))  # fmt: skip
+    records = sample.run(
+        compose_config(
+            "sample",
+            [
+                f"ckpt={ckpt}",
+                f"out_dir={tmp_path / 'samples'}",
+                "steps=3",
+                "prompt=red apple",
+                "num_images=2",
+                "lora_scale=1.0",
+            ],
+        )
+    )
     assert len(records) == 2 and all((tmp_path / "samples" / r["file"]).is_file() for r in records)
 
 
 DEMO_NET = [  # the tiny model's net (configs/net/unet_tiny.yaml) in finetune_sd's net=unet_sd
-    "net.model_channels=32", "net.channel_mult=[1,2]", "net.num_res_blocks=1", "net.attention_resolutions=[2]",
-    "net.num_heads=2", "net.context_dim=384", "net.norm_groups=8", "net.gradient_checkpointing=false",
-]  # fmt: skip
+    "net.model_channels=32",
+    "net.channel_mult=[1,2]",
+    "net.num_res_blocks=1",
+    "net.attention_resolutions=[2]",
+    "net.num_heads=2",
+    "net.context_dim=384",
+    "net.norm_groups=8",
+    "net.gradient_checkpointing=false",
+]

@@ -1,6 +1,7 @@
-"""Weights-only initialisation from pretrained Stable Diffusion weights (model.init_from, experiment=finetune_sd)
-on a tiny random pipeline saved to tmp_path: the same UNet output as diffusers, the same DDIM samples as
-diffusers' StableDiffusionPipeline, refusals that name the fix, partial loading, EMA start."""
+"""Weights-only initialisation from pretrained Stable Diffusion weights (model.init_from,
+experiment=finetune_sd) on a tiny random pipeline saved to tmp_path: the same UNet output as diffusers, the
+same DDIM samples as diffusers' StableDiffusionPipeline, refusals that name the fix, partial loading, EMA
+start."""
 
 from __future__ import annotations
 
@@ -68,7 +69,8 @@ def test_imported_unet_matches_diffusers(model, pipe) -> None:
 
 
 def test_conditioner_attends_to_padding_like_sd(model, pipe) -> None:
-    """conditioner.mask_padding=false (set by finetune_sd): SD's prompt embeddings, every token in the context."""
+    """conditioner.mask_padding=false (set by finetune_sd): SD's prompt embeddings, every token in the
+    context."""
     out = model.conditioner(PROMPTS)
     ref, _ = pipe.encode_prompt(PROMPTS, "cpu", 1, False)
     assert bool(out["context_mask"].all()) and out["context"].shape == ref.shape
@@ -82,10 +84,16 @@ def test_ddim_sampling_matches_stable_diffusion_pipeline(model, pipe, cfg_scale:
     steps, seeds, shape = 10, [11, 12], (4, 8, 8)
     finals: list[torch.Tensor] = []
     ours = generate(
-        model.denoiser, model.conditioner, lambda z: finals.append(z) or model.decode_samples(z), PROMPTS,
-        sampler=functools.partial(sample_ddim), cfg_scale=cfg_scale, latent_shape=shape, seeds=seeds,
+        model.denoiser,
+        model.conditioner,
+        lambda z: finals.append(z) or model.decode_samples(z),
+        PROMPTS,
+        sampler=functools.partial(sample_ddim),
+        cfg_scale=cfg_scale,
+        latent_shape=shape,
+        seeds=seeds,
         sigmas=get_sigmas_discrete(model.denoiser.schedule, steps, "leading", steps_offset=1),
-    )  # fmt: skip
+    )
     # leading timesteps, steps_offset=1, the last step to alpha 1 (x0): our grid; generate drew the same noise
     # (times sqrt(1 + sigma_max^2), VE coordinates)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -123,8 +131,13 @@ def test_net_or_schedule_mismatch_is_refused(pipeline_dir: Path) -> None:
 
 def test_partial_load_keeps_ignored_tensors_fresh(pipeline_dir: Path, model) -> None:
     """9 input channels (e.g. inpainting) on 4-channel weights: conv_in keeps its init, the rest loads."""
-    fresh = build_model(pipeline_dir, "net.in_channels=9", "net.out_channels=4",
-                        "model.init_ignore_keys=[input_blocks.0.0.*]", "model.autoencoder=null")  # fmt: skip
+    fresh = build_model(
+        pipeline_dir,
+        "net.in_channels=9",
+        "net.out_channels=4",
+        "model.init_ignore_keys=[input_blocks.0.0.*]",
+        "model.autoencoder=null",
+    )
     before = fresh.net.input_blocks[0][0].weight.clone()
     fresh.init_weights()
     assert torch.equal(fresh.net.input_blocks[0][0].weight, before)
@@ -133,7 +146,8 @@ def test_partial_load_keeps_ignored_tensors_fresh(pipeline_dir: Path, model) -> 
 
 
 def test_single_file_checkpoint_and_resume_skip(tmp_path: Path, pipeline_dir: Path, model) -> None:
-    """ldm:<file.safetensors> (model.diffusion_model.* keys) loads the same weights; a resumed run skips init_from."""
+    """ldm:<file.safetensors> (model.diffusion_model.* keys) loads the same weights; a resumed run skips
+    init_from."""
     path = tmp_path / "sd.safetensors"
     save_file({k: v.contiguous() for k, v in unet_to_ldm_state_dict(model.net).items()}, str(path))
     other = build_model(pipeline_dir, f"model.init_from=ldm:{path}")
@@ -151,8 +165,8 @@ def test_single_file_checkpoint_and_resume_skip(tmp_path: Path, pipeline_dir: Pa
 def test_init_from_hub_id_reads_the_hub_cache_offline(
     tmp_path: Path, pipeline_dir: Path, model, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """model.init_from=diffusers:<owner/name>: the snapshot in a Hugging Face cache (its on-disk layout, made by
-    hand: refs/main -> snapshots/<commit>/), with HF_HUB_OFFLINE; an id not in the cache names the fix."""
+    """model.init_from=diffusers:<owner/name>: the snapshot in a Hugging Face cache (its on-disk layout, made
+    by hand: refs/main -> snapshots/<commit>/), with HF_HUB_OFFLINE; an id not in the cache names the fix."""
     import shutil
 
     from huggingface_hub import constants

@@ -1,7 +1,8 @@
 """The EMA and the sample grid under FSDP: 2 CPU processes over gloo (``ldm.lit.sharded.FSDPStrategy``).
 
-Lightning refuses its own FSDPStrategy on the CPU ("The strategy `fsdp` requires a GPU accelerator") and torch's
-FSDP needs ``device_id=cpu`` said explicitly ("FSDP needs a non-CPU accelerator device"); the subclass does both.
+Lightning refuses its own FSDPStrategy on the CPU ("The strategy `fsdp` requires a GPU accelerator") and
+torch's FSDP needs ``device_id=cpu`` said explicitly ("FSDP needs a non-CPU accelerator device"); the subclass
+does both.
 """
 
 from __future__ import annotations
@@ -23,8 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def probe(out: Path, mode: str, *extra: str) -> dict:
-    run = subprocess.run([sys.executable, str(ROOT / "tests" / "fsdp_probe.py"), str(out), mode, *extra],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "fsdp_probe.py"), str(out), mode, *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     suffix = "_resumed" if "--resume" in extra else ""
     return torch.load(out / f"result_{mode}{suffix}.pt", weights_only=False)
@@ -44,12 +50,15 @@ def test_local_state_is_the_averaged_state_without_fsdp() -> None:
 
 @pytest.mark.slow
 def test_fsdp_ema_equals_single_process_ema(tmp_path: Path) -> None:
-    """Same batches on both ranks: FSDP averages the gradients, so the weights, and the EMA each rank keeps of its
-    own slices, gathered for the checkpoint, equal a single process's bit for bit; the net seen with the EMA
-    swapped in and gathered (what the sample grid samples with) is that EMA."""
+    """Same batches on both ranks: FSDP averages the gradients, so the weights, and the EMA each rank keeps of
+    its own slices, gathered for the checkpoint, equal a single process's bit for bit; the net seen with the
+    EMA swapped in and gathered (what the sample grid samples with) is that EMA."""
     single, fsdp = probe(tmp_path, "single"), probe(tmp_path, "fsdp")
-    assert set(fsdp["ema"]) == set(single["ema"]) == {"0.weight", "0.bias", "1.weight", "1.bias", "1.counter",
-                                                       "3.weight", "3.bias"}  # fmt: skip
+    assert (
+        set(fsdp["ema"])
+        == set(single["ema"])
+        == {"0.weight", "0.bias", "1.weight", "1.bias", "1.counter", "3.weight", "3.bias"}
+    )
     for key, value in single["ema"].items():
         assert fsdp["ema"][key].shape == value.shape
         torch.testing.assert_close(fsdp["ema"][key], value, rtol=0, atol=0)
@@ -59,7 +68,8 @@ def test_fsdp_ema_equals_single_process_ema(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_fsdp_ema_resumes_from_full_checkpoint(tmp_path: Path) -> None:
-    """A resumed FSDP run slices the checkpoint's full EMA again: one more step blends the new weights into it."""
+    """A resumed FSDP run slices the checkpoint's full EMA again: one more step blends the new weights into
+    it."""
     probe(tmp_path, "fsdp")
     ckpt = torch.load(tmp_path / "fsdp.ckpt", weights_only=False)
     resumed = probe(tmp_path, "fsdp", "--resume", str(tmp_path / "fsdp.ckpt"), "--steps", "5")
@@ -75,9 +85,17 @@ def test_fsdp_ema_resumes_from_full_checkpoint(tmp_path: Path) -> None:
 def test_train_cli_fsdp_two_cpu_processes_with_ema_and_grid(tiny_data: dict, tmp_path: Path) -> None:
     """train.py trainer=fsdp on 2 CPU processes: the EMA and the sample grid on (they used to refuse FSDP)."""
     out_dir = tmp_path / "fsdp"
-    args = tiny_overrides(tiny_data, out_dir, "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
-                          "trainer.precision=32-true", "trainer.max_steps=3",
-                          "callbacks.sample_grid.every_n_steps=2", "hydra.run.dir=" + str(out_dir))  # fmt: skip
+    args = tiny_overrides(
+        tiny_data,
+        out_dir,
+        "trainer=fsdp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "trainer.max_steps=3",
+        "callbacks.sample_grid.every_n_steps=2",
+        "hydra.run.dir=" + str(out_dir),
+    )
     run = subprocess.run(
         [sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=400
     )

@@ -1,6 +1,6 @@
-"""Image-to-image (SDEdit) and inpainting through ``ldm.generate.generate`` and ``sample.py``: strength 0 is the
-init's reconstruction, strength 1 is text-to-image, the kept region of an inpainting ends at the init latent for
-every sampler, bad input is a one-line error naming the fix."""
+"""Image-to-image (SDEdit) and inpainting through ``ldm.generate.generate`` and ``sample.py``: strength 0 is
+the init's reconstruction, strength 1 is text-to-image, the kept region of an inpainting ends at the init
+latent for every sampler, bad input is a one-line error naming the fix."""
 
 from __future__ import annotations
 
@@ -40,8 +40,17 @@ class Prompts(nn.Module):
 
 def denoiser(schedule=None, prediction: str = "eps") -> Denoiser:
     torch.manual_seed(0)
-    net = UNet(in_channels=4, out_channels=4, model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
-               attention_resolutions=[2], num_heads=2, context_dim=384, norm_groups=8)  # fmt: skip
+    net = UNet(
+        in_channels=4,
+        out_channels=4,
+        model_channels=32,
+        channel_mult=[1, 2],
+        num_res_blocks=1,
+        attention_resolutions=[2],
+        num_heads=2,
+        context_dim=384,
+        norm_groups=8,
+    )
     with torch.no_grad():
         for p in net.parameters():
             if not p.any():
@@ -58,8 +67,18 @@ def latents(d: Denoiser, sampler: str, steps: int = 4, **kw) -> Tensor:
         return z[:, :3]
 
     sigmas = sampling_sigmas(d.schedule, steps)
-    generate(d, Prompts(), decoder, ["red apple", "blue heart"], sampler=SAMPLERS[sampler].fn, sigmas=sigmas,
-             latent_shape=SHAPE, seeds=[1, 2], cfg_scale=2.0, **kw)  # fmt: skip
+    generate(
+        d,
+        Prompts(),
+        decoder,
+        ["red apple", "blue heart"],
+        sampler=SAMPLERS[sampler].fn,
+        sigmas=sigmas,
+        latent_shape=SHAPE,
+        seeds=[1, 2],
+        cfg_scale=2.0,
+        **kw,
+    )
     return seen[0]
 
 
@@ -75,8 +94,9 @@ def test_strength_zero_returns_the_init_and_steps_follow_the_strength() -> None:
 
 
 def test_strength_one_is_text_to_image() -> None:
-    """A grid that starts at the max sigma: rectified flow's t = 1 is pure noise, so bitwise text-to-image; DDPM's
-    largest sigma keeps a trace of z0 (x = z0 + sigma_max eps against sqrt(1 + sigma_max^2) eps): close."""
+    """A grid that starts at the max sigma: rectified flow's t = 1 is pure noise, so bitwise text-to-image;
+    DDPM's largest sigma keeps a trace of z0 (x = z0 + sigma_max eps against sqrt(1 + sigma_max^2) eps):
+    close."""
     flow = denoiser(FlowSchedule(), "flow")
     z0 = torch.randn(2, *SHAPE)
     assert torch.equal(
@@ -142,8 +162,21 @@ def test_bad_init_inputs_are_one_line_errors(pictures: dict[str, Path], tmp_path
 
 
 def run_sample(ckpt: Path, out: Path, *extra: str) -> list[dict]:
-    return sample.run(compose_config("sample", [f"ckpt={ckpt}", f"out_dir={out}", "prompt=red apple", "steps=4",
-                                                "num_images=2", "seed=5", "sampler=ddim", *extra]))  # fmt: skip
+    return sample.run(
+        compose_config(
+            "sample",
+            [
+                f"ckpt={ckpt}",
+                f"out_dir={out}",
+                "prompt=red apple",
+                "steps=4",
+                "num_images=2",
+                "seed=5",
+                "sampler=ddim",
+                *extra,
+            ],
+        )
+    )
 
 
 def pixels(path: Path) -> np.ndarray:
@@ -164,16 +197,22 @@ def test_sample_py_img2img_and_inpainting(
     assert np.array_equal(np.asarray(to_pil(recon)[0]), pixels(tmp_path / "s0" / records[0]["file"]))
 
     # inpainting: the kept region is the reconstruction (up to the decoder's reach across the mask border)
-    records = run_sample(tiny_checkpoint, tmp_path / "in", f"init_image={pictures['a']}", f"mask={pictures['mask']}",
-                         "strength=1")  # fmt: skip
+    records = run_sample(
+        tiny_checkpoint,
+        tmp_path / "in",
+        f"init_image={pictures['a']}",
+        f"mask={pictures['mask']}",
+        "strength=1",
+    )
     out = pixels(tmp_path / "in" / records[0]["file"])
     rec = np.asarray(to_pil(recon)[0], dtype=np.float64)
     keep = np.ones((32, 32), bool)
     keep[4:28, 4:28] = False  # the repainted square grown by one latent pixel (f = 4)
     kept_err = np.abs(out - rec)[keep].mean()
     new_err = np.abs(out - rec)[8:24, 8:24].mean()
-    # the latents of the kept region are exactly the init's (test above); in pixels the tiny decoder carries the
-    # new content across the border, so only "closer to the reconstruction than the repainted region" holds here
+    # the latents of the kept region are exactly the init's (test above); in pixels the tiny decoder carries
+    # the new content across the border, so only "closer to the reconstruction than the repainted region"
+    # holds here
     assert kept_err < 0.6 * new_err, (kept_err, new_err)
     assert records[0]["mask"] == str(pictures["mask"])
     # an all-keep mask: the reconstruction (to 8-bit rounding)

@@ -36,11 +36,14 @@ def test_every_schedule_is_a_schedule(name: str) -> None:
 
 
 def test_every_conditioner_is_a_conditioner() -> None:
-    """Each conditioner class is checked on an instance; hub-only configs (clip) share a class with a local one."""
+    """Each conditioner class is checked on an instance; hub-only configs (clip) share a class with a local
+    one."""
     checked: dict[str, bool] = {}
     for name in options("conditioner"):
         cfg = compose_config("train", [f"conditioner={name}"]).conditioner
-        fill_label_vocabulary(cfg, [f"class{i}" for i in range(10)])  # what train.py does with labelled shards
+        fill_label_vocabulary(
+            cfg, [f"class{i}" for i in range(10)]
+        )  # what train.py does with labelled shards
         try:
             conditioner = instantiate(cfg)
         except Exception as err:  # noqa: BLE001 - hydra wraps the loader's OSError; only hub-only models fail here

@@ -98,9 +98,19 @@ def test_per_channel_on_image_shards_uses_the_first_images_latents(tiny_data: di
     images = tiny_data["images"]
     out = tmp_path / "run"
     shards = f"{images}/train-{{000000..000002}}.tar"
-    cfg = compose_config("train", tiny_overrides(tiny_data, out, "data.kind=images", f"data.train_shards='{shards}'",
-                                                 f"data.val_shards={images}/val-000000.tar", "trainer.max_steps=2",
-                                                 "model.latent_norm=per_channel", "check_autoencoder=0"))  # fmt: skip
+    cfg = compose_config(
+        "train",
+        tiny_overrides(
+            tiny_data,
+            out,
+            "data.kind=images",
+            f"data.train_shards='{shards}'",
+            f"data.val_shards={images}/val-000000.tar",
+            "trainer.max_steps=2",
+            "model.latent_norm=per_channel",
+            "check_autoencoder=0",
+        ),
+    )
     train.run(cfg)
     state = load_checkpoint_file(out / "checkpoints" / "last.ckpt")["state_dict"]
     ae = load_kl_autoencoder(str(tiny_data["ae"]))

@@ -1,4 +1,5 @@
-"""The Lightning glue: conditioning from precomputed embeddings equals the live encoder, EMA maths, frozen parts."""
+"""The Lightning glue: conditioning from precomputed embeddings equals the live encoder, EMA maths, frozen
+parts."""
 
 from __future__ import annotations
 
@@ -44,8 +45,13 @@ def module(text: TextConditioner, tmp_path_factory: pytest.TempPathFactory) -> L
     ):  # leave the zero-initialised output layers non-zero so outputs depend on the context
         torch.nn.init.normal_(p, std=0.05)
     schedule = DiscreteSchedule(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
-    return LatentDiffusion(Denoiser(net, schedule), DiffusionLoss(schedule), text, optimizer=torch.optim.AdamW,
-                           autoencoder=load_kl_autoencoder(str(path) + ".safetensors"))  # fmt: skip
+    return LatentDiffusion(
+        Denoiser(net, schedule),
+        DiffusionLoss(schedule),
+        text,
+        optimizer=torch.optim.AdamW,
+        autoencoder=load_kl_autoencoder(str(path) + ".safetensors"),
+    )
 
 
 def test_precomputed_embeddings_equal_the_live_encoder(

@@ -1,4 +1,5 @@
-"""Loader settings that fit the machine: worker count, float16 batches from workers, pinned memory only on a GPU."""
+"""Loader settings that fit the machine: worker count, float16 batches from workers, pinned memory only on a
+GPU."""
 
 from __future__ import annotations
 
@@ -25,8 +26,12 @@ def test_resolve_num_workers() -> None:
 
 
 def test_to_float16_halves_float_tensors_only() -> None:
-    batch = {"latent": torch.randn(2, 4, 8, 8), "cls": torch.tensor([1, 2]), "txt": ["a", "b"],
-             "context": torch.randn(2, 3, 5).half().float()}  # fmt: skip
+    batch = {
+        "latent": torch.randn(2, 4, 8, 8),
+        "cls": torch.tensor([1, 2]),
+        "txt": ["a", "b"],
+        "context": torch.randn(2, 3, 5).half().float(),
+    }
     out = to_float16(dict(batch))
     assert (
         out["latent"].dtype == torch.float16 and out["cls"].dtype == torch.long and out["txt"] == ["a", "b"]

@@ -1,5 +1,6 @@
-"""LoRA via peft (model.lora): equal to the base at init, only adapters train, merged == unmerged, small exact-resume
-checkpoints that reference their base by sha256, sample.py merging at lora_scale, diffusers LoRA export."""
+"""LoRA via peft (model.lora): equal to the base at init, only adapters train, merged == unmerged, small
+exact-resume checkpoints that reference their base by sha256, sample.py merging at lora_scale, diffusers LoRA
+export."""
 
 from __future__ import annotations
 
@@ -35,8 +36,17 @@ LORA = ("++model.lora.rank=4", "++model.lora.alpha=8")
 def tiny_unet() -> UNet:
     """configs/net/unet_tiny with its zero-initialised layers made random, so that every layer matters."""
     torch.manual_seed(0)
-    net = UNet(in_channels=4, out_channels=4, model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
-               attention_resolutions=[2], num_heads=2, context_dim=384, norm_groups=8)  # fmt: skip
+    net = UNet(
+        in_channels=4,
+        out_channels=4,
+        model_channels=32,
+        channel_mult=[1, 2],
+        num_res_blocks=1,
+        attention_resolutions=[2],
+        num_heads=2,
+        context_dim=384,
+        norm_groups=8,
+    )
     with torch.no_grad():
         for p in net.parameters():
             if not p.any():
@@ -111,8 +121,17 @@ def test_init_from_base_is_referenced_by_sha256(tmp_path: Path) -> None:
     """model.init_from=ldm:<file> as the base: the reference is the sha256 of exactly those weights."""
     base = tiny_unet()
     save_file(unet_to_ldm_state_dict(base), tmp_path / "base.safetensors")
-    fresh = UNet(in_channels=4, out_channels=4, model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
-                 attention_resolutions=[2], num_heads=2, context_dim=384, norm_groups=8)  # fmt: skip
+    fresh = UNet(
+        in_channels=4,
+        out_channels=4,
+        model_channels=32,
+        channel_mult=[1, 2],
+        num_res_blocks=1,
+        attention_resolutions=[2],
+        num_heads=2,
+        context_dim=384,
+        norm_groups=8,
+    )
     source = {"kind": "init_from", "spec": f"ldm:{tmp_path / 'base.safetensors'}", "ignore": []}
     ref = attach_lora(fresh, LoraSettings(rank=2), source)
     assert ref["sha256"] == state_sha256(base.state_dict()) and ref["source"] == source
@@ -124,8 +143,13 @@ def test_init_from_base_is_referenced_by_sha256(tmp_path: Path) -> None:
 def lora_run(tiny_data: dict, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """4 LoRA steps on the tiny checkpoint, checkpoints at steps 2 and 4."""
     out = tmp_path_factory.mktemp("lora") / "run"
-    extra = (*LORA, f"++model.lora.base={tiny_checkpoint}", "trainer.max_steps=4", "optim.lr=1e-2",
-             "callbacks.model_checkpoint.every_n_train_steps=2")  # fmt: skip
+    extra = (
+        *LORA,
+        f"++model.lora.base={tiny_checkpoint}",
+        "trainer.max_steps=4",
+        "optim.lr=1e-2",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+    )
     assert train.run(compose_config("train", tiny_overrides(tiny_data, out, *extra)))["global_step"] == 4
     return out
 
@@ -145,8 +169,13 @@ def test_lora_checkpoint_holds_adapters_and_base_reference(lora_run: Path, tiny_
 
 
 def test_lora_resume_is_exact(lora_run: Path, tiny_data: dict, tiny_checkpoint: Path, tmp_path: Path) -> None:
-    extra = (*LORA, f"++model.lora.base={tiny_checkpoint}", "trainer.max_steps=4", "optim.lr=1e-2",
-             f"ckpt_path={lora_run / 'checkpoints' / 'step_000002.ckpt'}")  # fmt: skip
+    extra = (
+        *LORA,
+        f"++model.lora.base={tiny_checkpoint}",
+        "trainer.max_steps=4",
+        "optim.lr=1e-2",
+        f"ckpt_path={lora_run / 'checkpoints' / 'step_000002.ckpt'}",
+    )
     train.run(compose_config("train", tiny_overrides(tiny_data, tmp_path / "resumed", *extra)))
     a = load_checkpoint_file(lora_run / "checkpoints" / "last.ckpt")
     b = load_checkpoint_file(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
@@ -157,8 +186,20 @@ def test_lora_resume_is_exact(lora_run: Path, tiny_data: dict, tiny_checkpoint: 
 
 
 def _sample(ckpt: Path, out: Path, *extra: str) -> bytes:
-    records = sample.run(compose_config("sample", [f"ckpt={ckpt}", f"out_dir={out}", "prompt=red apple",
-                                                   "num_images=1", "steps=3", "seed=3", *extra]))  # fmt: skip
+    records = sample.run(
+        compose_config(
+            "sample",
+            [
+                f"ckpt={ckpt}",
+                f"out_dir={out}",
+                "prompt=red apple",
+                "num_images=1",
+                "steps=3",
+                "seed=3",
+                *extra,
+            ],
+        )
+    )
     return (out / records[0]["file"]).read_bytes()
 
 
@@ -185,10 +226,10 @@ def test_other_base_is_refused() -> None:
         check_same_base({"sha256": "a" * 64, "source": {}}, {"sha256": "b" * 64, "source": {}}, "x.ckpt")
 
 
-
 def test_diffusers_lora_equals_our_merged_lora(tmp_path: Path) -> None:
-    """Random base and random adapters (every layer matters): save_diffusers_lora -> pipe.load_lora_weights; the
-    pipeline's UNet equals our merged net at strength 1 and 0.4 (diffusers' cross_attention_kwargs scale)."""
+    """Random base and random adapters (every layer matters): save_diffusers_lora -> pipe.load_lora_weights;
+    the pipeline's UNet equals our merged net at strength 1 and 0.4 (diffusers' cross_attention_kwargs
+    scale)."""
     from diffusers import StableDiffusionPipeline
 
     from ldm.convert import unet_to_diffusers
@@ -203,9 +244,15 @@ def test_diffusers_lora_equals_our_merged_lora(tmp_path: Path) -> None:
     x, t, ctx = inputs()
     for scale in (1.0, 0.4):
         pipe = StableDiffusionPipeline(
-            vae=None, text_encoder=None, tokenizer=None, unet=unet_to_diffusers(tiny_unet()).eval(), scheduler=None,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )  # fmt: skip
+            vae=None,
+            text_encoder=None,
+            tokenizer=None,
+            unet=unet_to_diffusers(tiny_unet()).eval(),
+            scheduler=None,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
         pipe.load_lora_weights(tmp_path / "lora")
         ours = add_lora(tiny_unet(), LoraSettings(rank=4, alpha=8.0))
         ours.load_state_dict(lora_state_dict(net), strict=False)
@@ -217,18 +264,28 @@ def test_diffusers_lora_equals_our_merged_lora(tmp_path: Path) -> None:
         torch.testing.assert_close(ref, out, rtol=0, atol=1e-5)
 
 
-def test_export_lora_loads_into_a_diffusers_pipeline(lora_run: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
-    """prepare.py export-diffusers (the base) + export-lora of a train.py LoRA run -> pipe.load_lora_weights: every
-    adapter loads, and the pipeline's UNet equals our merged LoRA net (this base's zero-initialised output layers
-    keep outputs small: the exact check with random weights is the test above)."""
+def test_export_lora_loads_into_a_diffusers_pipeline(
+    lora_run: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """prepare.py export-diffusers (the base) + export-lora of a train.py LoRA run -> pipe.load_lora_weights:
+    every adapter loads, and the pipeline's UNet equals our merged LoRA net (this base's zero-initialised
+    output layers keep outputs small: the exact check with random weights is the test above)."""
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
     from ldm.convert.diffusers_lora import INFO_NAME, WEIGHT_NAME
 
     lora_ckpt = lora_run / "checkpoints" / "last.ckpt"
-    prepare.main(["export-diffusers", "--ckpt", str(tiny_checkpoint), "--out", str(tmp_path / "sd"),
-                  "--allow-padding-attention"])  # fmt: skip
+    prepare.main(
+        [
+            "export-diffusers",
+            "--ckpt",
+            str(tiny_checkpoint),
+            "--out",
+            str(tmp_path / "sd"),
+            "--allow-padding-attention",
+        ]
+    )
     prepare.main(["export-lora", "--ckpt", str(lora_ckpt), "--out", str(tmp_path / "lora"), "--raw-weights"])
     assert (tmp_path / "lora" / INFO_NAME).is_file()
     exported = load_file(str(tmp_path / "lora" / WEIGHT_NAME))

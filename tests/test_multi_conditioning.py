@@ -26,8 +26,15 @@ from ldm.nets.dit import DiT
 from ldm.nets.unet import UNet
 from ldm.sampling import CFGDenoiser
 
-UNET = dict(in_channels=4, model_channels=16, channel_mult=(1, 2), attention_resolutions=(2,), num_heads=2,
-            context_dim=8, norm_groups=8)  # fmt: skip
+UNET = dict(
+    in_channels=4,
+    model_channels=16,
+    channel_mult=(1, 2),
+    attention_resolutions=(2,),
+    num_heads=2,
+    context_dim=8,
+    norm_groups=8,
+)
 DIT = dict(in_channels=4, patch_size=2, hidden_size=32, depth=2, num_heads=2, context_dim=8)
 
 
@@ -68,8 +75,12 @@ def test_after_a_few_steps_the_size_conditioning_changes_the_output() -> None:
     for step in range(4):  # latents whose brightness follows original_size
         original = torch.randint(16, 512, (4, 2), generator=g)
         x0 = torch.randn(4, 4, 8, 8, generator=g) + (original[:, :1, None, None] / 256.0)
-        vector = sizes({"original_size": original, **{k: v for k, v in size_inputs(4, (32, 32)).items()
-                                                         if k != "original_size"}})["vector"]  # fmt: skip
+        vector = sizes(
+            {
+                "original_size": original,
+                **{k: v for k, v in size_inputs(4, (32, 32)).items() if k != "original_size"},
+            }
+        )["vector"]
         loss = loss_fn(net, x0, context=ctx, generator=torch.Generator().manual_seed(step), vector=vector)
         opt.zero_grad()
         loss.backward()
@@ -130,8 +141,13 @@ def test_text_and_label_tokens_and_concat_channels_merge() -> None:
     _, uncond = multi.guidance_pair({"cls": torch.tensor([0, 1]), "masked": extra})
     assert torch.equal(uncond["concat"], extra)  # inpainting input kept, as the SD inpainting pipeline does
     net = build(UNet, UNET, concat_channels=5)
-    out = net(torch.randn(2, 4, 8, 8), torch.tensor([1.0, 2.0]), cond["context"], cond["context_mask"],
-              concat=cond["concat"])  # fmt: skip
+    out = net(
+        torch.randn(2, 4, 8, 8),
+        torch.tensor([1.0, 2.0]),
+        cond["context"],
+        cond["context_mask"],
+        concat=cond["concat"],
+    )
     assert out.shape == (2, 4, 8, 8)
     assert b.label_id("y") == 2 and b.label_id("3") == 3
     with pytest.raises(ValueError, match="not in the model's vocabulary"):

@@ -23,13 +23,23 @@ def train_cli(args: list[str], timeout: int = 400) -> subprocess.CompletedProces
 def test_ddp_two_cpu_processes_uneven_shards(tiny_data: dict, tmp_path: Path) -> None:
     """3 shards over 2 ranks (rank 0 reads 2, rank 1 reads 1): both ranks run the same steps, no hang."""
     out_dir = tmp_path / "ddp"
-    args = tiny_overrides(tiny_data, out_dir, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                          "trainer.precision=32-true", "trainer.max_steps=-1", "trainer.max_epochs=2",
-                          "trainer.check_val_every_n_epoch=1", "callbacks.sample_grid.every_n_steps=0",
-                          "hydra.run.dir=" + str(out_dir))  # fmt: skip
+    args = tiny_overrides(
+        tiny_data,
+        out_dir,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "trainer.max_steps=-1",
+        "trainer.max_epochs=2",
+        "trainer.check_val_every_n_epoch=1",
+        "callbacks.sample_grid.every_n_steps=0",
+        "hydra.run.dir=" + str(out_dir),
+    )
     train_cli(args)
     summary = json.loads((out_dir / "summary.json").read_text())
-    # 120 train samples in 3 shards; per rank per epoch: 120 // (2 ranks * 16) = 3 batches; 2 epochs -> 6 steps
+    # 120 train samples in 3 shards; per rank per epoch: 120 // (2 ranks * 16) = 3 batches; 2 epochs -> 6
+    # steps
     assert summary["global_step"] == 6
     from ldm.lit.checkpoint_io import load_checkpoint_file
 

@@ -1,5 +1,6 @@
-"""Maths tests for the objectives: schedules (cosine, zero-terminal SNR, EDM, flow), parameterisations, noise-level
-samplers, loss weightings, offset noise and input perturbation. Each checks a formula, not just that it runs."""
+"""Maths tests for the objectives: schedules (cosine, zero-terminal SNR, EDM, flow), parameterisations,
+noise-level samplers, loss weightings, offset noise and input perturbation. Each checks a formula, not just
+that it runs."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""configs/optim/adamw.yaml builds a fused AdamW: equal to torch's for-loop AdamW within float rounding, and it
-leaves parameters without a gradient untouched (what callbacks.nonfinite.action=skip relies on)."""
+"""configs/optim/adamw.yaml builds a fused AdamW: equal to torch's for-loop AdamW within float rounding, and
+it leaves parameters without a gradient untouched (what callbacks.nonfinite.action=skip relies on)."""
 
 from __future__ import annotations
 

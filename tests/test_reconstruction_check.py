@@ -1,5 +1,5 @@
-"""The autoencoder's reconstruction is measured on the user's own images before latents are made, and a poor one
-(the shipped emoji autoencoder on dark images) is warned about loudly, naming the fix."""
+"""The autoencoder's reconstruction is measured on the user's own images before latents are made, and a poor
+one (the shipped emoji autoencoder on dark images) is warned about loudly, naming the fix."""
 
 from __future__ import annotations
 
@@ -34,8 +34,19 @@ def test_dark_images_are_warned_about_with_the_fix(tmp_path: Path, caplog: pytes
         (folder / f"img{i:02d}.txt").write_text(f"dark texture {i}")
     prepare.main(["images", "--input", str(folder), "--out", str(tmp_path / "images"), "--prefix", "train"])
     with caplog.at_level(logging.INFO):
-        prepare.main(["latents", "--shards", str(tmp_path / "images" / "train-000000.tar"), "--out",
-                      str(tmp_path / "latents"), "--prefix", "train", "--image-size", "32"])  # fmt: skip
+        prepare.main(
+            [
+                "latents",
+                "--shards",
+                str(tmp_path / "images" / "train-000000.tar"),
+                "--out",
+                str(tmp_path / "latents"),
+                "--prefix",
+                "train",
+                "--image-size",
+                "32",
+            ]
+        )
     report = json.loads((tmp_path / "latents" / "reconstruction_train.json").read_text())
     assert report["n"] == 12 and not report["ok"] and report["psnr_db"] < 20
     warning = next(r.getMessage() for r in caplog.records if "PSNR" in r.getMessage())

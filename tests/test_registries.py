@@ -1,8 +1,8 @@
 """The extension points are registries, and every list that names samplers or nets is checked against them.
 
 A sampler function without a registry entry, a registry entry without configs/sampler/<name>.yaml, a diffusers
-parity test or a row in the README's sampler table, or a config naming an unregistered sampler fails here; so does
-a net config whose class is not a registered backbone or whose DiT size disagrees with ``DIT_SIZES``.
+parity test or a row in the README's sampler table, or a config naming an unregistered sampler fails here; so
+does a net config whose class is not a registered backbone or whose DiT size disagrees with ``DIT_SIZES``.
 """
 
 from __future__ import annotations

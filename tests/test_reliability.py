@@ -1,5 +1,6 @@
-"""Trust in training: signals save and exit non-zero, a diverged run stops and never saves NaN, every run has its
-own directory, ckpt_path=last resumes the newest complete checkpoint, checkpoint writes name ENOSPC/EFBIG."""
+"""Trust in training: signals save and exit non-zero, a diverged run stops and never saves NaN, every run has
+its own directory, ckpt_path=last resumes the newest complete checkpoint, checkpoint writes name
+ENOSPC/EFBIG."""
 
 from __future__ import annotations
 
@@ -31,8 +32,15 @@ SHORT = ("trainer.check_val_every_n_epoch=100", "data.train_samples=48")
 
 
 def _cli(args: list[str], env: dict | None = None, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env or ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "train.py", *args],
+        cwd=ROOT,
+        env=env or ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -74,7 +82,8 @@ def test_signal_saves_writes_the_summary_and_exits_128_plus_n(
 
 
 def test_ctrl_c_to_the_process_group_with_loader_workers(tiny_data: dict, tmp_path: Path) -> None:
-    """A terminal's Ctrl+C reaches every process of the group: the DataLoader workers ignore it, the trainer saves."""
+    """A terminal's Ctrl+C reaches every process of the group: the DataLoader workers ignore it, the trainer
+    saves."""
     out, marker = tmp_path / "run", tmp_path / "training"
     pace = f"+callbacks.pace={{_target_:reliability_helpers.MarkAndPace,marker:'{marker}'}}"
     args = tiny_overrides(tiny_data, out, *SHORT, "trainer.max_steps=1000", "data.num_workers=2", pace)
@@ -89,15 +98,22 @@ def test_ctrl_c_to_the_process_group_with_loader_workers(tiny_data: dict, tmp_pa
 
 
 def test_slurm_sigusr1_requeues_and_the_requeued_job_resumes(tiny_data: dict, tmp_path: Path) -> None:
-    """Under SLURM the requeue signal saves, runs `scontrol requeue <job>`, and the restarted job (same command,
-    SLURM_RESTART_COUNT=1) resumes in its own run directory slurm-<job> from that checkpoint."""
+    """Under SLURM the requeue signal saves, runs `scontrol requeue <job>`, and the restarted job (same
+    command, SLURM_RESTART_COUNT=1) resumes in its own run directory slurm-<job> from that checkpoint."""
     bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol_calls"
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"
     scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
-    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "ldm", "SLURM_PROCID": "0",
-             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "PATH": f"{bin_dir}:{os.environ['PATH']}"}  # fmt: skip
+    slurm = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_NAME": "ldm",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+    }
     env = {**ENV, **slurm}
     logs, marker = tmp_path / "logs", tmp_path / "training"
     args = [a for a in tiny_overrides(tiny_data, logs / "unused", *SHORT) if not a.startswith("paths.")]
@@ -216,8 +232,11 @@ def test_reusing_a_run_directory_is_refused_unless_resuming(tiny_data: dict, tmp
         train.run(compose_config("train", tiny_overrides(tiny_data, out, *SHORT, "trainer.max_steps=5")))
     stale = out / "checkpoints" / ".last.ckpt.abcd1234.tmp"
     stale.write_bytes(b"half a checkpoint")
-    summary = train.run(compose_config("train", tiny_overrides(tiny_data, out, *SHORT, "trainer.max_steps=5",
-                                                               "ckpt_path=last")))  # fmt: skip
+    summary = train.run(
+        compose_config(
+            "train", tiny_overrides(tiny_data, out, *SHORT, "trainer.max_steps=5", "ckpt_path=last")
+        )
+    )
     assert summary["global_step"] == 5 and summary["resumed_from"] == str(out / "checkpoints" / "last.ckpt")
     assert not stale.exists()
     assert (out / "csv" / "metrics.part1.csv").is_file()  # the first part's metrics are kept, not deleted

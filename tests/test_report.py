@@ -1,5 +1,5 @@
-"""report.py: one row per run sorted by the optimised metric, loss curves, one row of samples per run — on a real
-two-run sweep, and on hand-made run directories for the statuses, resumed metrics and eval metrics."""
+"""report.py: one row per run sorted by the optimised metric, loss curves, one row of samples per run — on a
+real two-run sweep, and on hand-made run directories for the statuses, resumed metrics and eval metrics."""
 
 from __future__ import annotations
 
@@ -35,10 +35,20 @@ def two_runs(tiny_data: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("report_sweep")
     sweep_dir = tmp / "sweep"
     args = [a for a in tiny_overrides(tiny_data, tmp / "unused") if not a.startswith("paths.output_dir")]
-    extra = ["trainer.max_steps=2", "+trainer.val_check_interval=1", "trainer.check_val_every_n_epoch=1",
-             "callbacks.sample_grid.steps=2", f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
-    out = subprocess.run([sys.executable, "train.py", "-m", "optim.lr=1e-4,3e-3", *args, *extra], cwd=ROOT,
-                         capture_output=True, text=True, timeout=400)  # fmt: skip
+    extra = [
+        "trainer.max_steps=2",
+        "+trainer.val_check_interval=1",
+        "trainer.check_val_every_n_epoch=1",
+        "callbacks.sample_grid.steps=2",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    out = subprocess.run(
+        [sys.executable, "train.py", "-m", "optim.lr=1e-4,3e-3", *args, *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return sweep_dir
 
@@ -80,8 +90,12 @@ def test_report_on_a_two_run_sweep(two_runs: Path, tmp_path: Path) -> None:
 def fake_run(root: Path, name: str, summary: dict | None, lr: float, grid: str | None = None) -> Path:
     run = root / name
     (run / "csv").mkdir(parents=True)
-    config = {"optimized_metric": "val/loss", "optim": {"lr": lr}, "paths": {"output_dir": str(run)},
-              "callbacks": {"sample_grid": {"prompts": ["a", "b"], "seed": 0}}}  # fmt: skip
+    config = {
+        "optimized_metric": "val/loss",
+        "optim": {"lr": lr},
+        "paths": {"output_dir": str(run)},
+        "callbacks": {"sample_grid": {"prompts": ["a", "b"], "seed": 0}},
+    }
     (run / "config_resolved.yaml").write_text(json.dumps(config))  # JSON is YAML
     if summary is not None:
         (run / "summary.json").write_text(json.dumps(summary))
@@ -100,7 +114,8 @@ def test_report_statuses_resumed_metrics_and_eval_sorting(tmp_path: Path) -> Non
     pruned = {"status": "failed", "error": "TrialPruned: trial 2 pruned at step 2", "global_step": 2}
     fake_run(runs, "c", {**pruned, "metrics": {"val/loss": 0.9, "eval/fid": 5.0}}, 1e-3)
     fake_run(runs, "d", None, 3e-3)  # killed: no summary.json
-    # a resumed run: Lightning's CSVLogger replaced metrics.csv, the earlier rows were kept as metrics.part1.csv
+    # a resumed run: Lightning's CSVLogger replaced metrics.csv, the earlier rows were kept as
+    # metrics.part1.csv
     (a / "csv" / "metrics.part1.csv").write_text("step,train/loss,val/loss\n0,1.0,\n1,0.9,0.8\n")
     (a / "csv" / "metrics.csv").write_text("step,train/loss,val/loss\n2,0.7,\n3,0.6,0.45\n")
 

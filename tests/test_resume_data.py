@@ -1,9 +1,10 @@
 """Data order across ranks and workers, and exact mid-epoch resume.
 
-Two gloo processes read 3 shards (uneven over 2 ranks) with 1 and 2 workers in the exact and resampled modes: the
-same number of batches on both ranks, disjoint keys in an exact epoch, the order a function of the seed. A run
-stopped at step k and resumed from its step-k checkpoint trains on the same sample keys, with the same losses, as
-the uninterrupted run (0 and 2 workers, 2 ranks); with the data position not restored the keys differ.
+Two gloo processes read 3 shards (uneven over 2 ranks) with 1 and 2 workers in the exact and resampled modes:
+the same number of batches on both ranks, disjoint keys in an exact epoch, the order a function of the seed. A
+run stopped at step k and resumed from its step-k checkpoint trains on the same sample keys, with the same
+losses, as the uninterrupted run (0 and 2 workers, 2 ranks); with the data position not restored the keys
+differ.
 """
 
 from __future__ import annotations
@@ -29,8 +30,13 @@ from ldm.data.plan import make_plan, resume_rotation, worker_share
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
 STEPS, STOP = 7, 4  # 3 batches per epoch: the checkpoint at step 4 is one batch into the second epoch
-RESUME = ("trainer.max_steps=7", "trainer.check_val_every_n_epoch=100", "callbacks.model_checkpoint.every_n_train_steps=4",
-          "callbacks.model_checkpoint.save_last=false", "+callbacks.keys={_target_:resume_helpers.KeyRecorder}")  # fmt: skip
+RESUME = (
+    "trainer.max_steps=7",
+    "trainer.check_val_every_n_epoch=100",
+    "callbacks.model_checkpoint.every_n_train_steps=4",
+    "callbacks.model_checkpoint.save_last=false",
+    "+callbacks.keys={_target_:resume_helpers.KeyRecorder}",
+)
 
 
 def _shards(tiny_data: dict) -> str:
@@ -69,7 +75,8 @@ def test_exact_plan_uses_every_shard_once_and_evens_out_ranks() -> None:
 @pytest.mark.parametrize("mode", ["exact", "resampled", "cycle"])
 @pytest.mark.parametrize("workers", [0, 2])
 def test_skipping_batches_continues_the_epoch(tiny_data: dict, mode: str, workers: int) -> None:
-    """set_epoch(e, k) yields exactly batches k.. of the uninterrupted epoch, also with uneven worker quotas."""
+    """set_epoch(e, k) yields exactly batches k.. of the uninterrupted epoch, also with uneven worker
+    quotas."""
     from ldm.data.datamodule import index_counts
     from ldm.data.urls import expand_urls
 
@@ -77,8 +84,18 @@ def test_skipping_batches_continues_the_epoch(tiny_data: dict, mode: str, worker
     counts = index_counts(urls, {})[0]
 
     def keys(skip: int) -> list[list[str]]:
-        ds = ShardDataset(urls, "latents", batch_size=8, num_batches=5, rank=1, world_size=2, shuffle_buffer=8,
-                          mode=mode, shard_counts=counts, num_workers=workers)  # fmt: skip
+        ds = ShardDataset(
+            urls,
+            "latents",
+            batch_size=8,
+            num_batches=5,
+            rank=1,
+            world_size=2,
+            shuffle_buffer=8,
+            mode=mode,
+            shard_counts=counts,
+            num_workers=workers,
+        )
         ds.set_epoch(1, skip)
         return [b["__key__"] for b in DataLoader(ds, batch_size=None, num_workers=workers)]
 
@@ -94,11 +111,29 @@ def test_skipping_batches_continues_the_epoch(tiny_data: dict, mode: str, worker
 def test_two_gloo_ranks_uneven_shards_same_batches_disjoint_keys(tiny_data: dict, tmp_path: Path) -> None:
     port = _free_port()
     procs = [
-        subprocess.Popen([sys.executable, str(ROOT / "tests" / "resume_helpers.py"), "--rank", str(r), "--world", "2",
-                          "--port", str(port), "--shards", _shards(tiny_data), "--out", str(tmp_path)],
-                         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "tests" / "resume_helpers.py"),
+                "--rank",
+                str(r),
+                "--world",
+                "2",
+                "--port",
+                str(port),
+                "--shards",
+                _shards(tiny_data),
+                "--out",
+                str(tmp_path),
+            ],
+            cwd=ROOT,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for r in range(2)
-    ]  # fmt: skip
+    ]
     for proc in procs:
         _, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, err[-3000:]
@@ -107,7 +142,8 @@ def test_two_gloo_ranks_uneven_shards_same_batches_disjoint_keys(tiny_data: dict
         name = f"{mode}/{workers}"
         for epoch in EPOCHS:
             batches = [ranks[r][name][epoch] for r in range(2)]
-            # 114 samples (40, 40, 34), 2 ranks: exact 40 + 17 per rank -> 3 batches of 16; resampled 114 // 32 = 3
+            # 114 samples (40, 40, 34), 2 ranks: exact 40 + 17 per rank -> 3 batches of 16; resampled 114 //
+            # 32 = 3
             assert len(batches[0]) == len(batches[1]) == 3, (name, epoch)
             if mode == "exact":
                 keys = [k for rank in batches for b in rank for k in b]
@@ -119,8 +155,17 @@ def test_two_gloo_ranks_uneven_shards_same_batches_disjoint_keys(tiny_data: dict
     from ldm.data.urls import expand_urls
 
     urls = expand_urls(_shards(tiny_data))
-    ds = ShardDataset(urls, "latents", batch_size=16, num_batches=3, rank=1, world_size=2, shuffle_buffer=8,
-                      shard_counts=index_counts(urls, {})[0], num_workers=2)  # fmt: skip
+    ds = ShardDataset(
+        urls,
+        "latents",
+        batch_size=16,
+        num_batches=3,
+        rank=1,
+        world_size=2,
+        shuffle_buffer=8,
+        shard_counts=index_counts(urls, {})[0],
+        num_workers=2,
+    )
     ds.set_epoch(1)
     assert [b["__key__"] for b in DataLoader(ds, batch_size=None, num_workers=2)] == ranks[1]["exact/2"][1]
 
@@ -174,7 +219,8 @@ def test_mid_epoch_resume_trains_on_the_same_keys(
 def test_negative_control_without_the_data_position_keys_differ(
     tiny_data: dict, tmp_path: Path, uninterrupted: Callable[[int], Path]
 ) -> None:
-    """The same comparison with data.restore_position=false must fail: the epoch restarts from its first batch."""
+    """The same comparison with data.restore_position=false must fail: the epoch restarts from its first
+    batch."""
     full = uninterrupted(0)
     resumed = _resume(
         tiny_data, full, tmp_path / "resumed", "data.train_samples=48", "data.restore_position=false"
@@ -188,13 +234,28 @@ def test_negative_control_without_the_data_position_keys_differ(
 
 
 def test_mid_epoch_resume_two_ranks(tiny_data: dict, tmp_path: Path) -> None:
-    """DDP on 2 CPU processes (gloo), 3 shards: every rank resumes on its own keys; the ranks never share one."""
+    """DDP on 2 CPU processes (gloo), 3 shards: every rank resumes on its own keys; the ranks never share
+    one."""
 
     def cli(out: Path, *extra: str) -> None:
-        args = _overrides(tiny_data, out, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                          "trainer.precision=32-true", f"hydra.run.dir={out}", *extra)  # fmt: skip
-        done = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=ENV, capture_output=True,
-                              text=True, timeout=400)  # fmt: skip
+        args = _overrides(
+            tiny_data,
+            out,
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.precision=32-true",
+            f"hydra.run.dir={out}",
+            *extra,
+        )
+        done = subprocess.run(
+            [sys.executable, "train.py", *args],
+            cwd=ROOT,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
 
     full, resumed = tmp_path / "full", tmp_path / "resumed"

@@ -1,4 +1,5 @@
-"""sample.py: bad arguments, prompts files, checkpoint files and a full disk end in one line that names the fix."""
+"""sample.py: bad arguments, prompts files, checkpoint files and a full disk end in one line that names the
+fix."""
 
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ def good_ckpt(tiny_data: dict, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 def sample_cfg(ckpt: Path | str, out_dir: Path, *extra: str):
-    return compose_config("sample", [f"ckpt={ckpt}", f"out_dir={out_dir}", "prompt=red apple", "num_images=2",
-                                     "steps=2", *extra])  # fmt: skip
+    return compose_config(
+        "sample",
+        [f"ckpt={ckpt}", f"out_dir={out_dir}", "prompt=red apple", "num_images=2", "steps=2", *extra],
+    )
 
 
 def one_line_error(exc_info: pytest.ExceptionInfo) -> str:
@@ -36,7 +39,7 @@ def one_line_error(exc_info: pytest.ExceptionInfo) -> str:
     return text
 
 
-# ---- arguments: refused before the checkpoint is read (ckpt need not exist) ----------------------------------
+# ---- arguments: refused before the checkpoint is read (ckpt need not exist) --------------------------------
 
 
 @pytest.mark.parametrize(
@@ -46,14 +49,17 @@ def one_line_error(exc_info: pytest.ExceptionInfo) -> str:
         ("num_images=-3", r"num_images=-3 must be a whole number >= 1"),
         ("batch_size=0", r"batch_size=0 must be a whole number >= 1"),
         ("steps=0", r"steps=0 must be a whole number >= 1"),
-        ("guidance_interval=[1.0]", r"guidance_interval=\[1.0\] is not two numbers: pass guidance_interval=\[lo,hi\]"),
+        (
+            "guidance_interval=[1.0]",
+            r"guidance_interval=\[1.0\] is not two numbers: pass guidance_interval=\[lo,hi\]",
+        ),
         ("guidance_interval=[1,2,3]", r"is not two numbers"),
         ("guidance_interval=[a,b]", r"guidance_interval=\['a', 'b'\] is not two numbers"),
         ("guidance_interval=0.5", r"guidance_interval=0.5 is not two numbers"),
         ("guidance_interval=[5.0,1.0]", r"guidance_interval=\[5.0, 1.0\] needs 0 <= lo < hi"),
         ("guidance_interval=[-1.0,2.0]", r"guidance_interval=\[-1.0, 2.0\] needs 0 <= lo < hi"),
     ],
-)  # fmt: skip
+)
 def test_bad_arguments(override: str, message: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=message) as err:
         sample.run(sample_cfg(tmp_path / "missing.ckpt", tmp_path / "o", override))
@@ -94,17 +100,26 @@ def test_prompts_file_utf8_with_bom(good_ckpt: Path, tmp_path: Path) -> None:
     assert [r["prompt"] for r in records] == ["café crème"]
 
 
-# ---- checkpoint files ------------------------------------------------------------------------------------------
+# ---- checkpoint files --------------------------------------------------------------------------------------
 
 
 def bad_files(good: Path, tmp_path: Path) -> dict[str, tuple[Path, str]]:
     data = good.read_bytes()
     files = {
         "empty": (b"", r"checkpoint '.*empty.ckpt' is empty \(0 bytes"),
-        "truncated": (data[: len(data) // 2], r"cannot read checkpoint '.*truncated.ckpt' \(RuntimeError: .*truncated"),
-        "text": (b"model: unet\nsteps: 10\n", r"cannot read checkpoint '.*text.ckpt' \(.*: it is truncated, corrupt"),
-        "random": (random.Random(0).randbytes(4096), r"cannot read checkpoint '.*random.ckpt' \(\w+: .*not a torch file"),
-    }  # fmt: skip
+        "truncated": (
+            data[: len(data) // 2],
+            r"cannot read checkpoint '.*truncated.ckpt' \(RuntimeError: .*truncated",
+        ),
+        "text": (
+            b"model: unet\nsteps: 10\n",
+            r"cannot read checkpoint '.*text.ckpt' \(.*: it is truncated, corrupt",
+        ),
+        "random": (
+            random.Random(0).randbytes(4096),
+            r"cannot read checkpoint '.*random.ckpt' \(\w+: .*not a torch file",
+        ),
+    }
     out = {}
     for name, (content, message) in files.items():
         (tmp_path / f"{name}.ckpt").write_bytes(content)
@@ -155,19 +170,22 @@ def test_non_finite_ema_weights(good_ckpt: Path, tmp_path: Path) -> None:
 
 def test_non_finite_raw_weights_name_the_fraction(good_ckpt: Path, tmp_path: Path) -> None:
     path, name = nan_checkpoint(good_ckpt, tmp_path, ema=False, fraction_one=True)
-    total = sum(v.numel() for k, v in torch.load(good_ckpt, weights_only=True)["state_dict"].items()
-                if k.startswith("denoiser.net.") and v.is_floating_point())  # fmt: skip
+    total = sum(
+        v.numel()
+        for k, v in torch.load(good_ckpt, weights_only=True)["state_dict"].items()
+        if k.startswith("denoiser.net.") and v.is_floating_point()
+    )
     with pytest.raises(ValueError) as err:
         sample.run(sample_cfg(path, tmp_path / "o", "use_ema=false"))
     text = one_line_error(err)
     assert (
-        f"{100 / total:.3g}% of {total} values are NaN/Inf, first in net '{name.removeprefix('denoiser.net.')}'"
-        in text
+        f"{100 / total:.3g}% of {total} values are NaN/Inf, first in net "
+        f"'{name.removeprefix('denoiser.net.')}'" in text
     )
     assert "use_ema=false" not in text
 
 
-# ---- writing the images ---------------------------------------------------------------------------------------
+# ---- writing the images ------------------------------------------------------------------------------------
 
 
 def test_disk_full_while_saving_a_png(
@@ -182,7 +200,8 @@ def test_disk_full_while_saving_a_png(
     monkeypatch.setattr(Image.Image, "save", full_disk)
     with pytest.raises(
         OSError,
-        match=r"could not write '.*0000_red-apple_seed0.png': No space left on device \(ENOSPC\) — the disk is full",
+        match=r"could not write '.*0000_red-apple_seed0.png': No space left on device \(ENOSPC\) — the disk "
+        r"is full",
     ) as err:
         sample.run(sample_cfg(good_ckpt, tmp_path / "o"))
     assert err.value.errno == errno.ENOSPC
@@ -219,7 +238,8 @@ except OSError as err:
 
 
 def test_file_size_limit_while_saving(good_ckpt: Path, tmp_path: Path) -> None:
-    """A real EFBIG from the kernel (RLIMIT_FSIZE) in a child process: the cause is in the one-line message."""
+    """A real EFBIG from the kernel (RLIMIT_FSIZE) in a child process: the cause is in the one-line
+    message."""
     overrides = [
         f"ckpt={good_ckpt}",
         f"out_dir={tmp_path / 'o'}",
@@ -238,13 +258,24 @@ def test_file_size_limit_while_saving(good_ckpt: Path, tmp_path: Path) -> None:
     assert not [p for p in (tmp_path / "o").iterdir() if p.suffix == ".png"]
 
 
-# ---- the command line ----------------------------------------------------------------------------------------
+# ---- the command line --------------------------------------------------------------------------------------
 
 
 def test_cli_bad_checkpoint_is_one_line_on_stderr_and_exit_2(tmp_path: Path) -> None:
     (tmp_path / "empty.ckpt").write_bytes(b"")
-    out = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"ckpt={tmp_path / 'empty.ckpt'}", "prompt=x",
-                          f"out_dir={tmp_path / 'o'}"], capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "sample.py"),
+            f"ckpt={tmp_path / 'empty.ckpt'}",
+            "prompt=x",
+            f"out_dir={tmp_path / 'o'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr + out.stdout
     errors = [line for line in out.stderr.splitlines() if "is empty (0 bytes" in line]

@@ -13,9 +13,14 @@ from conftest import tiny_overrides
 import train
 from ldm.config_utils import compose_config
 
-QUALITY = ["callbacks.sample_quality.extractor=tiny", "callbacks.sample_quality.num_samples=8",
-           "callbacks.sample_quality.batch_size=4", "callbacks.sample_quality.every_n_steps=3",
-           "callbacks.sample_quality.steps=3", "callbacks.sample_quality.kid_subsets=5"]  # fmt: skip
+QUALITY = [
+    "callbacks.sample_quality.extractor=tiny",
+    "callbacks.sample_quality.num_samples=8",
+    "callbacks.sample_quality.batch_size=4",
+    "callbacks.sample_quality.every_n_steps=3",
+    "callbacks.sample_quality.steps=3",
+    "callbacks.sample_quality.kid_subsets=5",
+]
 
 
 def _overrides(tiny_data: dict, out: Path, *extra: str) -> list[str]:

@@ -1,11 +1,12 @@
 """Samplers against exact maths: Gaussian data has a closed-form denoiser and probability-flow ODE solution.
 
-For x0 ~ N(MU, S^2) (per dimension) and x = x0 + sigma * eps (VE), E[x0 | x] = (S^2 x + sigma^2 MU) / (S^2 + sigma^2)
-and the probability-flow ODE maps x(sigma_T) to x(sigma) = MU + (x(sigma_T) - MU) * sqrt(S^2 + sigma^2) /
-sqrt(S^2 + sigma_T^2) (the marginals are N(MU, S^2 + sigma^2) and the 1-D flow is affine). Deterministic samplers
-are run from the same x_T at growing step counts and the global error's log-log slope gives their order. The VE
-schedules here end at SIGMA_MIN > 0 (no final 0): the last step to 0 of Heun / DPM++ / UniPC is first order by
-design (the x0 estimate) and would add an N-independent error floor that hides the order.
+For x0 ~ N(MU, S^2) (per dimension) and x = x0 + sigma * eps (VE), E[x0 | x] = (S^2 x + sigma^2 MU) / (S^2 +
+sigma^2) and the probability-flow ODE maps x(sigma_T) to x(sigma) = MU + (x(sigma_T) - MU) * sqrt(S^2 +
+sigma^2) / sqrt(S^2 + sigma_T^2) (the marginals are N(MU, S^2 + sigma^2) and the 1-D flow is affine).
+Deterministic samplers are run from the same x_T at growing step counts and the global error's log-log slope
+gives their order. The VE schedules here end at SIGMA_MIN > 0 (no final 0): the last step to 0 of Heun / DPM++
+/ UniPC is first order by design (the x0 estimate) and would add an N-independent error floor that hides the
+order.
 """
 
 from __future__ import annotations
@@ -84,8 +85,9 @@ def ode_errors(sampler, schedule) -> list[float]:
 
 
 # (name, sampler, expected global order). PLMS: PNDM's Adams-Bashforth weights assume equal steps in sigma; on
-# these geometric grids the step ratio differs from 1 by O(h), which leaves second order. UniPC-2: UniP-2 plus the
-# UniC corrector is third order (UniC-p raises the order of the update it corrects by one, Zhao et al. 2023).
+# these geometric grids the step ratio differs from 1 by O(h), which leaves second order. UniPC-2: UniP-2 plus
+# the UniC corrector is third order (UniC-p raises the order of the update it corrects by one, Zhao et al.
+# 2023).
 ODE_CASES = [
     *((name, spec.fn, spec.order) for name, spec in samplers_for("ve").items() if not spec.stochastic),
     ("dpmpp_2m_heun", lambda d, x, s: sample_dpmpp_2m(d, x, s, solver_type="heun"), 2.0),
@@ -117,8 +119,8 @@ def test_euler_is_ddim_eta_zero_and_euler_ancestral_eta_one_is_ddpm() -> None:
 
 
 # Stochastic samplers: (name, sampler, weak order 1?). The sample mean stays MU exactly in expectation (every
-# update is an affine combination with weights summing to 1 of quantities with mean MU, plus zero-mean noise); the
-# variance error is the discretisation bias, first order for the ancestral / churned Euler samplers.
+# update is an affine combination with weights summing to 1 of quantities with mean MU, plus zero-mean noise);
+# the variance error is the discretisation bias, first order for the ancestral / churned Euler samplers.
 SDE_CASES = [
     *((name, spec.fn, spec.order == 1) for name, spec in samplers_for("ve").items() if spec.stochastic),
     ("euler_ancestral_eta_half", lambda d, x, s, **kw: sample_euler_ancestral(d, x, s, eta=0.5, **kw), True),
@@ -148,8 +150,9 @@ def test_stochastic_samplers_reach_the_data_distribution(name: str, sampler, fir
         )
         assert abs(float(out.mean()) - MU) <= 5 * se_mean, (name, steps)
         var_errors.append(float(out.var()) - target_var)
-    # Measured var errors at 8 / 32 / 128 steps: ddpm -4.4e-2 / -1.6e-2 / -3.7e-3, euler churn -3.7e-2 / -1.4e-2 /
-    # -3.3e-3, dpmpp_2m_sde +5.2e-3 / +9.1e-4 / +6.5e-4 (the last within Monte Carlo noise, se_var = 5.0e-4).
+    # Measured var errors at 8 / 32 / 128 steps: ddpm -4.4e-2 / -1.6e-2 / -3.7e-3, euler churn -3.7e-2 /
+    # -1.4e-2 / -3.3e-3, dpmpp_2m_sde +5.2e-3 / +9.1e-4 / +6.5e-4 (the last within Monte Carlo noise, se_var =
+    # 5.0e-4).
     if first_order:
         slope = _slope(SDE_STEPS, [abs(e) for e in var_errors])
         assert -1.3 <= slope <= -0.6, (name, var_errors)

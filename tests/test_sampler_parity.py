@@ -1,10 +1,11 @@
 """Parity of the Euler / Heun / PLMS / DPM-Solver++ / UniPC / flow samplers with diffusers' schedulers.
 
-Both sides run the same deterministic stand-in for a trained net (``model_fn``), the same initial noise and, for
-the stochastic samplers, the same seeded generator. diffusers' Euler-family schedulers step VE states (they scale
-the net input by 1 / sqrt(sigma^2 + 1) like ``Denoiser``); PNDM, DPM-Solver and UniPC step VP states
-x_VP = x_VE / sqrt(1 + sigma^2), so they start from the unscaled noise; at sigma = 0 both coordinates coincide.
-diffusers is only the reference here: ``ldm.sampling`` never imports it. DDIM / DDPM parity is in test_sampling.py.
+Both sides run the same deterministic stand-in for a trained net (``model_fn``), the same initial noise and,
+for the stochastic samplers, the same seeded generator. diffusers' Euler-family schedulers step VE states
+(they scale the net input by 1 / sqrt(sigma^2 + 1) like ``Denoiser``); PNDM, DPM-Solver and UniPC step VP
+states x_VP = x_VE / sqrt(1 + sigma^2), so they start from the unscaled noise; at sigma = 0 both coordinates
+coincide. diffusers is only the reference here: ``ldm.sampling`` never imports it. DDIM / DDPM parity is in
+test_sampling.py.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def model_fn(x_t: Tensor, t: Tensor) -> Tensor:
 
 
 class FnNet(nn.Module):
-    """``model_fn`` as a net; ``round_t`` mimics diffusers' DPM-Solver / UniPC, which round Karras timesteps."""
+    """``model_fn`` as a net; ``round_t`` mimics diffusers' DPM-Solver / UniPC, which round Karras
+    timesteps."""
 
     def __init__(self, round_t: bool = False) -> None:
         super().__init__()
@@ -162,9 +164,10 @@ def _run_pndm_eps(ref: PNDMScheduler, prediction: str) -> Tensor:
     """Drive PNDM in its "epsilon" mode, handing it the eps implied by model_fn as a v-prediction when asked.
 
     diffusers' PNDM in "v_prediction" mode runs its multistep average over the raw v outputs and converts the
-    average with the current x_t (eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t); that is a different, parameter-
-    isation-dependent method (13 % apart after 10 steps here). ``sample_plms`` only sees x0 estimates and averages
-    the eps they imply, which is what diffusers does for any net once that net's output is given as eps.
+    average with the current x_t (eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t); that is a different,
+    parameter- isation-dependent method (13 % apart after 10 steps here). ``sample_plms`` only sees x0
+    estimates and averages the eps they imply, which is what diffusers does for any net once that net's output
+    is given as eps.
     """
     x, abar = _noise(), ref.alphas_cumprod
     for t in ref.timesteps:
@@ -262,8 +265,8 @@ UNIPC_CASES = [
     (3, "bh2", "zero"),
     (1, "bh2", "zero"),
     (2, "bh2", "sigma_min"),
-    # bh1 with a final sigma of 0 gives NaN in diffusers (B(h) = -h = -inf times a zero correction); ours returns
-    # the limit (the last x0 estimate), so bh1 is compared on lists ending at sigma_min.
+    # bh1 with a final sigma of 0 gives NaN in diffusers (B(h) = -h = -inf times a zero correction); ours
+    # returns the limit (the last x0 estimate), so bh1 is compared on lists ending at sigma_min.
     (2, "bh1", "sigma_min"),
     (3, "bh1", "sigma_min"),
 ]
@@ -273,7 +276,8 @@ UNIPC_CASES = [
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 @pytest.mark.parametrize(
     "order,solver_type,final,spacing",
-    # With Karras sigmas and final "sigma_min" diffusers repeats sigma_min (a zero-length last step): not compared.
+    # With Karras sigmas and final "sigma_min" diffusers repeats sigma_min (a zero-length last step): not
+    # compared.
     [
         c + (sp,)
         for c in UNIPC_CASES

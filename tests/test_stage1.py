@@ -1,4 +1,5 @@
-"""Stage 1: the KL autoencoder trains through train.py, reports PSNR, exports; the shipped weights reconstruct emoji."""
+"""Stage 1: the KL autoencoder trains through train.py, reports PSNR, exports; the shipped weights reconstruct
+emoji."""
 
 from __future__ import annotations
 
@@ -23,11 +24,22 @@ def test_autoencoder_experiment_trains_reports_psnr_and_exports(tiny_data: dict,
         for o in tiny_overrides(tiny_data, out)
         if not o.startswith(("callbacks.", "data.", "net", "autoencoder"))
     ]
-    cfg = compose_config("train", ["experiment=autoencoder_emoji", *overrides,
-                                   f"data.train_shards='{images}/train-{{000000..000002}}.tar'",
-                                   f"data.val_shards={images}/val-000000.tar", "data.batch_size=16",
-                                   "model.model.base_channels=8", "model.model.norm_groups=8", "model.model.mid_attention=false",
-                                   "trainer.max_steps=8", "trainer.check_val_every_n_epoch=1", "callbacks.throughput.window=2"])  # fmt: skip
+    cfg = compose_config(
+        "train",
+        [
+            "experiment=autoencoder_emoji",
+            *overrides,
+            f"data.train_shards='{images}/train-{{000000..000002}}.tar'",
+            f"data.val_shards={images}/val-000000.tar",
+            "data.batch_size=16",
+            "model.model.base_channels=8",
+            "model.model.norm_groups=8",
+            "model.model.mid_attention=false",
+            "trainer.max_steps=8",
+            "trainer.check_val_every_n_epoch=1",
+            "callbacks.throughput.window=2",
+        ],
+    )
     summary = train.run(cfg)
     assert summary["global_step"] == 8
     rows = list(csv.DictReader(open(out / "csv" / "metrics.csv")))
@@ -36,8 +48,17 @@ def test_autoencoder_experiment_trains_reports_psnr_and_exports(tiny_data: dict,
 
     ckpt = out / "checkpoints" / "last.ckpt"
     export = tmp_path / "exported" / "my_ae"
-    prepare.main(["export-autoencoder", "--ckpt", str(ckpt), "--shards", f"{images}/train-{{000000..000002}}.tar",
-                  "--out", str(export)])  # fmt: skip
+    prepare.main(
+        [
+            "export-autoencoder",
+            "--ckpt",
+            str(ckpt),
+            "--shards",
+            f"{images}/train-{{000000..000002}}.tar",
+            "--out",
+            str(export),
+        ]
+    )
     frozen = load_kl_autoencoder(str(export) + ".safetensors")  # strict
     model = kl_autoencoder_from_checkpoint(str(ckpt)).eval()
     x = torch.rand(2, 3, 32, 32) * 2 - 1

@@ -1,4 +1,5 @@
-"""The validation loss per noise level: fixed levels reach the loss, and training logs one curve point per level."""
+"""The validation loss per noise level: fixed levels reach the loss, and training logs one curve point per
+level."""
 
 from __future__ import annotations
 
@@ -35,8 +36,12 @@ def test_fixed_sigma_per_sample_loss_matches_the_formula() -> None:
 
 def test_training_logs_the_loss_of_every_level(tiny_data: dict, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cfg = compose_config("train", tiny_overrides(tiny_data, out, "trainer.check_val_every_n_epoch=1", "data.train_samples=48",
-                                                 "model.val_levels=5"))  # fmt: skip
+    cfg = compose_config(
+        "train",
+        tiny_overrides(
+            tiny_data, out, "trainer.check_val_every_n_epoch=1", "data.train_samples=48", "model.val_levels=5"
+        ),
+    )
     summary = train.run(cfg)
     levels = [summary["metrics"][f"val/loss_level_{k}"] for k in range(5)]
     assert all(v > 0 and v == v for v in levels)

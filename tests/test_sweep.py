@@ -1,6 +1,6 @@
-"""Sweeps: the Optuna sweeper (hparams_search=emoji_optuna) resumes a killed study without redoing finished trials,
-records pruned and diverged trials without stopping (two jobs at once on the joblib launcher), and the SLURM
-launcher config asks SLURM for GracefulStop's requeue signal."""
+"""Sweeps: the Optuna sweeper (hparams_search=emoji_optuna) resumes a killed study without redoing finished
+trials, records pruned and diverged trials without stopping (two jobs at once on the joblib launcher), and the
+SLURM launcher config asks SLURM for GracefulStop's requeue signal."""
 
 from __future__ import annotations
 
@@ -22,8 +22,13 @@ optuna = pytest.importorskip("optuna")
 
 ROOT = Path(__file__).resolve().parents[1]
 # seconds-long trials (each test sets how often they validate); the study searches optim.lr only
-TRIAL = ("trainer.check_val_every_n_epoch=1", "callbacks.sample_grid.steps=2", "net.model_channels=32",
-         "lr_schedule.warmup_steps=0", "optim.weight_decay=0.0")  # fmt: skip
+TRIAL = (
+    "trainer.check_val_every_n_epoch=1",
+    "callbacks.sample_grid.steps=2",
+    "net.model_channels=32",
+    "lr_schedule.warmup_steps=0",
+    "optim.weight_decay=0.0",
+)
 
 
 def sweep_cmd(tiny_data: dict, log_dir: Path, *extra: str) -> list[str]:
@@ -56,9 +61,17 @@ def test_search_space_grammar_and_the_shipped_study() -> None:
     from hydra_plugins.ldm_optuna_sweeper.search_space import parse_search_space, trial_overrides
     from ldm.lit.optuna_pruning import OptunaPruning
 
-    space = parse_search_space(["optim.lr=tag(log, interval(1e-5, 1e-2))", "diffusion=ddpm_linear_eps,edm",
-                                "x=int(interval(1, 4))", "y=range(8, 40, 8)", "z=choice('a b', c)",
-                                "trainer.max_steps=5", "optim.lr=choice(1e-3, 1e-4)"])  # fmt: skip
+    space = parse_search_space(
+        [
+            "optim.lr=tag(log, interval(1e-5, 1e-2))",
+            "diffusion=ddpm_linear_eps,edm",
+            "x=int(interval(1, 4))",
+            "y=range(8, 40, 8)",
+            "z=choice('a b', c)",
+            "trainer.max_steps=5",
+            "optim.lr=choice(1e-3, 1e-4)",
+        ]
+    )
     assert space.fixed == ["trainer.max_steps=5"]
     assert space.distributions["optim.lr"] == CategoricalDistribution((1e-3, 1e-4))  # the later one wins
     assert space.distributions["diffusion"] == CategoricalDistribution(("ddpm_linear_eps", "edm"))
@@ -81,7 +94,8 @@ def test_search_space_grammar_and_the_shipped_study() -> None:
 
 
 def test_slurm_launcher_asks_for_graceful_stops_requeue_signal(tmp_path: Path, monkeypatch) -> None:
-    """The sbatch script submitit writes from hydra/launcher=slurm: SIGUSR1 120 s early (not submitit's USR2)."""
+    """The sbatch script submitit writes from hydra/launcher=slurm: SIGUSR1 120 s early (not submitit's
+    USR2)."""
     pytest.importorskip("submitit")
     import submitit
     from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
@@ -92,15 +106,18 @@ def test_slurm_launcher_asks_for_graceful_stops_requeue_signal(tmp_path: Path, m
     (fake_bin / "srun").write_text("#!/bin/sh\n")
     (fake_bin / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
-    cfg = compose_with_hydra(["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-                              f"hydra.sweep.dir={tmp_path / 'sweep'}"])  # fmt: skip
+    cfg = compose_with_hydra(
+        ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    )
     params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     launcher = SlurmLauncher(**{k: v for k, v in params.items() if k != "_target_"})
     launcher.config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "sweep")}}})
     scripts = []
-    monkeypatch.setattr(submitit.AutoExecutor, "map_array",
-                        lambda self, fn, *args: scripts.append(self._executor._make_submission_file_text("cmd", "0"))
-                        or [])  # fmt: skip
+    monkeypatch.setattr(
+        submitit.AutoExecutor,
+        "map_array",
+        lambda self, fn, *args: scripts.append(self._executor._make_submission_file_text("cmd", "0")) or [],
+    )
     launcher.launch([["optim.lr=1e-4"]], initial_job_idx=0)
     script = scripts[0]
     assert "#SBATCH --signal=USR1@120" in script and "USR2" not in script
@@ -108,11 +125,17 @@ def test_slurm_launcher_asks_for_graceful_stops_requeue_signal(tmp_path: Path, m
 
 
 def test_killed_optuna_sweep_resumes_without_redoing_finished_trials(tiny_data: dict, tmp_path: Path) -> None:
-    """SIGKILL once trial 1 saved its first checkpoint; the same command again keeps trial 0, runs trial 1's params
-    again from that checkpoint, and adds one more trial."""
+    """SIGKILL once trial 1 saved its first checkpoint; the same command again keeps trial 0, runs trial 1's
+    params again from that checkpoint, and adds one more trial."""
     sweep_dir = tmp_path / "train" / "multiruns" / "emoji_optuna"
-    cmd = sweep_cmd(tiny_data, tmp_path, "trainer.max_steps=3", "+trainer.val_check_interval=1",
-                    "callbacks.model_checkpoint.every_n_train_steps=1", "hydra.sweeper.n_trials=3")  # fmt: skip
+    cmd = sweep_cmd(
+        tiny_data,
+        tmp_path,
+        "trainer.max_steps=3",
+        "+trainer.val_check_interval=1",
+        "callbacks.model_checkpoint.every_n_train_steps=1",
+        "hydra.sweeper.n_trials=3",
+    )
     log = (tmp_path / "first.log").open("w")  # a file, not a pipe: a full pipe would block the sweep
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 400
@@ -160,19 +183,29 @@ def test_killed_optuna_sweep_resumes_without_redoing_finished_trials(tiny_data: 
 
 @pytest.mark.slow  # 41 s: two parallel training jobs (joblib)
 def test_pruned_and_diverged_trials_do_not_stop_a_parallel_sweep(tiny_data: dict, tmp_path: Path) -> None:
-    """Two trials at once on the joblib launcher: lr=1e30 diverges at step 1 (inf loss -> failed trial), lr=1e-3 is pruned at its
-    first validation (the job reports to the shared SQLite study and raises TrialPruned); the sweep exits 0."""
+    """Two trials at once on the joblib launcher: lr=1e30 diverges at step 1 (inf loss -> failed trial),
+    lr=1e-3 is pruned at its first validation (the job reports to the shared SQLite study and raises
+    TrialPruned); the sweep exits 0."""
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     sweep_dir = tmp_path / "train" / "multiruns" / "emoji_optuna"
-    cmd = sweep_cmd(tiny_data, tmp_path, "trainer.max_steps=3", "+trainer.val_check_interval=2",
-                    "optim.lr=choice(1e30,1e-3)",
-                    "trainer.gradient_clip_val=null", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                    "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=2",
-                    "hydra.sweeper.sampler._target_=optuna.samplers.BruteForceSampler",
-                    "~hydra.sweeper.sampler.n_startup_trials",
-                    "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
-                    "~hydra.sweeper.pruner.n_startup_trials", "hydra.sweeper.pruner.n_warmup_steps=0",
-                    "+hydra.sweeper.pruner.upper=0.0")  # fmt: skip
+    cmd = sweep_cmd(
+        tiny_data,
+        tmp_path,
+        "trainer.max_steps=3",
+        "+trainer.val_check_interval=2",
+        "optim.lr=choice(1e30,1e-3)",
+        "trainer.gradient_clip_val=null",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler._target_=optuna.samplers.BruteForceSampler",
+        "~hydra.sweeper.sampler.n_startup_trials",
+        "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
+        "~hydra.sweeper.pruner.n_startup_trials",
+        "hydra.sweeper.pruner.n_warmup_steps=0",
+        "+hydra.sweeper.pruner.upper=0.0",
+    )
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
     by_lr = {t.params["optim.lr"]: t for t in load(sweep_dir).trials}

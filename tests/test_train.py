@@ -40,7 +40,8 @@ def test_checkpoint_contents(trained_run: Path) -> None:
     ema, state = ckpt["ema_state_dict"], ckpt["state_dict"]
     net_keys = {k.removeprefix("denoiser.net.") for k in state if k.startswith("denoiser.net.")}
     assert set(ema) == net_keys
-    # the frozen text encoder and autoencoder are rebuilt from their own weights, not stored in every checkpoint
+    # the frozen text encoder and autoencoder are rebuilt from their own weights, not stored in every
+    # checkpoint
     assert not any(k.startswith(("autoencoder.", "conditioner.")) for k in state)
     # EMA lags the trained weights: close but not equal after a few steps
     diffs = [
@@ -66,8 +67,20 @@ def test_run_directory(trained_run: Path) -> None:
 
 
 def sample_cfg(ckpt: Path, out_dir: Path, *extra: str):
-    return compose_config("sample", [f"ckpt={ckpt}", f"out_dir={out_dir}", "prompt=red apple", "num_images=3",
-                                     "steps=5", "cfg_scale=3", "seed=7", "negative_prompt=blurry", *extra])  # fmt: skip
+    return compose_config(
+        "sample",
+        [
+            f"ckpt={ckpt}",
+            f"out_dir={out_dir}",
+            "prompt=red apple",
+            "num_images=3",
+            "steps=5",
+            "cfg_scale=3",
+            "seed=7",
+            "negative_prompt=blurry",
+            *extra,
+        ],
+    )
 
 
 def test_sample_writes_images_grid_metadata_and_is_deterministic(trained_run: Path, tmp_path: Path) -> None:
@@ -102,8 +115,17 @@ def test_sample_writes_images_grid_metadata_and_is_deterministic(trained_run: Pa
 def test_prompts_file_and_ddpm_sampler(trained_run: Path, tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("red apple\n\nblue heart\n")
-    cfg = compose_config("sample", [f"ckpt={trained_run / 'checkpoints' / 'last.ckpt'}", f"out_dir={tmp_path / 'o'}",
-                                    f"prompts_file={prompts}", "num_images=2", "steps=4", "sampler=ddpm"])  # fmt: skip
+    cfg = compose_config(
+        "sample",
+        [
+            f"ckpt={trained_run / 'checkpoints' / 'last.ckpt'}",
+            f"out_dir={tmp_path / 'o'}",
+            f"prompts_file={prompts}",
+            "num_images=2",
+            "steps=4",
+            "sampler=ddpm",
+        ],
+    )
     records = sample.run(cfg)
     assert [r["prompt"] for r in records] == ["red apple", "red apple", "blue heart", "blue heart"]
 
@@ -160,8 +182,10 @@ def test_resume_continues_the_loss_curve(tiny_data: dict, tmp_path: Path) -> Non
     )
     train.run(first)
     ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    resumed = compose_config("train", tiny_overrides(tiny_data, tmp_path / "resumed", *base, "trainer.max_epochs=2",
-                                                     f"ckpt_path={ckpt}"))  # fmt: skip
+    resumed = compose_config(
+        "train",
+        tiny_overrides(tiny_data, tmp_path / "resumed", *base, "trainer.max_epochs=2", f"ckpt_path={ckpt}"),
+    )
     train.run(resumed)
     full_losses, resumed_losses = read_losses(tmp_path / "full"), read_losses(tmp_path / "resumed")
     assert sorted(full_losses) == list(range(8)) and sorted(resumed_losses) == [4, 5, 6, 7]
@@ -176,13 +200,22 @@ def test_resume_continues_the_loss_curve(tiny_data: dict, tmp_path: Path) -> Non
 
 
 def test_wandb_offline_and_tensorboard_loggers(tiny_data: dict, tmp_path: Path, monkeypatch) -> None:
-    """Not logged in -> wandb runs offline into a real run directory; TensorBoard gets scalars and the sample grid."""
+    """Not logged in -> wandb runs offline into a real run directory; TensorBoard gets scalars and the sample
+    grid."""
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
     out = tmp_path / "r"
-    cfg = compose_config("train", tiny_overrides(tiny_data, out, "logger=[wandb,tensorboard]", "trainer.max_steps=2",
-                                                 "callbacks.sample_grid.every_n_steps=2"))  # fmt: skip
+    cfg = compose_config(
+        "train",
+        tiny_overrides(
+            tiny_data,
+            out,
+            "logger=[wandb,tensorboard]",
+            "trainer.max_steps=2",
+            "callbacks.sample_grid.every_n_steps=2",
+        ),
+    )
     train.run(cfg)
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))

@@ -1,5 +1,5 @@
-"""Every objective trains and samples end to end through the entry points; samplers that do not fit a schedule's
-coordinates are refused with the fix in the message."""
+"""Every objective trains and samples end to end through the entry points; samplers that do not fit a
+schedule's coordinates are refused with the fix in the message."""
 
 from __future__ import annotations
 
@@ -21,11 +21,20 @@ from ldm.sampling.registry import check_sampler
 OBJECTIVES = {
     "edm": ["experiment=edm"],
     "rectified_flow": ["experiment=rectified_flow"],
-    "zero_snr_v_min_snr": ["diffusion=sd_zero_snr_v", "diffusion/weighting=min_snr",
-                           "callbacks.sample_grid.spacing=trailing", "callbacks.sample_grid.guidance_rescale=0.7"],
-    "cosine_x0_tricks": ["diffusion=ddpm_cosine_eps", "diffusion.prediction=x0", "diffusion.offset_noise=0.1",
-                         "diffusion.input_perturbation=0.1", "diffusion/timesteps=logit_normal"],
-}  # fmt: skip
+    "zero_snr_v_min_snr": [
+        "diffusion=sd_zero_snr_v",
+        "diffusion/weighting=min_snr",
+        "callbacks.sample_grid.spacing=trailing",
+        "callbacks.sample_grid.guidance_rescale=0.7",
+    ],
+    "cosine_x0_tricks": [
+        "diffusion=ddpm_cosine_eps",
+        "diffusion.prediction=x0",
+        "diffusion.offset_noise=0.1",
+        "diffusion.input_perturbation=0.1",
+        "diffusion/timesteps=logit_normal",
+    ],
+}
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
@@ -37,9 +46,18 @@ def test_objective_trains_and_samples(name: str, tiny_data: dict, tmp_path: Path
     assert (
         out / "samples" / "step_000003.png"
     ).is_file()  # the end-of-training grid used the matching sampler
-    records = sample.run(compose_config("sample", [f"ckpt={out / 'checkpoints' / 'last.ckpt'}",
-                                                   f"out_dir={tmp_path / 's'}", "prompt=red apple",
-                                                   "num_images=2", "steps=4"]))  # fmt: skip
+    records = sample.run(
+        compose_config(
+            "sample",
+            [
+                f"ckpt={out / 'checkpoints' / 'last.ckpt'}",
+                f"out_dir={tmp_path / 's'}",
+                "prompt=red apple",
+                "num_images=2",
+                "steps=4",
+            ],
+        )
+    )
     assert len(records) == 2 and (tmp_path / "s" / records[0]["file"]).is_file()
     assert records[0]["sampler"]["_target_"] == cfg.sampler._target_  # default: the training grid's sampler
 

@@ -1,8 +1,8 @@
 """``hydra/sweeper=ldm_optuna``: the sweeper's config keys (see ``configs/hparams_search/emoji_optuna.yaml``).
 
-Importing this module registers the config; it imports nothing from Optuna, so Hydra's plugin scan stays cheap and
-works without the ``sweep`` extra installed. No ``from __future__ import annotations`` here: Hydra's plugin scan
-executes this module outside ``sys.modules``, where dataclasses cannot resolve string annotations.
+Importing this module registers the config; it imports nothing from Optuna, so Hydra's plugin scan stays cheap
+and works without the ``sweep`` extra installed. No ``from __future__ import annotations`` here: Hydra's
+plugin scan executes this module outside ``sys.modules``, where dataclasses cannot resolve string annotations.
 """
 
 from dataclasses import dataclass, field
@@ -37,7 +37,8 @@ class LdmOptunaSweeperConf:
     params: Dict[str, str] = field(default_factory=dict)  # noqa: UP006
     # trials to run first when the study is new, e.g. the current default as the baseline: {param: value} each
     enqueue: List[Dict[str, Any]] = field(default_factory=list)  # noqa: UP006
-    # trials killed with the sweep run again when it restarts: same params, from their newest checkpoint if any
+    # trials killed with the sweep run again when it restarts: same params, from their newest checkpoint if
+    # any
     retry_interrupted: bool = True
     max_consecutive_failures: int = 3  # stop the sweep after this many trials in a row raised an error
 

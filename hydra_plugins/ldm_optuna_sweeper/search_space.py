@@ -1,5 +1,5 @@
-"""Search spaces written in Hydra's sweep grammar, turned into Optuna distributions, and trial values back into
-Hydra overrides.
+"""Search spaces written in Hydra's sweep grammar, turned into Optuna distributions, and trial values back
+into Hydra overrides.
 
 | override                              | Optuna distribution                                   |
 | ------------------------------------- | ----------------------------------------------------- |
@@ -28,7 +28,8 @@ _PLAIN = re.compile(r"[A-Za-z0-9_./:@+\-]+")
 
 
 class SearchSpace(NamedTuple):  # not a dataclass: Hydra's plugin scan runs this module outside sys.modules
-    """``distributions``: Optuna parameter name (the override key) -> distribution; ``fixed``: overrides as typed."""
+    """``distributions``: Optuna parameter name (the override key) -> distribution; ``fixed``: overrides as
+    typed."""
 
     distributions: dict[str, BaseDistribution]
     fixed: list[str]

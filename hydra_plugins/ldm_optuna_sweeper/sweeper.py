@@ -1,14 +1,15 @@
 """A Hydra sweeper on Optuna's ask/tell API: ``python train.py -m hparams_search=emoji_optuna``.
 
 - **Persistent and resumable.** Trials live in ``storage`` (SQLite in the sweep directory by default) under
-  ``study_name``. Started again with the same command, the sweep loads the study, keeps every finished trial and
-  runs only the ``n_trials`` still missing. Trials that were running when the sweep was killed are marked failed
-  and, with ``retry_interrupted``, enqueued again with the same parameters, resuming from the newest complete
-  checkpoint of their run directory (``ckpt_path=...``) when they saved one. One sweeper process per study.
-- **Pruning.** Each job learns its trial number from ``LDM_OPTUNA_TRIAL`` (set through ``hydra.job.env_set``, so
-  it reaches local, joblib and SLURM jobs alike); the training callback ``ldm.lit.optuna_pruning.OptunaPruning``
-  reports the monitored metric after each validation to the shared storage and raises ``optuna.TrialPruned``
-  when the pruner says so.
+  ``study_name``. Started again with the same command, the sweep loads the study, keeps every finished trial
+  and runs only the ``n_trials`` still missing. Trials that were running when the sweep was killed are marked
+  failed and, with ``retry_interrupted``, enqueued again with the same parameters, resuming from the newest
+  complete checkpoint of their run directory (``ckpt_path=...``) when they saved one. One sweeper process per
+  study.
+- **Pruning.** Each job learns its trial number from ``LDM_OPTUNA_TRIAL`` (set through ``hydra.job.env_set``,
+  so it reaches local, joblib and SLURM jobs alike); the training callback
+  ``ldm.lit.optuna_pruning.OptunaPruning`` reports the monitored metric after each validation to the shared
+  storage and raises ``optuna.TrialPruned`` when the pruner says so.
 - **Failures do not stop the sweep.** A diverged job (train.py returns NaN under ``-m``) and a job that raised
   are told as failed trials; the sweep stops only after ``max_consecutive_failures`` errors in a row.
 - Job ``k`` of the sweep directory is trial ``k`` of the study; each trial records its run directory and
@@ -99,8 +100,8 @@ class LdmOptunaSweeper(Sweeper):
         space = parse_search_space([f"{k}={v}" for k, v in self.params.items()] + list(arguments))
         if not space.distributions:
             raise ValueError(
-                "ldm_optuna sweeper: no search space; set hydra.sweeper.params (see configs/hparams_search/) or "
-                "pass a sweep override such as optim.lr='tag(log, interval(1e-4, 1e-2))'"
+                "ldm_optuna sweeper: no search space; set hydra.sweeper.params (see configs/hparams_search/) "
+                "or pass a sweep override such as optim.lr='tag(log, interval(1e-4, 1e-2))'"
             )
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -121,9 +122,14 @@ class LdmOptunaSweeper(Sweeper):
         done = count_done(study)
         log.info(
             "Optuna study '%s' (%s): %d of %d trials finished, %d interrupted%s; search space: %s",
-            self.study_name, self.storage, done, self.n_trials, len(interrupted),
-            " (run again)" if interrupted and self.retry_interrupted else "", ", ".join(space.distributions),
-        )  # fmt: skip
+            self.study_name,
+            self.storage,
+            done,
+            self.n_trials,
+            len(interrupted),
+            " (run again)" if interrupted and self.retry_interrupted else "",
+            ", ".join(space.distributions),
+        )
         failures_in_a_row = 0
         self.exhausted = False
         while (remaining := self.n_trials - count_done(study)) > 0 and not self.exhausted:
@@ -182,8 +188,12 @@ class LdmOptunaSweeper(Sweeper):
             else:
                 status = "diverged" if summary_status(run_dir) == "diverged" else "no_metric"
                 state = TrialState.FAIL
-                log.warning("trial %d %s (returned %r): recorded as failed, the sweep goes on", trial.number, status,
-                            value)  # fmt: skip
+                log.warning(
+                    "trial %d %s (returned %r): recorded as failed, the sweep goes on",
+                    trial.number,
+                    status,
+                    value,
+                )
         trial.set_user_attr("status", status)
         try:
             study.tell(trial, float(value) if state == TrialState.COMPLETE else None, state=state)
@@ -228,8 +238,12 @@ class LdmOptunaSweeper(Sweeper):
         results: dict[str, Any] = {"study_name": self.study_name, "storage": self.storage, "trials": states}
         if states["complete"]:
             best = study.best_trial
-            results |= {"best_trial": best.number, "best_value": best.value, "best_params": best.params,
-                        "best_run_dir": best.user_attrs.get("run_dir")}  # fmt: skip
+            results |= {
+                "best_trial": best.number,
+                "best_value": best.value,
+                "best_params": best.params,
+                "best_run_dir": best.user_attrs.get("run_dir"),
+            }
             log.info("best trial %d: %s = %.6g, %s", best.number, self.direction, best.value, best.params)
         else:
             log.warning("Optuna study '%s': no trial completed", self.study_name)
@@ -239,8 +253,9 @@ class LdmOptunaSweeper(Sweeper):
 
 # ---------------------------------------------------------------------- helpers
 def recover_interrupted(study: Study, retry: bool, sweep_dir: Path) -> list[int]:
-    """Trials still RUNNING were killed with a previous sweeper: mark them failed; with ``retry``, enqueue their
-    params again, resuming from the newest complete checkpoint of their run directory when there is one."""
+    """Trials still RUNNING were killed with a previous sweeper: mark them failed; with ``retry``, enqueue
+    their params again, resuming from the newest complete checkpoint of their run directory when there is
+    one."""
     from optuna.trial import TrialState
 
     from ldm.lit.run_dir import newest_checkpoint  # here, not at the top: Hydra's plugin scan stays light

@@ -62,7 +62,8 @@ class FrozenAutoencoder(nn.Module):
         for method in ("encode", "decode"):
             if not callable(getattr(model, method, None)):
                 raise TypeError(
-                    f"{type(model).__name__} has no {method}(); wrap diffusers models in DiffusersAutoencoderAdaptor"
+                    f"{type(model).__name__} has no {method}(); wrap diffusers models in "
+                    f"DiffusersAutoencoderAdaptor"
                 )
         missing = {"name", "sha256"} - set(identity)
         if missing:

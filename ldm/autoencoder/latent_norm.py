@@ -1,14 +1,14 @@
 """Per-channel latent normalisation: the diffusion model sees x = (z - mean) / std, channel by channel.
 
-Rombach rescaling (``FrozenAutoencoder``) divides every channel by one number, so a latent space whose channels
-differ in mean and spread reaches the diffusion model far from N(0, I): the shipped emoji autoencoder's scaled
-latents have channel means 1.28, 0.05, 0.73, -0.25 and stds 0.59, 0.37, 0.41, 1.39. A forward process that
-starts from such data puts its noise levels in the wrong place per channel, and sampling starts from a standard
-normal prior the data never reached. Normalising each channel by the training set's statistics (as diffusers'
-``latents_mean`` / ``latents_std`` do for some VAEs) fixes both.
+Rombach rescaling (``FrozenAutoencoder``) divides every channel by one number, so a latent space whose
+channels differ in mean and spread reaches the diffusion model far from N(0, I): the shipped emoji
+autoencoder's scaled latents have channel means 1.28, 0.05, 0.73, -0.25 and stds 0.59, 0.37, 0.41, 1.39. A
+forward process that starts from such data puts its noise levels in the wrong place per channel, and sampling
+starts from a standard normal prior the data never reached. Normalising each channel by the training set's
+statistics (as diffusers' ``latents_mean`` / ``latents_std`` do for some VAEs) fixes both.
 
-The statistics live in buffers, so checkpoints carry them and sampling undoes them before decoding; an identity
-norm (mean 0, std 1) is exact (no rounding) and is what checkpoints without the buffers load as.
+The statistics live in buffers, so checkpoints carry them and sampling undoes them before decoding; an
+identity norm (mean 0, std 1) is exact (no rounding) and is what checkpoints without the buffers load as.
 """
 
 from __future__ import annotations
@@ -83,8 +83,8 @@ def latent_norm_from_stats(spec: Any, index_meta: Mapping[str, Any] | None) -> t
     stats = (index_meta or {}).get("latent_stats") or {}
     if "channel_mean" not in stats or "channel_std" not in stats:
         raise ValueError(
-            "model.latent_norm=per_channel takes the channel statistics from the latent shards' index, and the "
-            "training data has none: encode with `python prepare.py latents ...` or give model.latent_norm="
-            "{mean: [...], std: [...]} (or model.latent_norm=none)"
+            "model.latent_norm=per_channel takes the channel statistics from the latent shards' index, and "
+            "the training data has none: encode with `python prepare.py latents ...` or give "
+            "model.latent_norm={mean: [...], std: [...]} (or model.latent_norm=none)"
         )
     return list(stats["channel_mean"]), list(stats["channel_std"])

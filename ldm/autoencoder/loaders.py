@@ -207,8 +207,8 @@ class LatentMoments:
         self.count += other.count
 
     def state(self) -> dict:
-        """The raw sums as JSON-safe floats ({"count", "sum", "sum_sq"}): merging states gives the same numbers
-        whatever the split, as float64 values survive a JSON round trip exactly."""
+        """The raw sums as JSON-safe floats ({"count", "sum", "sum_sq"}): merging states gives the same
+        numbers whatever the split, as float64 values survive a JSON round trip exactly."""
         as_list = lambda t: None if t is None else t.tolist()  # noqa: E731
         return {"count": self.count, "sum": as_list(self.total), "sum_sq": as_list(self.total_sq)}
 
@@ -222,7 +222,8 @@ class LatentMoments:
         return moments
 
     def result(self) -> dict:
-        """Per-channel "channel_mean"/"channel_std", overall "mean"/"std" (unbiased), "count" (latent elements)."""
+        """Per-channel "channel_mean"/"channel_std", overall "mean"/"std" (unbiased), "count" (latent
+        elements)."""
         if self.total is None or self.total_sq is None or self.count < 2:
             raise ValueError("latent statistics need at least one non-empty batch of images")
         count = self.count
@@ -243,8 +244,9 @@ class LatentMoments:
 def latent_stats(autoencoder: FrozenAutoencoder, images: Iterable[Tensor]) -> dict:
     """Statistics of the unscaled latents (posterior modes) over image batches (B, 3, H, W) in [-1, 1].
 
-    Returns LatentMoments' fields plus the suggested "scale_factor" = 1 / std (Rombach et al. 2022, sec. 4.3.2)
-    and "shift_factor" = mean (only SD3/Flux-style autoencoders use a shift; keep 0.0 to follow Rombach et al.).
+    Returns LatentMoments' fields plus the suggested "scale_factor" = 1 / std (Rombach et al. 2022, sec.
+    4.3.2) and "shift_factor" = mean (only SD3/Flux-style autoencoders use a shift; keep 0.0 to follow Rombach
+    et al.).
     """
     device = next(autoencoder.parameters()).device
     moments = LatentMoments()

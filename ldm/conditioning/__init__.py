@@ -1,9 +1,10 @@
-"""Conditioners: batch field(s) -> part of the backbone's ``cond`` dict, plus the dropout that makes CFG possible.
+"""Conditioners: batch field(s) -> part of the backbone's ``cond`` dict, plus the dropout that makes CFG
+possible.
 
-Every conditioner has ``batch_key`` (the batch field(s) it reads), ``output`` (its kind: "crossattn", "vector" or
-"concat"), ``output_dim``, ``dropout_prob``, ``guidance`` (whether CFG nulls it), ``forward(inputs) -> dict``,
-``drop(inputs, generator)`` and ``null_inputs(n)``. A model's conditioners are merged by ``MultiConditioner``
-(``ldm.conditioning.multi``); a single one is a list of one.
+Every conditioner has ``batch_key`` (the batch field(s) it reads), ``output`` (its kind: "crossattn", "vector"
+or "concat"), ``output_dim``, ``dropout_prob``, ``guidance`` (whether CFG nulls it),
+``forward(inputs) -> dict``, ``drop(inputs, generator)`` and ``null_inputs(n)``. A model's conditioners are
+merged by ``MultiConditioner`` (``ldm.conditioning.multi``); a single one is a list of one.
 """
 
 from ldm.conditioning.concat import ConcatConditioner

@@ -1,10 +1,10 @@
 """Channels concatenated to the latent input: e.g. the masked-image latent and the mask of an inpainting model
 (Rombach et al. 2022, Sec. 4.5; SD-inpainting: 4 + 4 + 1 = 9 input channels).
 
-The batch carries the extra channels at the latent size under ``batch_key``; the backbone joins them to x before
-its first layer (``net.concat_channels = channels``; ``net.in_channels`` stays the latent channels). The null input
-is all zeros (the "nothing known" inpainting input). By default guidance keeps it in both branches, as the SD
-inpainting pipeline does: only the text is guided.
+The batch carries the extra channels at the latent size under ``batch_key``; the backbone joins them to x
+before its first layer (``net.concat_channels = channels``; ``net.in_channels`` stays the latent channels).
+The null input is all zeros (the "nothing known" inpainting input). By default guidance keeps it in both
+branches, as the SD inpainting pipeline does: only the text is guided.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ class ConcatConditioner(nn.Module):
     ) -> None:
         super().__init__()
         if channels < 1:
-            raise ValueError(f"ConcatConditioner needs channels >= 1, got {channels}: set conditioner.channels")
+            raise ValueError(
+                f"ConcatConditioner needs channels >= 1, got {channels}: set conditioner.channels"
+            )
         self.batch_key = batch_key
         self.output_dim = int(channels)
         self.dropout_prob = check_dropout_prob(dropout_prob)

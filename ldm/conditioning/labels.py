@@ -24,9 +24,12 @@ def check_dropout_prob(dropout_prob: float) -> float:
 
 
 def check_output(output: str, allowed: Sequence[str]) -> str:
-    """Return ``output`` if this conditioner can produce that kind (``ldm.interfaces.OUTPUT_KINDS``), else raise."""
+    """Return ``output`` if this conditioner can produce that kind (``ldm.interfaces.OUTPUT_KINDS``), else
+    raise."""
     if output not in allowed:
-        raise ValueError(f"output={output!r} is not one of {list(allowed)}: set conditioner.output to one of them")
+        raise ValueError(
+            f"output={output!r} is not one of {list(allowed)}: set conditioner.output to one of them"
+        )
     return output
 
 
@@ -46,12 +49,12 @@ class ClassConditioner(nn.Module):
     """Learned label embedding (trainable); null label = ``num_classes``.
 
     ``forward(labels)`` maps ``(B,)`` integer labels to ``{"context": (B, 1, D), "context_mask": (B, 1)}``
-    (``output="crossattn"``, a one-token context) or to ``{"vector": (B, D)}`` (``output="vector"``: added to the
-    timestep embedding, DiT's class conditioning through adaLN, Peebles & Xie 2023, Sec. 3.2).
+    (``output="crossattn"``, a one-token context) or to ``{"vector": (B, D)}`` (``output="vector"``: added to
+    the timestep embedding, DiT's class conditioning through adaLN, Peebles & Xie 2023, Sec. 3.2).
 
-    ``labels`` is the vocabulary (name of class i at index i), so ``sample.py label=<name>`` needs no data: it is
-    part of the config stored in every checkpoint. train.py fills ``labels`` (and ``num_classes`` when null) from
-    the training shards' ``index.json`` ``"labels"`` (``fill_label_vocabulary``).
+    ``labels`` is the vocabulary (name of class i at index i), so ``sample.py label=<name>`` needs no data: it
+    is part of the config stored in every checkpoint. train.py fills ``labels`` (and ``num_classes`` when
+    null) from the training shards' ``index.json`` ``"labels"`` (``fill_label_vocabulary``).
     """
 
     batch_key: str = "cls"
@@ -68,13 +71,14 @@ class ClassConditioner(nn.Module):
         super().__init__()
         if num_classes is None and labels is None:
             raise ValueError(
-                "ClassConditioner needs num_classes or labels: set conditioner.num_classes, or train on shards whose "
-                "index.json lists labels (train.py fills them in)"
+                "ClassConditioner needs num_classes or labels: set conditioner.num_classes, or train on "
+                "shards whose index.json lists labels (train.py fills them in)"
             )
         num_classes = len(labels) if num_classes is None else num_classes
         if num_classes < 1 or embed_dim < 1:
             raise ValueError(
-                f"ClassConditioner needs num_classes >= 1 and embed_dim >= 1, got {num_classes} and {embed_dim}"
+                f"ClassConditioner needs num_classes >= 1 and embed_dim >= 1, got {num_classes} and "
+                f"{embed_dim}"
             )
         self.num_classes = int(num_classes)
         self.output_dim = int(embed_dim)
@@ -91,7 +95,8 @@ class ClassConditioner(nn.Module):
         return self.num_classes
 
     def set_vocabulary(self, labels: Sequence[str]) -> None:
-        """Name the classes: ``labels[i]`` is class i; there must be exactly ``num_classes`` distinct names."""
+        """Name the classes: ``labels[i]`` is class i; there must be exactly ``num_classes`` distinct
+        names."""
         names = [str(n) for n in labels]
         if len(names) != self.num_classes or len(set(names)) != len(names):
             raise ValueError(
@@ -105,13 +110,19 @@ class ClassConditioner(nn.Module):
         if isinstance(label, int) or (isinstance(label, str) and label.strip().lstrip("-").isdigit()):
             value = int(label)
             if not 0 <= value < self.num_classes:
-                raise ValueError(f"label={value} is not a class id in [0, {self.num_classes - 1}]: pass one of them")
+                raise ValueError(
+                    f"label={value} is not a class id in [0, {self.num_classes - 1}]: pass one of them"
+                )
             return value
         if self.labels is None:
-            raise ValueError(f"label={label!r} is a name but the model stores no label vocabulary: pass a class id")
+            raise ValueError(
+                f"label={label!r} is a name but the model stores no label vocabulary: pass a class id"
+            )
         if label not in self.labels:
             shown = ", ".join(self.labels[:8]) + (", ..." if len(self.labels) > 8 else "")
-            raise ValueError(f"label={label!r} is not in the model's vocabulary ({shown}): pass one of its names or an id")
+            raise ValueError(
+                f"label={label!r} is not in the model's vocabulary ({shown}): pass one of its names or an id"
+            )
         return self.labels.index(label)
 
     def _as_labels(self, inputs: Tensor | Sequence[int], allow_null: bool) -> Tensor:
@@ -130,8 +141,9 @@ class ClassConditioner(nn.Module):
         top = self.num_classes if allow_null else self.num_classes - 1
         if labels.numel() > 0 and (int(labels.min()) < 0 or int(labels.max()) > top):
             raise ValueError(
-                f"class labels must lie in [0, {top}] but got range [{int(labels.min())}, {int(labels.max())}]: "
-                f"set conditioner.num_classes to the number of classes in the data (null label = num_classes)"
+                f"class labels must lie in [0, {top}] but got range [{int(labels.min())}, "
+                f"{int(labels.max())}]: set conditioner.num_classes to the number of classes in the data "
+                f"(null label = num_classes)"
             )
         return labels
 

@@ -1,10 +1,12 @@
-"""Several conditioners, one ``cond`` dict: the model's whole conditioning (sgm's GeneralConditioner, simplified).
+"""Several conditioners, one ``cond`` dict: the model's whole conditioning (sgm's GeneralConditioner,
+simplified).
 
 A model holds a list of conditioners (``ldm.interfaces.Conditioner``). Each reads its batch field(s)
-(``batch_key``), has an output kind (``output``: "crossattn" tokens, a "vector" added to the timestep embedding,
-or "concat" channels joined to the input), its own dropout rate (``dropout_prob``, the training-time null inputs
-that make classifier-free guidance possible; Ho & Salimans 2022, Algorithm 1) and its own null input
-(``null_inputs``), and says whether guidance nulls it (``guidance``). Their outputs are merged by kind:
+(``batch_key``), has an output kind (``output``: "crossattn" tokens, a "vector" added to the timestep
+embedding, or "concat" channels joined to the input), its own dropout rate (``dropout_prob``, the
+training-time null inputs that make classifier-free guidance possible; Ho & Salimans 2022, Algorithm 1) and
+its own null input (``null_inputs``), and says whether guidance nulls it (``guidance``). Their outputs are
+merged by kind:
 
     context       (B, L_1 + L_2 + ..., D)  the crossattn conditioners' tokens, in list order (one width D)
     context_mask  (B, L_1 + L_2 + ...)     their masks (all True for a conditioner without one)
@@ -40,7 +42,8 @@ KINDS = ("crossattn", "vector", "concat")
 
 
 class MultiConditioner(nn.Module):
-    """``forward(batch) -> cond``: every conditioner on its batch field(s), outputs merged by kind (module doc)."""
+    """``forward(batch) -> cond``: every conditioner on its batch field(s), outputs merged by kind (module
+    doc)."""
 
     def __init__(self, conditioners: Sequence[nn.Module]) -> None:
         super().__init__()
@@ -61,7 +64,8 @@ class MultiConditioner(nn.Module):
 
     # ------------------------------------------------------------------ what the backbone must accept
     def dims(self, kind: str) -> int | None:
-        """The width of the merged output of one kind (context D, summed vector / concat channels); None if absent."""
+        """The width of the merged output of one kind (context D, summed vector / concat channels); None if
+        absent."""
         chosen = [c.output_dim for c in self.conditioners if c.output == kind]
         if not chosen:
             return None
@@ -78,23 +82,30 @@ class MultiConditioner(nn.Module):
             if image_size is None:
                 missing = [k for k in c.batch_key if k not in batch]
                 if missing:
-                    raise ValueError(f"the batch has no {missing} for size conditioning: pass them as (B, 2) tensors")
+                    raise ValueError(
+                        f"the batch has no {missing} for size conditioning: pass them as (B, 2) tensors"
+                    )
                 image_size = (0, 0)
             return c.inputs(batch, batch_size(batch), image_size)
         if c.batch_key not in batch:
             raise KeyError(
-                f"{type(c).__name__} reads batch[{c.batch_key!r}] but the batch has {sorted(batch)}: use data that "
-                f"carries {c.batch_key!r} or remove the conditioner"
+                f"{type(c).__name__} reads batch[{c.batch_key!r}] but the batch has {sorted(batch)}: use "
+                f"data that carries {c.batch_key!r} or remove the conditioner"
             )
         return batch[c.batch_key]
 
     def one(
-        self, c: nn.Module, batch: Mapping[str, Any], generator: torch.Generator | None, image_size: Sequence[int] | None
+        self,
+        c: nn.Module,
+        batch: Mapping[str, Any],
+        generator: torch.Generator | None,
+        image_size: Sequence[int] | None,
     ) -> dict[str, Tensor]:
-        """One conditioner's output for a batch; with a generator (training) some inputs become its null input.
+        """One conditioner's output for a batch; with a generator (training) some inputs become its null
+        input.
 
-        Latent shards may carry the frozen text encoder's output ("context"/"context_mask"): then the encoder is
-        skipped and dropped rows get the null input's embedding (``replace_rows``)."""
+        Latent shards may carry the frozen text encoder's output ("context"/"context_mask"): then the encoder
+        is skipped and dropped rows get the null input's embedding (``replace_rows``)."""
         if isinstance(c, TextConditioner) and "context" in batch:
             context, mask = batch["context"], batch["context_mask"]  # (B, L, D), (B, L)
             if generator is not None:
@@ -124,8 +135,9 @@ class MultiConditioner(nn.Module):
         negatives: Mapping[str, Any] | None = None,
         image_size: Sequence[int] | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """(cond, uncond) for ``CFGDenoiser``: uncond has each ``guidance`` conditioner on its null input (or on
-        ``negatives[batch_key]``, e.g. a negative prompt) and every other conditioner on its conditional input."""
+        """(cond, uncond) for ``CFGDenoiser``: uncond has each ``guidance`` conditioner on its null input (or
+        on ``negatives[batch_key]``, e.g. a negative prompt) and every other conditioner on its conditional
+        input."""
         negatives = negatives or {}
         n = batch_size(batch)
         cond_parts, uncond_parts = [], []
@@ -144,7 +156,8 @@ class MultiConditioner(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     def frozen_prefixes(self, prefix: str) -> list[str]:
-        """State-dict prefixes of the conditioners without trainable parameters (rebuilt from their own weights)."""
+        """State-dict prefixes of the conditioners without trainable parameters (rebuilt from their own
+        weights)."""
         return [
             f"{prefix}conditioners.{i}."
             for i, c in enumerate(self.conditioners)
@@ -153,7 +166,8 @@ class MultiConditioner(nn.Module):
 
 
 def as_multi(conditioner: nn.Module) -> MultiConditioner:
-    """The conditioner as a list of conditioners: itself if it is one, else a list of one (a view: no copy)."""
+    """The conditioner as a list of conditioners: itself if it is one, else a list of one (a view: no
+    copy)."""
     return conditioner if isinstance(conditioner, MultiConditioner) else MultiConditioner([conditioner])
 
 
@@ -176,7 +190,9 @@ def merge(parts: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
         masks = [p.get("context_mask") for p in tokens]
         out["context_mask"] = torch.cat(
             [
-                m.bool() if m is not None else torch.ones(p["context"].shape[:2], dtype=torch.bool, device=p["context"].device)
+                m.bool()
+                if m is not None
+                else torch.ones(p["context"].shape[:2], dtype=torch.bool, device=p["context"].device)
                 for p, m in zip(tokens, masks, strict=True)
             ],
             dim=1,
@@ -189,13 +205,12 @@ def merge(parts: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
 
 
 def label_ids(conditioner: nn.Module, labels: Sequence[str | int]) -> Tensor:
-    """Class ids (B,) long for names or ids through the model's label vocabulary (``ClassConditioner.labels``)."""
+    """Class ids (B,) long for names or ids through the model's label vocabulary
+    (``ClassConditioner.labels``)."""
     found = as_multi(conditioner).find(ClassConditioner)
     if found is None:
         raise ValueError("label= given but the model has no class-label conditioner: pass prompt= instead")
     return torch.tensor([found.label_id(v) for v in labels], dtype=torch.long)
-
-
 
 
 def sampling_inputs(
@@ -206,9 +221,10 @@ def sampling_inputs(
     original_size: Sequence[int] | None = None,
     crop_top_left: Sequence[int] | None = None,
 ) -> Sequence[Any] | dict[str, Any]:
-    """What ``ldm.generate.generate`` takes for ``n`` images: the captions (or label ids) for a single conditioner,
-    exactly as before, or {batch_key: inputs} for several. A missing caption or label is the null input (the model
-    saw it under dropout), sizes default to ``image_size`` uncropped (SDXL micro-conditioning)."""
+    """What ``ldm.generate.generate`` takes for ``n`` images: the captions (or label ids) for a single
+    conditioner, exactly as before, or {batch_key: inputs} for several. A missing caption or label is the null
+    input (the model saw it under dropout), sizes default to ``image_size`` uncropped (SDXL
+    micro-conditioning)."""
     n = len(prompts) if prompts is not None else len(labels or [])
     if not isinstance(conditioner, MultiConditioner):
         if isinstance(conditioner, ClassConditioner):
@@ -229,7 +245,9 @@ def sampling_inputs(
                 raise ValueError("this model has size conditioning: pass size=[H,W]")
             inputs.update(size_inputs(n, image_size, original_size, crop_top_left))
         else:
-            raise ValueError(f"sampling cannot fill the inputs of {type(c).__name__} (batch[{c.batch_key!r}])")
+            raise ValueError(
+                f"sampling cannot fill the inputs of {type(c).__name__} (batch[{c.batch_key!r}])"
+            )
     return inputs
 
 

@@ -1,8 +1,8 @@
 """Caption dropout for precomputed text embeddings (latent shards that carry the frozen encoder's output).
 
-The unconditional branch of classifier-free guidance (Ho & Salimans 2022) is the embedding of the null input (the
-empty caption). With embeddings read from shards the encoder never sees the dropped captions, so the dropped rows
-are replaced by the null embedding here, explicitly.
+The unconditional branch of classifier-free guidance (Ho & Salimans 2022) is the embedding of the null input
+(the empty caption). With embeddings read from shards the encoder never sees the dropped captions, so the
+dropped rows are replaced by the null embedding here, explicitly.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from ldm.tensors import pad_tokens
 def replace_rows(
     context: Tensor, mask: Tensor, null_context: Tensor, null_mask: Tensor, drop: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Rows where ``drop`` (B,) is True get the null embedding (1, L0, D) / (1, L0); lengths are padded to match.
+    """Rows where ``drop`` (B,) is True get the null embedding (1, L0, D) / (1, L0); lengths are padded to
+    match.
 
     Only the null input's real tokens are kept, so the result does not depend on how it was padded.
     """

@@ -54,20 +54,22 @@ def resolve_pretrained(pretrained: str, subfolders: Sequence[str | None]) -> tup
     if not path.is_dir():
         if _looks_like_path(pretrained):
             raise FileNotFoundError(
-                f"text encoder directory {pretrained} does not exist: set conditioner.pretrained to an existing "
-                f"local directory, 'minilm', or a hub id such as openai/clip-vit-large-patch14"
+                f"text encoder directory {pretrained} does not exist: set conditioner.pretrained to an "
+                f"existing local directory, 'minilm', or a hub id such as openai/clip-vit-large-patch14"
             )
         return pretrained, False
     for sub in subfolders:
         if sub and not (path / sub).is_dir():
             found = sorted(p.name for p in path.iterdir() if p.is_dir())
             raise FileNotFoundError(
-                f"{path} has no subfolder {sub!r} (it has {found}): fix conditioner.subfolder/tokenizer_subfolder"
+                f"{path} has no subfolder {sub!r} (it has {found}): fix "
+                f"conditioner.subfolder/tokenizer_subfolder"
             )
     config = path / (subfolders[0] or "") / "config.json"
     if not config.is_file():
         raise FileNotFoundError(
-            f"{config} does not exist: point conditioner.pretrained (and subfolder) at a Hugging Face model directory"
+            f"{config} does not exist: point conditioner.pretrained (and subfolder) at a Hugging Face model "
+            f"directory"
         )
     return str(path), True
 
@@ -86,8 +88,8 @@ class TextConditioner(nn.Module):
     for models you mean to export to a diffusers pipeline.
 
     ``output="vector"`` gives the pooled caption ``{"vector": (B, D)}`` instead: the mean of the real tokens'
-    features (sentence-transformers' pooling for MiniLM; SDXL feeds CLIP's pooled output the same way, Podell et
-    al. 2023, Sec. 2.1), added to the timestep embedding.
+    features (sentence-transformers' pooling for MiniLM; SDXL feeds CLIP's pooled output the same way, Podell
+    et al. 2023, Sec. 2.1), added to the timestep embedding.
     """
 
     batch_key: str = "txt"
@@ -182,7 +184,8 @@ class TextConditioner(nn.Module):
 
     @staticmethod
     def pool(context: Tensor, mask: Tensor) -> Tensor:
-        """Mean of the real tokens: context (B, L, D), mask (B, L) -> (B, D) (zeros for a row with no token)."""
+        """Mean of the real tokens: context (B, L, D), mask (B, L) -> (B, D) (zeros for a row with no
+        token)."""
         weights = mask.to(context.dtype)[..., None]  # (B, L, 1)
         return (context * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
@@ -201,7 +204,8 @@ class TextConditioner(nn.Module):
 
     @torch.no_grad()
     def encode(self, inputs: Sequence[str]) -> dict[str, Tensor]:
-        """The encoder's token features ``{"context": (B, L, D), "context_mask": (B, L)}``, whatever ``output``."""
+        """The encoder's token features ``{"context": (B, L, D), "context_mask": (B, L)}``, whatever
+        ``output``."""
         tokens = self.tokenize(inputs)
         device = next(self.encoder.parameters()).device
         ids = tokens["input_ids"].to(device)  # (B, L)

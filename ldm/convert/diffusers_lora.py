@@ -40,7 +40,8 @@ def lora_to_diffusers(net: nn.Module) -> dict[str, Tensor]:
         theirs = names.get(f"{layer}.weight")
         if theirs is None:
             raise ValueError(
-                f"LoRA layer {layer} has no diffusers equivalent: train with model.lora.target_modules among the "
+                f"LoRA layer {layer} has no diffusers equivalent: train with model.lora.target_modules among "
+                f"the "
                 "UNet's layers, e.g. [to_q,to_k,to_v,to_out.0]"
             )
         module = theirs.removesuffix(".weight")
@@ -50,8 +51,8 @@ def lora_to_diffusers(net: nn.Module) -> dict[str, Tensor]:
 
 
 def save_diffusers_lora(out: str | Path, net: nn.Module, info: Mapping[str, Any] | None = None) -> Path:
-    """Write ``out/pytorch_lora_weights.safetensors`` (+ ``ldm_lora.json`` with ``info``); ``out`` must be new or
-    empty. Returns the weights file."""
+    """Write ``out/pytorch_lora_weights.safetensors`` (+ ``ldm_lora.json`` with ``info``); ``out`` must be new
+    or empty. Returns the weights file."""
     from diffusers import StableDiffusionPipeline
 
     out = Path(out)

@@ -1,10 +1,11 @@
 """Our discrete DDPM schedule + prediction type <-> a diffusers scheduler config (``scheduler_config.json``).
 
-Only ``DiscreteSchedule`` has a diffusers counterpart (the DDPM-family schedulers: DDIM, DDPM, PNDM, Euler, DPM-Solver,
-UniPC all share ``num_train_timesteps``, ``beta_schedule``, ``beta_start``/``beta_end``, ``prediction_type`` and
-``rescale_betas_zero_snr``). The betas agree: diffusers' "linear"/"scaled_linear"/"squaredcos_cap_v2" are our
-"linear"/"scaled_linear"/"cosine" (computed in float32 there, float64 here), and "rescale_betas_zero_snr" is our
-``zero_terminal_snr`` (Lin et al. 2024, Algorithm 1).
+Only ``DiscreteSchedule`` has a diffusers counterpart (the DDPM-family schedulers: DDIM, DDPM, PNDM, Euler,
+DPM-Solver, UniPC all share ``num_train_timesteps``, ``beta_schedule``, ``beta_start``/``beta_end``,
+``prediction_type`` and ``rescale_betas_zero_snr``). The betas agree: diffusers'
+"linear"/"scaled_linear"/"squaredcos_cap_v2" are our "linear"/"scaled_linear"/"cosine" (computed in float32
+there, float64 here), and "rescale_betas_zero_snr" is our ``zero_terminal_snr`` (Lin et al. 2024, Algorithm
+1).
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ def scheduler_config_from_schedule(
     """A diffusers scheduler config for our schedule and prediction type (``from_config`` of any DDPM-family
     scheduler reads it). Sampling settings follow ``sample.py``'s defaults: ``spacing`` is diffusers'
     ``timestep_spacing`` (sample.py's default for DDPM schedules is "trailing"; ``steps_offset=1`` as in
-    ``get_sigmas_discrete``), and DDIM's last step lands on x0 (``set_alpha_to_one``) as our grids end at sigma 0."""
+    ``get_sigmas_discrete``), and DDIM's last step lands on x0 (``set_alpha_to_one``) as our grids end at
+    sigma 0."""
     if not isinstance(schedule, DiscreteSchedule):
         raise ValueError(
-            f"{type(schedule).__name__} has no diffusers DDPM-scheduler equivalent: only discrete DDPM schedules "
+            f"{type(schedule).__name__} has no diffusers DDPM-scheduler equivalent: only discrete DDPM "
+            f"schedules "
             "(diffusion=ddpm_*) export to a Stable Diffusion pipeline"
         )
     if prediction not in PREDICTION_NAMES:
@@ -57,19 +60,22 @@ def scheduler_config_from_schedule(
 
 
 def check_schedule_matches(config: Mapping[str, Any], schedule: Any, prediction: str, source: str) -> None:
-    """Refuse (one line naming the field and the fix) a pretrained scheduler config that our schedule or prediction
-    type does not reproduce: fine-tuning on another noise schedule than the weights learnt wastes them."""
+    """Refuse (one line naming the field and the fix) a pretrained scheduler config that our schedule or
+    prediction type does not reproduce: fine-tuning on another noise schedule than the weights learnt wastes
+    them."""
     theirs_beta = {v: k for k, v in BETA_NAMES.items()}.get(config.get("beta_schedule", "linear"))
     theirs_pred = {v: k for k, v in PREDICTION_NAMES.items()}.get(config.get("prediction_type", "epsilon"))
     fix = DIFFUSION_OPTIONS.get((theirs_beta, theirs_pred), "a diffusion= config with these values")
     if config.get("trained_betas") is not None or theirs_beta is None or theirs_pred is None:
         raise ValueError(
             f"{source}: scheduler beta_schedule={config.get('beta_schedule')!r} / prediction_type="
-            f"{config.get('prediction_type')!r} / trained_betas have no ldm equivalent; convert the schedule by hand"
+            f"{config.get('prediction_type')!r} / trained_betas have no ldm equivalent; convert the schedule "
+            f"by hand"
         )
     if not isinstance(schedule, DiscreteSchedule):
         raise ValueError(
-            f"{source} was trained with a discrete DDPM schedule but ours is {type(schedule).__name__}: set {fix}"
+            f"{source} was trained with a discrete DDPM schedule but ours is {type(schedule).__name__}: set "
+            f"{fix}"
         )
     ours = {
         "num_train_timesteps": schedule.num_timesteps,
@@ -91,6 +97,6 @@ def check_schedule_matches(config: Mapping[str, Any], schedule: Any, prediction:
         same = abs(mine - value) <= 1e-12 if isinstance(value, float) else mine == value
         if not same:
             raise ValueError(
-                f"{source}: the pretrained scheduler has {name}={value!r} but this run has {mine!r}: set {fix} "
-                f"(and diffusion.schedule.* to the pretrained values)"
+                f"{source}: the pretrained scheduler has {name}={value!r} but this run has {mine!r}: set "
+                f"{fix} (and diffusion.schedule.* to the pretrained values)"
             )

@@ -135,7 +135,8 @@ def _heads(config: Mapping[str, Any], widths: Sequence[int], attn_levels: Sequen
 
 
 def diffusers_config_to_unet_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A diffusers ``UNet2DConditionModel`` config (its ``config.json`` dict) -> keyword arguments of our UNet.
+    """A diffusers ``UNet2DConditionModel`` config (its ``config.json`` dict) -> keyword arguments of our
+    UNet.
 
     Mapping: block_out_channels -> model_channels (first) and channel_mult (ratios); layers_per_block ->
     num_res_blocks; the levels whose down block is CrossAttnDownBlock2D -> attention_resolutions (2**level);
@@ -201,12 +202,14 @@ def unet_to_diffusers_config(unet: UNet, sample_size: int | None = None) -> dict
     """
     if unet.context_dim is None:
         raise ValueError(
-            "UNet context_dim=None (unconditional) has no UNet2DConditionModel equivalent; give it a context_dim"
+            "UNet context_dim=None (unconditional) has no UNet2DConditionModel equivalent; give it a "
+            "context_dim"
         )
     for name, mod in unet.named_modules():
         if isinstance(mod, nn.GroupNorm) and mod.num_groups != unet.norm_groups:
             raise ValueError(
-                f"UNet norm_groups={unet.norm_groups} does not divide the {mod.num_channels} channels of {name}; "
+                f"UNet norm_groups={unet.norm_groups} does not divide the {mod.num_channels} channels of "
+                f"{name}; "
                 "diffusers needs norm_num_groups to divide every width"
             )
     levels = len(unet.channel_mult)

@@ -2,9 +2,9 @@
 
 The two are the same network (Rombach et al. 2022, appendix G): ResNet blocks with GroupNorm(eps 1e-6) + SiLU,
 stride-2 convs padded (0, 1, 0, 1) down, nearest x2 + conv up, an optional single-head self-attention in both
-middle blocks, 1x1 quant convs. Weights are renames, except our attention's fused 1x1 ``qkv`` conv (3C, C, 1, 1),
-which is diffusers' ``to_q``/``to_k``/``to_v`` Linear weights (C, C) stacked, and ``proj`` (C, C, 1, 1), their
-``to_out.0`` (C, C). Converting there and back gives the same tensors bit for bit.
+middle blocks, 1x1 quant convs. Weights are renames, except our attention's fused 1x1 ``qkv`` conv (3C, C, 1,
+1), which is diffusers' ``to_q``/``to_k``/``to_v`` Linear weights (C, C) stacked, and ``proj`` (C, C, 1, 1),
+their ``to_out.0`` (C, C). Converting there and back gives the same tensors bit for bit.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ _RES = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", 
 
 
 def kl_to_diffusers_config(model: KLAutoencoder, scaling_factor: float, sample_size: int = 32) -> dict:
-    """``AutoencoderKL(**config)`` builds the same architecture; ``scaling_factor`` is our ``scale_factor``."""
+    """``AutoencoderKL(**config)`` builds the same architecture; ``scaling_factor`` is our
+    ``scale_factor``."""
     cfg = model.config()
     widths = [cfg["base_channels"] * m for m in cfg["channel_mult"]]
     return {
@@ -47,8 +48,13 @@ def _module_map(model: KLAutoencoder) -> dict[str, str]:
     out = {"quant_conv": "quant_conv", "post_quant_conv": "post_quant_conv"}
     for half, seq, kind in (("encoder", "down", "down_blocks"), ("decoder", "up", "up_blocks")):
         coder = getattr(model, half)
-        out.update({f"{half}.conv_in": f"{half}.conv_in", f"{half}.norm_out": f"{half}.conv_norm_out",
-                    f"{half}.conv_out": f"{half}.conv_out"})  # fmt: skip
+        out.update(
+            {
+                f"{half}.conv_in": f"{half}.conv_in",
+                f"{half}.norm_out": f"{half}.conv_norm_out",
+                f"{half}.conv_out": f"{half}.conv_out",
+            }
+        )
         for i, name in enumerate(("resnets.0", "attentions.0", "resnets.1")):
             out[f"{half}.mid.{i}"] = f"{half}.mid_block.{name}"
         level = index = 0
@@ -64,7 +70,8 @@ def _module_map(model: KLAutoencoder) -> dict[str, str]:
 
 
 def key_map(model: KLAutoencoder) -> dict[str, tuple[str | tuple[str, str, str], str]]:
-    """Our tensor name -> (diffusers name, or the (to_q, to_k, to_v) names for ``qkv``; how: plain | linear | qkv)."""
+    """Our tensor name -> (diffusers name, or the (to_q, to_k, to_v) names for ``qkv``; how: plain | linear |
+    qkv)."""
     modules = dict(model.named_modules())
     out: dict[str, tuple[Any, str]] = {}
     for ours, theirs in _module_map(model).items():
@@ -93,7 +100,8 @@ def key_map(model: KLAutoencoder) -> dict[str, tuple[str | tuple[str, str, str],
 
 
 def kl_to_diffusers_state(model: KLAutoencoder) -> dict[str, Tensor]:
-    """Our KL autoencoder's tensors under ``AutoencoderKL`` names: the same values (1x1 convs as Linear weights)."""
+    """Our KL autoencoder's tensors under ``AutoencoderKL`` names: the same values (1x1 convs as Linear
+    weights)."""
     state = model.state_dict()
     out: dict[str, Tensor] = {}
     for ours, (theirs, how) in key_map(model).items():
@@ -113,8 +121,9 @@ def kl_from_diffusers_state(state: Mapping[str, Tensor], model: KLAutoencoder) -
     wanted = {n for theirs, _ in mapping.values() for n in ((theirs,) if isinstance(theirs, str) else theirs)}
     if set(state) != wanted:
         raise ValueError(
-            f"AutoencoderKL tensors do not fit KLAutoencoder{model.config()}: missing {sorted(wanted - set(state))[:3]}, "
-            f"unexpected {sorted(set(state) - wanted)[:3]}; build the KLAutoencoder from kl_from_diffusers_config"
+            f"AutoencoderKL tensors do not fit KLAutoencoder{model.config()}: missing "
+            f"{sorted(wanted - set(state))[:3]}, unexpected {sorted(set(state) - wanted)[:3]}; build the "
+            f"KLAutoencoder from kl_from_diffusers_config"
         )
     out: dict[str, Tensor] = {}
     for ours, (theirs, how) in mapping.items():
@@ -124,15 +133,20 @@ def kl_from_diffusers_state(state: Mapping[str, Tensor], model: KLAutoencoder) -
 
 
 def kl_from_diffusers_config(config: Mapping[str, Any]) -> KLAutoencoder:
-    """A KLAutoencoder of an ``AutoencoderKL`` config this module writes (the blocks and norms it can express)."""
+    """A KLAutoencoder of an ``AutoencoderKL`` config this module writes (the blocks and norms it can
+    express)."""
     widths = list(config["block_out_channels"])
     if any(w % widths[0] for w in widths) or config.get("act_fn", "silu") != "silu":
         raise ValueError(f"AutoencoderKL block_out_channels={widths} / act_fn: not a KLAutoencoder layout")
     return KLAutoencoder(
-        in_channels=config["in_channels"], base_channels=widths[0], channel_mult=[w // widths[0] for w in widths],
-        num_res_blocks=config["layers_per_block"], z_channels=config["latent_channels"],
-        norm_groups=config["norm_num_groups"], mid_attention=config.get("mid_block_add_attention", True),
-    )  # fmt: skip
+        in_channels=config["in_channels"],
+        base_channels=widths[0],
+        channel_mult=[w // widths[0] for w in widths],
+        num_res_blocks=config["layers_per_block"],
+        z_channels=config["latent_channels"],
+        norm_groups=config["norm_num_groups"],
+        mid_attention=config.get("mid_block_add_attention", True),
+    )
 
 
 def kl_to_diffusers(model: KLAutoencoder, scaling_factor: float, sample_size: int = 32) -> nn.Module:

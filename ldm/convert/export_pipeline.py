@@ -1,18 +1,20 @@
-"""A trained model's parts -> a diffusers ``StableDiffusionPipeline`` directory (``prepare.py export-diffusers``).
+"""A trained model's parts -> a diffusers ``StableDiffusionPipeline`` directory
+(``prepare.py export-diffusers``).
 
 What is written (``save_pretrained``, safetensors): ``unet/`` (our UNet through ``unet_to_diffusers``; the EMA
-weights when the caller loaded them), ``vae/`` (our KL autoencoder as ``AutoencoderKL``, or the diffusers VAE we
-were trained on, with ``scaling_factor`` = our scale), ``text_encoder/`` + ``tokenizer/`` (the frozen Hugging Face
-encoder as it is, e.g. MiniLM as ``BertModel`` + ``BertTokenizerFast``: diffusers loads any transformers class the
-model_index.json names; the tokenizer's ``model_max_length`` is our ``max_length``, as the pipeline pads to it),
-``scheduler/`` (a DDIMScheduler config of our schedule and prediction type; any DDPM-family scheduler's
-``from_config`` reads it) and ``model_index.json``. No safety checker.
+weights when the caller loaded them), ``vae/`` (our KL autoencoder as ``AutoencoderKL``, or the diffusers VAE
+we were trained on, with ``scaling_factor`` = our scale), ``text_encoder/`` + ``tokenizer/`` (the frozen
+Hugging Face encoder as it is, e.g. MiniLM as ``BertModel`` + ``BertTokenizerFast``: diffusers loads any
+transformers class the model_index.json names; the tokenizer's ``model_max_length`` is our ``max_length``, as
+the pipeline pads to it), ``scheduler/`` (a DDIMScheduler config of our schedule and prediction type; any
+DDPM-family scheduler's ``from_config`` reads it) and ``model_index.json``. No safety checker.
 
 Refused with a one-line error naming the fix: what a Stable Diffusion pipeline cannot compute the same way —
-a per-channel ``latent_norm`` (the pipeline divides latents by one ``scaling_factor``; an all-channels-equal std
-with zero means is folded into it), an autoencoder ``shift_factor`` (ignored by the pipeline), a non-DDPM
-schedule, a conditioner that is not a text encoder, and, unless ``allow_padding_attention``, a text conditioner
-that masks padding tokens (the pipeline's UNet attends to them: train with ``conditioner.mask_padding=false``).
+a per-channel ``latent_norm`` (the pipeline divides latents by one ``scaling_factor``; an all-channels-equal
+std with zero means is folded into it), an autoencoder ``shift_factor`` (ignored by the pipeline), a non-DDPM
+schedule, a conditioner that is not a text encoder, and, unless ``allow_padding_attention``, a text
+conditioner that masks padding tokens (the pipeline's UNet attends to them: train with
+``conditioner.mask_padding=false``).
 """
 
 from __future__ import annotations
@@ -31,13 +33,15 @@ log = logging.getLogger(__name__)
 
 
 def folded_scaling_factor(scale: float, shift: float, latent_norm: Any) -> float:
-    """The one ``scaling_factor`` with which ``latents / scaling_factor`` is what our decoder sees, or an error.
+    """The one ``scaling_factor`` with which ``latents / scaling_factor`` is what our decoder sees, or an
+    error.
 
     Ours decodes ``model((x * std + mean) / scale + shift)``; the pipeline ``vae.decode(x / scaling_factor)``:
     equal for every x iff shift = 0, every mean = 0 and every std = s, with scaling_factor = scale / s."""
     if shift != 0.0:
         raise ValueError(
-            f"the autoencoder has shift_factor={shift}, which StableDiffusionPipeline ignores: export a model "
+            f"the autoencoder has shift_factor={shift}, which StableDiffusionPipeline ignores: export a "
+            f"model "
             "trained with autoencoder.shift_factor=0"
         )
     if latent_norm is None or latent_norm.is_identity:
@@ -45,8 +49,9 @@ def folded_scaling_factor(scale: float, shift: float, latent_norm: Any) -> float
     stds = {float(s) for s in latent_norm.std}
     if any(float(m) != 0.0 for m in latent_norm.mean) or len(stds) != 1:
         raise ValueError(
-            "the model normalises latents per channel (model.latent_norm), which a Stable Diffusion pipeline cannot "
-            "express (one scaling_factor, no shift): export a model trained with model.latent_norm=none"
+            "the model normalises latents per channel (model.latent_norm), which a Stable Diffusion pipeline "
+            "cannot express (one scaling_factor, no shift): export a model trained with "
+            "model.latent_norm=none"
         )
     return float(scale) / stds.pop()
 
@@ -64,7 +69,8 @@ def _diffusers_vae(autoencoder: nn.Module, scaling_factor: float, image_size: in
         vae.register_to_config(scaling_factor=scaling_factor, shift_factor=None)
         return vae
     raise ValueError(
-        f"autoencoder {type(model).__name__} has no diffusers AutoencoderKL equivalent: export a model trained with "
+        f"autoencoder {type(model).__name__} has no diffusers AutoencoderKL equivalent: export a model "
+        f"trained with "
         "autoencoder=kl|emoji_kl_f4|diffusers"
     )
 
@@ -74,7 +80,8 @@ def _text_parts(conditioner: nn.Module, allow_padding_attention: bool) -> tuple[
 
     if not isinstance(conditioner, TextConditioner):
         raise ValueError(
-            f"conditioner {type(conditioner).__name__} is not a text encoder: a StableDiffusionPipeline needs one "
+            f"conditioner {type(conditioner).__name__} is not a text encoder: a StableDiffusionPipeline "
+            f"needs one "
             "(export a model trained with conditioner=minilm|clip)"
         )
     if conditioner.mask_padding and not allow_padding_attention:
@@ -97,7 +104,8 @@ def build_sd_pipeline(
     latent_norm: Any = None,
     allow_padding_attention: bool = False,
 ) -> Any:
-    """A ``StableDiffusionPipeline`` (in memory) with our weights; every refusal happens before anything heavy."""
+    """A ``StableDiffusionPipeline`` (in memory) with our weights; every refusal happens before anything
+    heavy."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     scheduler_config = scheduler_config_from_schedule(denoiser.schedule, denoiser.prediction)
@@ -107,9 +115,15 @@ def build_sd_pipeline(
     unet = unet_to_diffusers(denoiser.net.float(), sample_size=image_size // autoencoder.downsample_factor)
     scheduler = DDIMScheduler.from_config({k: v for k, v in scheduler_config.items() if k != "_class_name"})
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet.eval(), scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def export_sd_pipeline(out: str | Path, **parts: Any) -> Path:

@@ -1,18 +1,19 @@
 """Weights-only initialisation of our UNet from pretrained weights (``model.init_from``).
 
     diffusers:<dir>   a UNet2DConditionModel directory (config.json) or a whole pipeline directory (unet/; its
-                      scheduler/scheduler_config.json is then checked against our schedule and prediction type)
-    diffusers:<id>    a Hugging Face hub id (``owner/name``, no such local directory): its UNet files through the
-                      hub cache (``snapshot_download``; only the cache with HF_HUB_OFFLINE=1)
+                      scheduler/scheduler_config.json is then checked against our schedule and prediction
+                      type)
+    diffusers:<id>    a Hugging Face hub id (``owner/name``, no such local directory): its UNet files through
+                      the hub cache (``snapshot_download``; only the cache with HF_HUB_OFFLINE=1)
     ldm:<file>        an original single-file LDM / Stable Diffusion checkpoint (.ckpt read with
                       ``weights_only=True``, or .safetensors), ``model.diffusion_model.*`` tensors
 
 The net config must describe the pretrained network: a diffusers config is compared field by field with ours
-(one-line error naming the field, and the whole ``net`` to set); a single-file checkpoint has no config, so its
-tensor names and shapes are compared (fields that change no shape, such as the head count, cannot be checked
-there: set them as the checkpoint's YAML says). ``ignore`` (fnmatch patterns over our parameter names, or the
-source's names for tensors we have no place for) allows partial loading: matching tensors keep their fresh
-initialisation or are dropped, and the report lists them. Everything else must match exactly.
+(one-line error naming the field, and the whole ``net`` to set); a single-file checkpoint has no config, so
+its tensor names and shapes are compared (fields that change no shape, such as the head count, cannot be
+checked there: set them as the checkpoint's YAML says). ``ignore`` (fnmatch patterns over our parameter names,
+or the source's names for tensors we have no place for) allows partial loading: matching tensors keep their
+fresh initialisation or are dropped, and the report lists them. Everything else must match exactly.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ _SHAPE_FREE = (
 
 @dataclass
 class InitReport:
-    """What ``init_unet_from`` did: tensors loaded, our tensors kept at their fresh init (ignored or absent from
-    the source), source tensors dropped (ignored, no place in our net)."""
+    """What ``init_unet_from`` did: tensors loaded, our tensors kept at their fresh init (ignored or absent
+    from the source), source tensors dropped (ignored, no place in our net)."""
 
     source: str
     loaded: int = 0
@@ -60,8 +61,8 @@ class InitReport:
 
     def summary(self) -> str:
         return (
-            f"init_from {self.source}: loaded {self.loaded} tensors; kept at init {len(self.kept)} {self.kept[:8]}; "
-            f"dropped from the source {len(self.dropped)} {self.dropped[:8]}"
+            f"init_from {self.source}: loaded {self.loaded} tensors; kept at init {len(self.kept)} "
+            f"{self.kept[:8]}; dropped from the source {len(self.dropped)} {self.dropped[:8]}"
         )
 
 
@@ -70,25 +71,30 @@ def parse_init_from(spec: str) -> tuple[str, Path]:
     kind, sep, path = str(spec).partition(":")
     if not sep or kind not in INIT_KINDS or not path:
         raise ValueError(
-            f"model.init_from={spec!r}: use diffusers:<UNet or pipeline dir> or ldm:<single-file .ckpt|.safetensors>"
+            f"model.init_from={spec!r}: use diffusers:<UNet or pipeline dir> or ldm:<single-file "
+            f".ckpt|.safetensors>"
         )
     return kind, Path(path).expanduser()
 
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-# what a UNet needs from a hub repo (a UNet repo or a pipeline repo): configs and safetensors weights, no fp16/
-# ema variants, .bin files or single-file checkpoints that pipeline repos also hold
+# what a UNet needs from a hub repo (a UNet repo or a pipeline repo): configs and safetensors weights, no
+# fp16/ ema variants, .bin files or single-file checkpoints that pipeline repos also hold
 HUB_FILES = [
     f"{sub}{name}"
     for sub in ("", "unet/")
-    for name in ("config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
-                 "diffusion_pytorch_model-*.safetensors")
-] + ["model_index.json", "scheduler/scheduler_config.json"]  # fmt: skip
+    for name in (
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.safetensors.index.json",
+        "diffusion_pytorch_model-*.safetensors",
+    )
+] + ["model_index.json", "scheduler/scheduler_config.json"]
 
 
 def resolve_diffusers_source(path: Path, spec: str) -> Path:
-    """A local directory as it is; a hub id (``owner/name`` that is not a local path) -> its snapshot directory in
-    the Hugging Face cache, downloaded unless HF_HUB_OFFLINE is set (then the cache only)."""
+    """A local directory as it is; a hub id (``owner/name`` that is not a local path) -> its snapshot
+    directory in the Hugging Face cache, downloaded unless HF_HUB_OFFLINE is set (then the cache only)."""
     if path.exists() or not HUB_ID.fullmatch(str(path)):
         return path
     from huggingface_hub import constants, snapshot_download
@@ -115,18 +121,21 @@ def diffusers_unet_dir(path: Path) -> Path:
             )
             if kind != "UNet2DConditionModel":
                 raise ValueError(
-                    f"model.init_from: {candidate} holds a {kind}, not a UNet2DConditionModel: pass the pipeline "
+                    f"model.init_from: {candidate} holds a {kind}, not a UNet2DConditionModel: pass the "
+                    f"pipeline "
                     "directory or its unet/ folder"
                 )
             return candidate
     raise FileNotFoundError(
-        f"model.init_from: no diffusers UNet at {path} (expected {path}/config.json or {path}/unet/config.json): "
+        f"model.init_from: no diffusers UNet at {path} (expected {path}/config.json or "
+        f"{path}/unet/config.json): "
         "pass a UNet2DConditionModel or pipeline directory saved with save_pretrained"
     )
 
 
 def _net_kwargs(net: nn.Module) -> dict[str, Any]:
-    """Our net's configuration in the normal form of ``diffusers_config_to_unet_kwargs`` (heads compared as heads)."""
+    """Our net's configuration in the normal form of ``diffusers_config_to_unet_kwargs`` (heads compared as
+    heads)."""
     if not isinstance(net, UNet):
         raise ValueError(
             f"model.init_from loads UNet weights but the net is {type(net).__name__}: set net=unet_sd"
@@ -137,8 +146,8 @@ def _net_kwargs(net: nn.Module) -> dict[str, Any]:
 def check_net_matches(net: nn.Module, pretrained: Mapping[str, Any], source: str, partial: bool) -> None:
     """Refuse a net config that differs from the pretrained UNet's (``pretrained``: our UNet kwargs of it).
 
-    With ``partial`` (ignore patterns given) only the fields that change no tensor shape are refused; the tensor
-    comparison catches the rest."""
+    With ``partial`` (ignore patterns given) only the fields that change no tensor shape are refused; the
+    tensor comparison catches the rest."""
     ours = _net_kwargs(net)
     whole = " ".join(
         f"net.{k}={json.dumps(v).replace(' ', '')}" for k, v in pretrained.items() if k != "dropout"
@@ -156,8 +165,8 @@ def check_net_matches(net: nn.Module, pretrained: Mapping[str, Any], source: str
             )
             continue
         raise ValueError(
-            f"model.init_from={source}: the pretrained UNet has {name}={value!r} but net.{name}={ours[name]!r}: set "
-            f"net.{name}={value!r} (the pretrained net is: {whole})"
+            f"model.init_from={source}: the pretrained UNet has {name}={value!r} but "
+            f"net.{name}={ours[name]!r}: set net.{name}={value!r} (the pretrained net is: {whole})"
         )
 
 
@@ -168,7 +177,8 @@ def _matches(key: str, patterns: Sequence[str]) -> bool:
 def load_partial(
     net: UNet, state: Mapping[str, Tensor], layout: str, ignore: Sequence[str], source: str
 ) -> InitReport:
-    """Load ``state`` (in ``layout``: "diffusers" or "ldm") into ``net``; ignored tensors may be absent/extra/other."""
+    """Load ``state`` (in ``layout``: "diffusers" or "ldm") into ``net``; ignored tensors may be
+    absent/extra/other."""
     from_source = {theirs: ours for ours, theirs in key_map(net, layout).items()}
     own = net.state_dict()
     report = InitReport(source=source)
@@ -183,16 +193,18 @@ def load_partial(
         if value.shape != target:
             if value.numel() != target.numel() or not key.endswith(("proj_in.weight", "proj_out.weight")):
                 raise ValueError(
-                    f"model.init_from={source}: tensor {key} has shape {tuple(value.shape)} but net's {ours} has "
-                    f"{tuple(target)}: fix the net config, or add '{ours}' to model.init_ignore_keys to keep it fresh"
+                    f"model.init_from={source}: tensor {key} has shape {tuple(value.shape)} but net's {ours} "
+                    f"has {tuple(target)}: fix the net config, or add '{ours}' to model.init_ignore_keys to "
+                    f"keep it fresh"
                 )
             value = value.reshape(target)  # 1x1 conv <-> linear projection: the same map
         loaded[ours] = value
     missing = [k for k in own if k not in loaded and not _matches(k, ignore)]
     if missing or unexpected:
         raise ValueError(
-            f"model.init_from={source}: {len(missing)} net tensors missing from the source (first {missing[:3]}), "
-            f"{len(unexpected)} source tensors without a place in the net (first {unexpected[:3]}): fix the net "
+            f"model.init_from={source}: {len(missing)} net tensors missing from the source (first "
+            f"{missing[:3]}), {len(unexpected)} source tensors without a place in the net (first "
+            f"{unexpected[:3]}): fix the net "
             "config, or list them in model.init_ignore_keys (fnmatch patterns) to load the rest"
         )
     report.kept = [k for k in own if k not in loaded]

@@ -1,6 +1,7 @@
 """The original single-file LDM / Stable Diffusion UNet layout: ``model.diffusion_model.*`` tensors in a
 ``.ckpt`` (``{"state_dict": ...}``, read with ``torch.load(weights_only=True)``) or ``.safetensors`` file,
-and the ``model.params.unet_config.params`` of its YAML (``ldm.modules.diffusionmodules.openaimodel.UNetModel``).
+and the ``model.params.unet_config.params`` of its YAML
+(``ldm.modules.diffusionmodules.openaimodel.UNetModel``).
 
 Our UNet keeps that block order, so the weights are renames only (``ldm.convert.unet_keys``, layout "ldm").
 """

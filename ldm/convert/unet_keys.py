@@ -80,7 +80,8 @@ def _module_suffix(module: nn.Module, rest: str, layout: str) -> str:
 
 
 def _diffusers_prefix(unet: UNet, group: str, n: int, module: nn.Module) -> str:
-    """The diffusers module path of ``{group}.{n}.{m}`` (group: input_blocks / middle_block / output_blocks)."""
+    """The diffusers module path of ``{group}.{n}.{m}`` (group: input_blocks / middle_block /
+    output_blocks)."""
     per_level = unet.num_res_blocks + 1
     kind = "resnets" if isinstance(module, ResBlock) else "attentions"
     if group == "middle_block":
@@ -116,7 +117,8 @@ def _map_key(unet: UNet, key: str, layout: str) -> str:
 
 
 def key_map(unet: UNet, layout: str) -> dict[str, str]:
-    """Our state-dict key -> the ``layout`` key ("ours", "diffusers" or "ldm"), for every tensor of ``unet``."""
+    """Our state-dict key -> the ``layout`` key ("ours", "diffusers" or "ldm"), for every tensor of
+    ``unet``."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown state-dict layout {layout!r}; choose one of {LAYOUTS}")
     keys = list(unet.state_dict())
@@ -129,7 +131,8 @@ def key_map(unet: UNet, layout: str) -> dict[str, str]:
 
 
 def meta_unet(unet_kwargs: Mapping[str, Any]) -> UNet:
-    """A UNet with these keyword arguments on the meta device (no memory, no init cost): its keys and shapes."""
+    """A UNet with these keyword arguments on the meta device (no memory, no init cost): its keys and
+    shapes."""
     with torch.device("meta"):
         return UNet(**unet_kwargs)
 

@@ -1,4 +1,5 @@
-"""One rank's bad-sample fraction over the samples it read, and the stop once it passes ``data.max_bad_fraction``."""
+"""One rank's bad-sample fraction over the samples it read, and the stop once it passes
+``data.max_bad_fraction``."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ from typing import Any
 
 
 class BadSampleGuard:
-    """Totals one rank's reads and skipped samples from its batches; raises once the bad fraction passes the limit.
+    """Totals one rank's reads and skipped samples from its batches; raises once the bad fraction passes the
+    limit.
 
     The fraction is skipped / read over the samples this rank's loader workers read (``batch["read"]``: each
-    sample once per epoch, the shuffle buffer's read-ahead included, re-reads in the same epoch not), so numerator
-    and denominator count the same reads. It is judged only after ``min_samples`` reads, so one bad sample in the
-    first batch does not stop a run. A batch without "read" (not made by ``ShardDataset``) counts its delivered
-    and skipped samples as its reads.
+    sample once per epoch, the shuffle buffer's read-ahead included, re-reads in the same epoch not), so
+    numerator and denominator count the same reads. It is judged only after ``min_samples`` reads, so one bad
+    sample in the first batch does not stop a run. A batch without "read" (not made by ``ShardDataset``)
+    counts its delivered and skipped samples as its reads.
     """
 
     def __init__(self, max_bad_fraction: float | None = 0.01, min_samples: int = 1000, rank: int = 0) -> None:
@@ -65,8 +67,12 @@ class BadSampleGuard:
 
     def state(self) -> dict[str, Any]:
         """The running totals, for checkpoints (a resumed run's fraction and report cover the whole run)."""
-        return {"read": self.read, "delivered": self.delivered, "reasons": dict(self.reasons),
-                "shards": {k: dict(v) for k, v in self.shards.items()}}  # fmt: skip
+        return {
+            "read": self.read,
+            "delivered": self.delivered,
+            "reasons": dict(self.reasons),
+            "shards": {k: dict(v) for k, v in self.shards.items()},
+        }
 
     def load(self, state: dict[str, Any]) -> None:
         self.read, self.delivered = int(state["read"]), int(state["delivered"])

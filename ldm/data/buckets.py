@@ -1,13 +1,14 @@
 """Aspect-ratio bucketing: a fixed set of image sizes, each image resized and cropped into the nearest one.
 
-A bucket is an image size ``(H, W)`` in pixels. Every side must be a multiple of the autoencoder's downsample factor
-``f`` times the UNet's spatial multiple ``2**(len(channel_mult) - 1)``, so that the latent ``(C, H/f, W/f)`` goes
-down every UNet level evenly: e.g. 32 px for the emoji f=4 autoencoder with a 4-level UNet, 64 px for the SD
-VAE (f=8) with the SD UNet (4 levels). ``buckets_for_area`` makes an SDXL-style set of about equal area.
+A bucket is an image size ``(H, W)`` in pixels. Every side must be a multiple of the autoencoder's downsample
+factor ``f`` times the UNet's spatial multiple ``2**(len(channel_mult) - 1)``, so that the latent
+``(C, H/f, W/f)`` goes down every UNet level evenly: e.g. 32 px for the emoji f=4 autoencoder with a 4-level
+UNet, 64 px for the SD VAE (f=8) with the SD UNet (4 levels). ``buckets_for_area`` makes an SDXL-style set of
+about equal area.
 
-An image goes to the bucket nearest in log aspect ratio, is scaled to cover it (the smaller scale at which both
-sides fit) and cropped to it, centred or at a seeded random offset. What was done is kept per sample, as SDXL's
-micro-conditioning needs it (Podell et al. 2023, Sec. 2.2): ``original_size`` [h, w] before resizing,
+An image goes to the bucket nearest in log aspect ratio, is scaled to cover it (the smaller scale at which
+both sides fit) and cropped to it, centred or at a seeded random offset. What was done is kept per sample, as
+SDXL's micro-conditioning needs it (Podell et al. 2023, Sec. 2.2): ``original_size`` [h, w] before resizing,
 ``crop_top_left`` [y, x] of the crop in the resized image and ``target_size`` [H, W] (the bucket).
 
 Training batches are formed within a bucket (``bucket_batches``): one pending list per sample shape.
@@ -80,8 +81,8 @@ def buckets_for_area(size: int, step: int = 32, max_ratio: float = 2.0) -> list[
     """SDXL-style buckets of about ``size``**2 pixels with sides multiple of ``step``, ordered tall to wide.
 
     For every short side s = step, 2 step, ..., size the long side is the multiple of ``step`` nearest to
-    size**2 / s; the pair is kept (as s x long and long x s) while long / s <= ``max_ratio``. Rounding the long
-    side moves the area by at most step / (2 size) of size**2 (6.25 % for 256 px and a step of 32).
+    size**2 / s; the pair is kept (as s x long and long x s) while long / s <= ``max_ratio``. Rounding the
+    long side moves the area by at most step / (2 size) of size**2 (6.25 % for 256 px and a step of 32).
     """
     if step < 1 or size < step or size % step:
         raise ValueError(
@@ -103,8 +104,9 @@ def check_buckets(buckets: Sequence[Bucket], multiple: int) -> None:
     bad = [bucket_name(b) for b in buckets if b[0] % multiple or b[1] % multiple]
     if bad:
         raise ValueError(
-            f"buckets {', '.join(bad)} have sides that are not multiples of {multiple} (autoencoder downsample "
-            f"factor x UNet multiple): round them, or use --bucket-area with a --bucket-step multiple of {multiple}"
+            f"buckets {', '.join(bad)} have sides that are not multiples of {multiple} (autoencoder "
+            f"downsample factor x UNet multiple): round them, or use --bucket-area with a --bucket-step "
+            f"multiple of {multiple}"
         )
 
 
@@ -122,8 +124,9 @@ def nearest_bucket(height: int, width: int, buckets: Sequence[Bucket]) -> Bucket
 def resize_crop(
     image: Image.Image, bucket: Bucket, rng: random.Random | None = None
 ) -> tuple[Image.Image, dict[str, list[int]]]:
-    """Resize ``image`` to cover ``bucket`` (H, W) and crop it to that size: centred, or at a uniform random offset
-    drawn from ``rng``. Returns the crop and {"original_size", "crop_top_left", "target_size"} (all [h|y, w|x])."""
+    """Resize ``image`` to cover ``bucket`` (H, W) and crop it to that size: centred, or at a uniform random
+    offset drawn from ``rng``. Returns the crop and {"original_size", "crop_top_left", "target_size"} (all
+    [h|y, w|x])."""
     th, tw = bucket
     scale = max(th / image.height, tw / image.width)  # a square bucket: target / short side
     w, h = max(tw, round(image.width * scale)), max(th, round(image.height * scale))
@@ -159,7 +162,8 @@ def crop_rng(crop: str, seed: int, key: str) -> random.Random | None:
 
 # ---------------------------------------------------------------------------------------------- training side
 def as_latent_shapes(spec: Any) -> tuple[int, ...] | tuple[tuple[int, ...], ...] | None:
-    """A latent shape (C, h, w), or a list of them (one per bucket) -> a tuple, or a tuple of tuples; None stays.
+    """A latent shape (C, h, w), or a list of them (one per bucket) -> a tuple, or a tuple of tuples; None
+    stays.
 
     A list holding one shape becomes that shape, so a single bucket reads as the plain unbucketed case.
     """
@@ -188,11 +192,12 @@ def _shape(sample: Mapping[str, Any]) -> tuple[int, ...]:
 def bucket_batches(samples: Iterable[dict], batch_size: int) -> Iterator[list[dict]]:
     """Batches of ``batch_size`` samples of one shape each (latent or image), from an endless sample stream.
 
-    One pending list per shape; a batch is emitted when its list fills, the others keep their samples for later
-    batches (across passes over the shards). With one shape this is plain consecutive batching. The number of
-    batches is set by whoever stops the iteration, so bucketing leaves each rank's batch count unchanged; the
-    costs are that a sample of a rare bucket may wait (batches are less mixed in order) and that at most
-    (buckets x (batch_size - 1)) samples are held back, and dropped when the epoch stops, as a partial batch is.
+    One pending list per shape; a batch is emitted when its list fills, the others keep their samples for
+    later batches (across passes over the shards). With one shape this is plain consecutive batching. The
+    number of batches is set by whoever stops the iteration, so bucketing leaves each rank's batch count
+    unchanged; the costs are that a sample of a rare bucket may wait (batches are less mixed in order) and
+    that at most (buckets x (batch_size - 1)) samples are held back, and dropped when the epoch stops, as a
+    partial batch is.
     """
     pending: dict[tuple[int, ...], list[dict]] = {}
     for sample in samples:
@@ -204,7 +209,8 @@ def bucket_batches(samples: Iterable[dict], batch_size: int) -> Iterator[list[di
 
 
 def size_conditioning(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-    """{"original_size", "crop_top_left"}: (B, 2) long tensors of [h, w] and [y, x], when every sample has them."""
+    """{"original_size", "crop_top_left"}: (B, 2) long tensors of [h, w] and [y, x], when every sample has
+    them."""
     out: dict[str, torch.Tensor] = {}
     for name in ("original_size", "crop_top_left"):
         if samples and all(name in s for s in samples):

@@ -1,14 +1,15 @@
 """Lightning DataModule over image or latent shards (see ``ldm.data.shard_dataset.ShardDataset``).
 
 Shards may be local, ``pipe:`` commands or s3/gs/http(s) urls (``ldm.data.urls``). On every rank the module
-totals the samples the loader skipped, per reason and per shard, writes them to ``data_bad_shards_rank{r}.json``
-in the run directory, and stops the run with the worst shards named once more than ``max_bad_fraction`` of the
-samples read were bad.
+totals the samples the loader skipped, per reason and per shard, writes them to
+``data_bad_shards_rank{r}.json`` in the run directory, and stops the run with the worst shards named once more
+than ``max_bad_fraction`` of the samples read were bad.
 
-The data position is part of every checkpoint (``state_dict``: the train epoch and how many of its batches each
-rank trained on, counted as batches reach the training step). A run resumed mid-epoch starts that epoch's loader
-past those batches (``ShardDataset.set_epoch(epoch, skip_batches)``), so it trains on the samples the
-uninterrupted run would have; ``restore_position=False`` restarts the epoch's order from its first batch instead.
+The data position is part of every checkpoint (``state_dict``: the train epoch and how many of its batches
+each rank trained on, counted as batches reach the training step). A run resumed mid-epoch starts that epoch's
+loader past those batches (``ShardDataset.set_epoch(epoch, skip_batches)``), so it trains on the samples the
+uninterrupted run would have; ``restore_position=False`` restarts the epoch's order from its first batch
+instead.
 
 Loader settings that depend on the machine: ``num_workers="auto"`` is one worker per spare core of this rank
 (``resolve_num_workers``), an explicit count above the cores this process may use is lowered to them (what
@@ -99,7 +100,8 @@ class ShardDataModule(L.LightningDataModule):
         worker_dtype: str = "float32",
     ) -> None:
         """``alpha_background``: the colour behind transparent pixels of image shards (white, black, #rrggbb,
-        r,g,b; ``ldm.data.rgb``). ``num_workers``, ``pin_memory``, ``worker_dtype``: see the module docstring."""
+        r,g,b; ``ldm.data.rgb``). ``num_workers``, ``pin_memory``, ``worker_dtype``: see the module
+        docstring."""
         super().__init__()
         if worker_dtype not in ("float32", "float16"):
             raise ValueError(f"data.worker_dtype must be float32 or float16, got '{worker_dtype}'")
@@ -109,8 +111,9 @@ class ShardDataModule(L.LightningDataModule):
         self.worker_dtype = worker_dtype
         self.mode = check_mode(mode)
         self.restore_position = restore_position
-        # (train epoch, batches of it whose optimizer step is in the weights), the batches handed to training this
-        # epoch, and the optimizer step at which ``position`` was last brought up to ``fetched`` (see _commit)
+        # (train epoch, batches of it whose optimizer step is in the weights), the batches handed to training
+        # this epoch, and the optimizer step at which ``position`` was last brought up to ``fetched`` (see
+        # _commit)
         self.position = (0, 0)
         self.fetched = 0
         self.committed_step = 0
@@ -174,14 +177,25 @@ class ShardDataModule(L.LightningDataModule):
         mode = mode or (self.mode if train else "exact")
         num_batches = max(1, samples // (world * self.batch_size))
         return ShardDataset(
-            urls, kind=self.kind, batch_size=self.batch_size, num_batches=num_batches,
-            image_size=self.image_size, seed=self.seed, shuffle=train,
-            shuffle_buffer=self.shuffle_buffer, rank=rank, world_size=world,
-            latent_shape=self.latent_shape, latent_dtype=self.latent_dtype,
-            max_caption_chars=self.max_caption_chars, url_commands=self.url_commands,
-            mode=mode, shard_counts=counts, num_workers=self.num_workers,
+            urls,
+            kind=self.kind,
+            batch_size=self.batch_size,
+            num_batches=num_batches,
+            image_size=self.image_size,
+            seed=self.seed,
+            shuffle=train,
+            shuffle_buffer=self.shuffle_buffer,
+            rank=rank,
+            world_size=world,
+            latent_shape=self.latent_shape,
+            latent_dtype=self.latent_dtype,
+            max_caption_chars=self.max_caption_chars,
+            url_commands=self.url_commands,
+            mode=mode,
+            shard_counts=counts,
+            num_workers=self.num_workers,
             alpha_background=self.alpha_background,
-        )  # fmt: skip
+        )
 
     def setup(self, stage: str | None = None) -> None:
         """Builds the datasets for this rank (again if the rank changed, e.g. set up before DDP started)."""
@@ -208,8 +222,11 @@ class ShardDataModule(L.LightningDataModule):
                     "validation: %d samples over %d rank(s) x %d worker(s) fill no batch of %d per worker; "
                     "validating on one batch per rank with repeated samples (lower data.batch_size or "
                     "data.num_workers, or add validation shards)",
-                    self.val_samples, placement[1], max(1, self.num_workers), self.batch_size,
-                )  # fmt: skip
+                    self.val_samples,
+                    placement[1],
+                    max(1, self.num_workers),
+                    self.batch_size,
+                )
                 self.val_dataset = self._dataset(
                     self.val_urls, int(self.val_samples), self.val_counts, False, "cycle"
                 )
@@ -220,8 +237,8 @@ class ShardDataModule(L.LightningDataModule):
         would undo a mid-epoch resume, so it raises there."""
         if self.trainer is not None:
             raise RuntimeError(
-                "ShardDataModule.set_epoch is for loops without a Trainer: under one, train_dataloader sets the "
-                "epoch (and a resumed run's position); remove the call"
+                "ShardDataModule.set_epoch is for loops without a Trainer: under one, train_dataloader sets "
+                "the epoch (and a resumed run's position); remove the call"
             )
         if self.train_dataset is not None:
             self.train_dataset.set_epoch(epoch)
@@ -233,12 +250,19 @@ class ShardDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: ShardDataset) -> DataLoader:
         half = self.worker_dtype == "float16" and self.num_workers > 0
-        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
-                          worker_init_fn=init_worker if self.num_workers else None, pin_memory=self._pin(),
-                          collate_fn=to_float16 if half else None)  # fmt: skip
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            worker_init_fn=init_worker if self.num_workers else None,
+            pin_memory=self._pin(),
+            collate_fn=to_float16 if half else None,
+        )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Float16 tensors a worker sent (``worker_dtype``) back to float32, on the device (after the copy)."""
+        """Float16 tensors a worker sent (``worker_dtype``) back to float32, on the device (after the
+        copy)."""
         if self.worker_dtype == "float16" and isinstance(batch, dict):
             for key in FLOAT_KEYS:
                 if isinstance(batch.get(key), torch.Tensor) and batch[key].dtype == torch.float16:
@@ -258,15 +282,20 @@ class ShardDataModule(L.LightningDataModule):
         self.described = line
 
     def train_dataloader(self) -> DataLoader:
-        """The loader of the trainer's epoch; a resumed run's first one starts past the batches already trained on."""
+        """The loader of the trainer's epoch; a resumed run's first one starts past the batches already
+        trained on."""
         self.setup("fit")
         if self.trainer is not None:  # a resumed run starts at its own epoch's order
             epoch, skip = self.trainer.current_epoch, 0
             resume = self.resume_position
             if resume is not None and resume[0] == epoch:
                 skip = min(resume[1], len(self.train_dataset))
-                log.info("epoch %d resumes at batch %d of %d (data position from the checkpoint)",
-                         epoch, skip, len(self.train_dataset))  # fmt: skip
+                log.info(
+                    "epoch %d resumes at batch %d of %d (data position from the checkpoint)",
+                    epoch,
+                    skip,
+                    len(self.train_dataset),
+                )
             # used, or (an earlier epoch) already finished: later loaders start at their first batch
             if resume is not None and resume[0] <= epoch:
                 self.resume_position = None
@@ -282,7 +311,8 @@ class ShardDataModule(L.LightningDataModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Totals the training batches' skipped samples; stops the run past ``max_bad_fraction``."""
         if self.trainer is not None and self.trainer.training and isinstance(batch, dict):
-            self._commit()  # the batches before this one are in the weights if the optimizer has stepped since
+            # the batches before this one are in the weights if the optimizer has stepped since
+            self._commit()
             self.fetched += (
                 1  # this batch is about to be trained on; it counts once its optimizer step is taken
             )
@@ -295,7 +325,8 @@ class ShardDataModule(L.LightningDataModule):
         return batch
 
     def write_report(self) -> Path | None:
-        """``data_bad_shards_rank{r}.json`` in the run directory: samples read, skipped per reason and shard."""
+        """``data_bad_shards_rank{r}.json`` in the run directory: samples read, skipped per reason and
+        shard."""
         if self.trainer is None:
             return None
         path = Path(self.trainer.default_root_dir) / f"data_bad_shards_rank{self.trainer.global_rank}.json"
@@ -310,8 +341,13 @@ class ShardDataModule(L.LightningDataModule):
     # ---------------------------------------------------------------- the data position in checkpoints
     def _placement(self) -> dict[str, Any]:
         world = self._rank_world()[1]
-        return {"mode": self.mode, "seed": self.seed, "batch_size": self.batch_size,
-                "num_workers": self.num_workers, "world_size": world}  # fmt: skip
+        return {
+            "mode": self.mode,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "world_size": world,
+        }
 
     def _start_epoch(self, epoch: int, skip: int) -> None:
         self.position, self.fetched = (epoch, skip), skip
@@ -321,9 +357,9 @@ class ShardDataModule(L.LightningDataModule):
     def _commit(self) -> None:
         """Count the fetched batches as trained once the optimizer has stepped after them.
 
-        A batch is counted when it is handed to training, but it is in the weights only after its optimizer step
-        (the last micro-batch's, under gradient accumulation). A checkpoint taken between the two (an exception
-        in the forward pass, a signal mid-step) must not count it, or the resumed run would skip it.
+        A batch is counted when it is handed to training, but it is in the weights only after its optimizer
+        step (the last micro-batch's, under gradient accumulation). A checkpoint taken between the two (an
+        exception in the forward pass, a signal mid-step) must not count it, or the resumed run would skip it.
         """
         step = self.trainer.global_step if self.trainer is not None else self.committed_step
         if step != self.committed_step:
@@ -335,11 +371,16 @@ class ShardDataModule(L.LightningDataModule):
         """Saved in every checkpoint: the train epoch, how many of its batches are in the saved weights (per
         rank), and what the order depends on."""
         self._commit()
-        return {"epoch": self.position[0], "batches": self.position[1], "bad_samples": self.committed_guard,
-                **self._placement()}  # fmt: skip
+        return {
+            "epoch": self.position[0],
+            "batches": self.position[1],
+            "bad_samples": self.committed_guard,
+            **self._placement(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Called on resume, before the first train loader is built: that loader starts past the saved position."""
+        """Called on resume, before the first train loader is built: that loader starts past the saved
+        position."""
         if "batches" not in state:
             return
         if state.get("bad_samples"):
@@ -352,10 +393,12 @@ class ShardDataModule(L.LightningDataModule):
         saved = {k: state.get(k) for k in self._placement()}
         if saved != self._placement():
             log.warning(
-                "the data position was saved with %s but this run has %s: the resumed epoch skips %d batches of "
-                "another order, so some samples may repeat or be missed until the epoch ends",
-                saved, self._placement(), self.resume_position[1],
-            )  # fmt: skip
+                "the data position was saved with %s but this run has %s: the resumed epoch skips %d batches "
+                "of another order, so some samples may repeat or be missed until the epoch ends",
+                saved,
+                self._placement(),
+                self.resume_position[1],
+            )
         if self.train_dataset is not None and self.train_dataset.epoch == self.resume_position[0]:
             # a loader built before the restore (the trainer estimating its steps) keeps this dataset
             skip = min(self.resume_position[1], len(self.train_dataset))

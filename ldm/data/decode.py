@@ -1,12 +1,12 @@
 """Raw shard samples -> checked training samples; every rejected sample is counted under one reason.
 
-Reasons: ``missing_caption`` (none, or blank), ``caption_too_long``, ``caption_not_utf8`` (skipped, not guessed:
-another encoding read as Latin-1 or cp1252 would silently train on wrong text; re-encode the captions, e.g. with
-``iconv``), ``decode_error`` (an image or ``.npy`` that does not decode), ``duplicate_member`` (a member name
-twice in one sample), ``bad_label``, ``missing_image``, ``missing_latent``, ``latent_shape``,
-``latent_dtype``, ``latent_nonfinite`` (NaN/inf), ``bad_embedding``, ``bad_size`` (a ``KEY.size.json`` of
-aspect-ratio buckets that is not {"original_size": [h, w], "crop_top_left": [y, x], ...}). Each count also names
-the shard.
+Reasons: ``missing_caption`` (none, or blank), ``caption_too_long``, ``caption_not_utf8`` (skipped, not
+guessed: another encoding read as Latin-1 or cp1252 would silently train on wrong text; re-encode the
+captions, e.g. with ``iconv``), ``decode_error`` (an image or ``.npy`` that does not decode),
+``duplicate_member`` (a member name twice in one sample), ``bad_label``, ``missing_image``,
+``missing_latent``, ``latent_shape``, ``latent_dtype``, ``latent_nonfinite`` (NaN/inf), ``bad_embedding``,
+``bad_size`` (a ``KEY.size.json`` of aspect-ratio buckets that is not {"original_size": [h, w],
+"crop_top_left": [y, x], ...}). Each count also names the shard.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ _NPY_MAGIC = b"\x93NUMPY"
 _npy_headers: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}
 NO_LATENT_SHAPE = (
     "latent shards need their latent shape and neither the shard index meta nor the config gives it: set "
-    "data.latent_shape=[4,32,32] (ShardDataset(latent_shape=...)), or a list of shapes for aspect-ratio buckets"
+    "data.latent_shape=[4,32,32] (ShardDataset(latent_shape=...)), or a list of shapes for aspect-ratio "
+    "buckets"
 )
 # what decoding one image (or caption) can raise: PIL's OSError/ValueError/SyntaxError, UnicodeDecodeError (a
 # ValueError), and DecompressionBombError, which is a plain Exception; catch this tuple to skip the sample
@@ -42,8 +43,8 @@ DECODE_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, SyntaxError, 
 
 
 def decode_image(data: bytes, size: int, background: Background = WHITE) -> torch.Tensor:
-    """Image bytes -> (3, size, size) float in [-1, 1]: 8-bit RGB over ``background`` (``ldm.data.rgb``), the short
-    side resized to ``size``, centre crop."""
+    """Image bytes -> (3, size, size) float in [-1, 1]: 8-bit RGB over ``background`` (``ldm.data.rgb``), the
+    short side resized to ``size``, centre crop."""
     with open_rgb(data, background) as im:
         scale = size / min(im.size)
         w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
@@ -115,7 +116,8 @@ Skip = Callable[..., None]  # skip(reason, why="") counts a bad sample and retur
 
 
 def check_members(raw: dict[str, Any], skip: Skip) -> bool:
-    """False once ``skip`` has counted a sample whose tar holds one member name twice (``duplicate_member``)."""
+    """False once ``skip`` has counted a sample whose tar holds one member name twice
+    (``duplicate_member``)."""
     if "__duplicate__" in raw:
         skip("duplicate_member", f"{raw['__duplicate__']} twice")
         return False
@@ -152,11 +154,11 @@ class SampleDecoder:
     """Decodes and checks one raw sample ({"__key__", "__url__", ext: bytes}); None (and a count) if bad.
 
     Latents and embeddings stay numpy arrays in their stored dtype; the collate converts whole batches.
-    ``latent_shape`` (C, h, w) is required for latents (ShardDataset reads it from the shard index meta); a list
-    of shapes (one per aspect-ratio bucket) accepts any of them. Bucketed samples also get "original_size" and
-    "crop_top_left" ([h, w], [y, x]) from ``KEY.size.json``.
-    ``latent_dtype`` None: float16 and float32 are both accepted. ``alpha_background``: the colour behind
-    transparent pixels of images (``ldm.data.rgb.parse_background``: white, black, #rrggbb, r,g,b).
+    ``latent_shape`` (C, h, w) is required for latents (ShardDataset reads it from the shard index meta); a
+    list of shapes (one per aspect-ratio bucket) accepts any of them. Bucketed samples also get
+    "original_size" and "crop_top_left" ([h, w], [y, x]) from ``KEY.size.json``. ``latent_dtype`` None:
+    float16 and float32 are both accepted. ``alpha_background``: the colour behind transparent pixels of
+    images (``ldm.data.rgb.parse_background``: white, black, #rrggbb, r,g,b).
     """
 
     def __init__(
@@ -173,7 +175,8 @@ class SampleDecoder:
             raise ValueError(f"kind must be one of {KINDS}, got '{kind}'")
         if shapes is not None and any(len(shape) != 3 for shape in shapes):
             raise ValueError(
-                f"latent_shape must be (C, h, w) or a list of them, got {latent_shape}: e.g. latent_shape=[4,32,32]"
+                f"latent_shape must be (C, h, w) or a list of them, got {latent_shape}: e.g. "
+                f"latent_shape=[4,32,32]"
             )
         if kind == "latents" and shapes is None:
             raise ValueError(NO_LATENT_SHAPE)

@@ -66,7 +66,8 @@ def _is_flag(e: str) -> bool:
 
 
 def caption(e: str) -> str:
-    """English CLDR-style name: ':woman_detective_medium-dark_skin_tone:' -> 'woman detective: medium-dark skin tone'."""
+    """English CLDR-style name: ':woman_detective_medium-dark_skin_tone:' -> 'woman detective: medium-dark
+    skin tone'."""
     name = emoji_lib.EMOJI_DATA[e]["en"].strip(":").replace("_", " ")
     if _is_flag(e):
         return f"flag: {name}"
@@ -101,13 +102,14 @@ def _png_bytes(image: Image.Image) -> bytes:
 def emoji_samples(
     size: int = 32, limit: int | None = None, counter: SkipCounter | None = None, labels: str | None = None
 ) -> Iterator[dict]:
-    """Yields {"__key__": "00042", "png": bytes, "txt": caption[, "cls": id]} for every renderable fully-qualified
-    emoji.
+    """Yields {"__key__": "00042", "png": bytes, "txt": caption[, "cls": id]} for every renderable
+    fully-qualified emoji.
 
     ``limit`` keeps the first ``limit`` emoji of the fixed order (keys stay the same as in the full set).
-    ``labels`` ("category" | "subcategory" | None) adds the class id at that level (``ldm.data.emoji_labels``).
-    Emoji the font lacks (blank render), renders as several glyphs (an unsupported sequence) or, with ``labels``,
-    that have no class (newer than the label data: "no_label") are skipped, counted in ``counter`` and logged.
+    ``labels`` ("category" | "subcategory" | None) adds the class id at that level
+    (``ldm.data.emoji_labels``). Emoji the font lacks (blank render), renders as several glyphs (an
+    unsupported sequence) or, with ``labels``, that have no class (newer than the label data: "no_label") are
+    skipped, counted in ``counter`` and logged.
     """
     counter = counter if counter is not None else SkipCounter("emoji")
     level = None if labels is None else check_level(labels)

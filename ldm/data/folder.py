@@ -1,7 +1,7 @@
 """A folder of images with same-named ``.txt`` captions (``cat.png`` + ``cat.txt``), searched recursively.
 
-Keys come from the relative paths (``a/b/cat.png`` -> ``a_b_cat``), so they are stable and unique (two paths that
-map to one key are skipped and counted); ``hash_split`` holds out a seeded, stable fraction of them.
+Keys come from the relative paths (``a/b/cat.png`` -> ``a_b_cat``), so they are stable and unique (two paths
+that map to one key are skipped and counted); ``hash_split`` holds out a seeded, stable fraction of them.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def _key(path: Path, root: Path) -> str:
 
 
 def image_files(root: Path) -> list[Path]:
-    """The images under ``root`` (recursively, sorted) that ``folder_samples`` reads, each with ``.txt`` beside it."""
+    """The images under ``root`` (recursively, sorted) that ``folder_samples`` reads, each with ``.txt``
+    beside it."""
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
@@ -36,10 +37,10 @@ def folder_samples(root: str, counter: SkipCounter) -> Iterator[dict]:
     """Yields {"__key__", "<ext>": image bytes, "txt": caption}; skips (and counts) bad pairs.
 
     The image bytes are stored as they are (the colour conversion, ``ldm.data.rgb``, happens where shards are
-    decoded); here each image is decoded and converted once to check it, and each caption with training's check
-    (``ldm.data.decode.check_caption``). Reasons: "missing_caption" (no same-named .txt, or a blank one),
-    "caption_not_utf8" (skipped, not guessed: re-encode the captions as UTF-8), "decode_error" (the image does not
-    decode), "duplicate_key" (two paths map to one key).
+    decoded); here each image is decoded and converted once to check it, and each caption with training's
+    check (``ldm.data.decode.check_caption``). Reasons: "missing_caption" (no same-named .txt, or a blank
+    one), "caption_not_utf8" (skipped, not guessed: re-encode the captions as UTF-8), "decode_error" (the
+    image does not decode), "duplicate_key" (two paths map to one key).
     """
     base = Path(root)
     if not base.is_dir():

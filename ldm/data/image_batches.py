@@ -1,6 +1,6 @@
-"""Image shards -> decoded, checked samples in batches of one image shape: what latent encoding and the autoencoder
-export read. Samples are checked with training's checks and reasons (``ldm.data.decode``) and converted to RGB
-with training's conversion (``ldm.data.rgb``).
+"""Image shards -> decoded, checked samples in batches of one image shape: what latent encoding and the
+autoencoder export read. Samples are checked with training's checks and reasons (``ldm.data.decode``) and
+converted to RGB with training's conversion (``ldm.data.rgb``).
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ def image_batches(
     crop_seed: int = 0,
     background: Background = WHITE,
 ) -> Iterator[list[dict]]:
-    """Decoded samples ({"__key__", "image" (3, H, W) in [-1, 1], "txt", [json, cls], [size]}) in batches of one
-    image shape.
+    """Decoded samples ({"__key__", "image" (3, H, W) in [-1, 1], "txt", [json, cls], [size]}) in batches of
+    one image shape.
 
-    Without ``buckets`` every image is resized (short side to ``size``) and centre-cropped to size x size. With
-    them each image goes to its nearest bucket (``ldm.data.buckets``: ``crop`` "center" or "random" seeded by
-    ``crop_seed`` and the key) and "size" holds {"original_size", "crop_top_left", "target_size"}. A batch is
-    emitted when its bucket has ``batch_size`` samples; the partial ones follow at the end, in order of first use.
-    Transparent pixels are composited over ``background`` (``ldm.data.rgb``).
+    Without ``buckets`` every image is resized (short side to ``size``) and centre-cropped to size x size.
+    With them each image goes to its nearest bucket (``ldm.data.buckets``: ``crop`` "center" or "random"
+    seeded by ``crop_seed`` and the key) and "size" holds {"original_size", "crop_top_left", "target_size"}. A
+    batch is emitted when its bucket has ``batch_size`` samples; the partial ones follow at the end, in order
+    of first use. Transparent pixels are composited over ``background`` (``ldm.data.rgb``).
     """
     if size is None and buckets is None:
         raise ValueError(

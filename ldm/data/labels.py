@@ -1,10 +1,11 @@
 """Class labels in shards: the field ``cls`` per sample and the class names in the shard index.
 
-A labelled shard set stores each sample's class id as ``KEY.cls`` (decimal text); ``ShardDataset`` batches carry
-it as ``batch["cls"]``, an int64 ``(B,)`` tensor. The index ``{prefix}.json`` names the classes in its meta:
-``"labels"`` (id i is ``labels[i]``), ``"label_level"`` (what the names are, e.g. "category") and, for image shards,
-``"label_counts"`` (samples per class, in id order). ``prepare.py latents`` copies the names and the level from
-the image index into the latent index. ``read_label_names`` reads the names back, e.g. to keep them in a model.
+A labelled shard set stores each sample's class id as ``KEY.cls`` (decimal text); ``ShardDataset`` batches
+carry it as ``batch["cls"]``, an int64 ``(B,)`` tensor. The index ``{prefix}.json`` names the classes in its
+meta: ``"labels"`` (id i is ``labels[i]``), ``"label_level"`` (what the names are, e.g. "category") and, for
+image shards, ``"label_counts"`` (samples per class, in id order). ``prepare.py latents`` copies the names and
+the level from the image index into the latent index. ``read_label_names`` reads the names back, e.g. to keep
+them in a model.
 """
 
 from __future__ import annotations
@@ -49,20 +50,23 @@ def read_label_names(source: str | os.PathLike | Mapping[str, Any], prefix: str 
     names = meta.get("labels")
     if not isinstance(names, list) or not names:
         raise ValueError(
-            f"no class names ('labels') in the shard index meta of {_describe(source)}: write labelled shards "
+            f"no class names ('labels') in the shard index meta of {_describe(source)}: write labelled "
+            f"shards "
             "with `prepare.py emoji --labels category|subcategory`"
         )
     return [str(n) for n in names]
 
 
 def carried_label_meta(image_urls: Sequence[str]) -> dict[str, Any]:
-    """``labels`` and ``label_level`` from the index beside the image shards, for the latent index ({} if none)."""
+    """``labels`` and ``label_level`` from the index beside the image shards, for the latent index ({} if
+    none)."""
     found: dict[str, Any] | None = None
     for index_meta in _image_index_metas(image_urls):
         carried = {k: index_meta[k] for k in CARRIED if k in index_meta}
         if found is not None and carried != found:
             raise ValueError(
-                "the image shards come from indexes with different class names: encode each labelled set on its own"
+                "the image shards come from indexes with different class names: encode each labelled set on "
+                "its own"
             )
         found = carried
     return found or {}

@@ -1,4 +1,5 @@
-"""Loader settings that depend on the machine: the DataLoader worker count, and float16 batches from workers."""
+"""Loader settings that depend on the machine: the DataLoader worker count, and float16 batches from
+workers."""
 
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ def usable_cpus() -> int:
 
 
 def resolve_num_workers(requested: int | str, local_world_size: int = 1, cpus: int | None = None) -> int:
-    """DataLoader workers for one rank. ``auto``: the cores of this rank's share of the machine less one for the
-    training process (Lightning's ``suggested_max_num_workers``, but 0 rather than 1 on a single core), at most
-    ``MAX_AUTO_WORKERS``: 1 on a 2-core box, 4 from 10 cores. A count above the usable cores is lowered to them."""
+    """DataLoader workers for one rank. ``auto``: the cores of this rank's share of the machine less one for
+    the training process (Lightning's ``suggested_max_num_workers``, but 0 rather than 1 on a single core), at
+    most ``MAX_AUTO_WORKERS``: 1 on a 2-core box, 4 from 10 cores. A count above the usable cores is lowered
+    to them."""
     cpus = usable_cpus() if cpus is None else cpus
     if requested == "auto":
         return min(MAX_AUTO_WORKERS, max(0, cpus // max(1, local_world_size) - 1))
@@ -36,7 +38,8 @@ def resolve_num_workers(requested: int | str, local_world_size: int = 1, cpus: i
 
 
 def to_float16(batch: Any) -> Any:
-    """(in a worker) the batch's float32 tensors of ``FLOAT_KEYS`` as float16: half the bytes to the main process."""
+    """(in a worker) the batch's float32 tensors of ``FLOAT_KEYS`` as float16: half the bytes to the main
+    process."""
     batch = default_convert(batch)
     if isinstance(batch, dict):
         for key in FLOAT_KEYS:

@@ -1,8 +1,8 @@
 """Refusing writes that would land on user input, checked before anything is written.
 
-Paths are compared resolved (symlinks, ``..``, relative spellings of one path are one path) and, where both exist,
-as files (a hard link is another name of the same file). ``prepare.py`` and ``ldm.encode`` call these before
-writing shards, indexes, sidecars or exported weights.
+Paths are compared resolved (symlinks, ``..``, relative spellings of one path are one path) and, where both
+exist, as files (a hard link is another name of the same file). ``prepare.py`` and ``ldm.encode`` call these
+before writing shards, indexes, sidecars or exported weights.
 """
 
 from __future__ import annotations
@@ -87,9 +87,9 @@ def _first_sample(path: Path) -> dict | None:
 
 
 def refuse_foreign_outputs(shards: Iterable[Path], index: Path | None, fix: str) -> None:
-    """ValueError when an existing file where a latent shard (or the latent index) goes is something else: a shard
-    whose first sample holds no ``latent.npy`` (an image shard), or an index whose meta names no autoencoder.
-    Only the shards without a finished sidecar need checking (the caller's choice)."""
+    """ValueError when an existing file where a latent shard (or the latent index) goes is something else: a
+    shard whose first sample holds no ``latent.npy`` (an image shard), or an index whose meta names no
+    autoencoder. Only the shards without a finished sidecar need checking (the caller's choice)."""
     for path in shards:
         if path.is_file() and "latent.npy" not in (_first_sample(path) or {}):
             raise ValueError(
@@ -114,11 +114,14 @@ LATENT_FIX = (
 def check_latent_outputs(
     out: Path, prefix: str, names: list[str], urls: list[str], unfinished: list[str], sidecar: str
 ) -> None:
-    """Before encoding ``urls`` into ``out``: no latent shard (``names``), its ``.tmp`` or sidecar, nor the index
-    ``{prefix}.json`` may be an input shard or index, and the ``unfinished`` shards (no sidecar of this
+    """Before encoding ``urls`` into ``out``: no latent shard (``names``), its ``.tmp`` or sidecar, nor the
+    index ``{prefix}.json`` may be an input shard or index, and the ``unfinished`` shards (no sidecar of this
     command) and the index must not be files of another kind. ``--overwrite`` does not lift this."""
     shards = [out / name for name in names]
     outputs = [out / f"{prefix}.json", *shards, *map(tmp_of, shards), *(out / f"{n}{sidecar}" for n in names)]
     refuse_overwrite(outputs, input_files(urls), LATENT_FIX)
-    refuse_foreign_outputs([out / name for name in unfinished], out / f"{prefix}.json",
-                           "choose another --out (or --prefix) for the latents, or move that file away")  # fmt: skip
+    refuse_foreign_outputs(
+        [out / name for name in unfinished],
+        out / f"{prefix}.json",
+        "choose another --out (or --prefix) for the latents, or move that file away",
+    )

@@ -1,28 +1,30 @@
-"""The data plan: which pieces of which shards each (rank, worker) reads in an epoch, and how many batches it yields.
+"""The data plan: which pieces of which shards each (rank, worker) reads in an epoch, and how many batches it
+yields.
 
-A piece is ``(url, stride, offset)``: the samples ``i`` of a shard (in tar order, every raw sample counted, bad or
-not) with ``i % stride == offset``; a whole shard is ``(url, 1, 0)``. A "consumer" is one DataLoader worker of one
-rank. Three modes (``data.mode``):
+A piece is ``(url, stride, offset)``: the samples ``i`` of a shard (in tar order, every raw sample counted,
+bad or not) with ``i % stride == offset``; a whole shard is ``(url, 1, 0)``. A "consumer" is one DataLoader
+worker of one rank. Three modes (``data.mode``):
 
 ``exact``      every sample at most once per epoch over all ranks and workers. The shards, shuffled by
-               (seed, epoch), are dealt whole to ranks, largest first, each to the rank holding fewest samples; the
-               ``S mod world_size`` smallest left over are split by sample stride over all ranks (each rank reads
-               them and keeps its share: a shard count divisible by the world size avoids the extra reads). Each
-               rank deals its pieces to its workers the same way, splitting only when it has fewer pieces than
-               workers. A worker can fill floor(its samples / batch size) batches; every rank yields the same
-               number, the fewest any rank can fill (at most ``num_batches``); the rest of the epoch is dropped.
-               Sizes come from the shard index, and the batch count does not depend on the shuffle.
-``resampled``  an endless stream per worker: whole shards drawn with replacement from all shards by a generator
-               seeded with (seed, epoch, rank, worker); ``num_batches`` per rank and epoch.
+               (seed, epoch), are dealt whole to ranks, largest first, each to the rank holding fewest
+               samples; the ``S mod world_size`` smallest left over are split by sample stride over all ranks
+               (each rank reads them and keeps its share: a shard count divisible by the world size avoids the
+               extra reads). Each rank deals its pieces to its workers the same way, splitting only when it
+               has fewer pieces than workers. A worker can fill floor(its samples / batch size) batches; every
+               rank yields the same number, the fewest any rank can fill (at most ``num_batches``); the rest
+               of the epoch is dropped. Sizes come from the shard index, and the batch count does not depend
+               on the shuffle.
+``resampled``  an endless stream per worker: whole shards drawn with replacement from all shards by a
+               generator seeded with (seed, epoch, rank, worker); ``num_batches`` per rank and epoch.
 ``cycle``      the shards split once by rank then worker (by sample stride when there are fewer shards than
                consumers); each worker reads its own shards again and again, in a new order per pass, for
-               ``num_batches`` per rank. Samples of a small split repeat within an epoch; the split never changes,
-               so each node only ever needs its own shards (node-local copies).
+               ``num_batches`` per rank. Samples of a small split repeat within an epoch; the split never
+               changes, so each node only ever needs its own shards (node-local copies).
 
 The DataLoader takes batches from its workers in turn, skipping a worker once it has given its quota, so batch
-``i`` of a rank comes from a known worker: ``worker_share(i, quotas)`` is how many of the first ``i`` batches each
-worker gave, which is what a resumed run skips, and ``resume_rotation`` renumbers the resumed loader's workers so
-that its round robin goes on from the right one.
+``i`` of a rank comes from a known worker: ``worker_share(i, quotas)`` is how many of the first ``i`` batches
+each worker gave, which is what a resumed run skips, and ``resume_rotation`` renumbers the resumed loader's
+workers so that its round robin goes on from the right one.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def piece_size(piece: Piece, counts: Mapping[str, int]) -> int:
 
 
 def split_piece(piece: Piece, parts: int) -> list[Piece]:
-    """``parts`` disjoint pieces that together hold ``piece``'s samples (stride s, offset o -> s*parts, o + s*j)."""
+    """``parts`` disjoint pieces that together hold ``piece``'s samples (stride s, offset o -> s*parts, o +
+    s*j)."""
     url, stride, offset = piece
     return [(url, stride * parts, offset + stride * j) for j in range(parts)]
 
@@ -58,8 +61,9 @@ def split_piece(piece: Piece, parts: int) -> list[Piece]:
 def deal(
     pieces: Sequence[Piece], counts: Mapping[str, int], parts: int, split_rest: bool
 ) -> list[list[Piece]]:
-    """Pieces to ``parts`` lists balanced by samples: largest first (ties keep the given order), each to the part
-    holding fewest (lowest index on ties). ``split_rest``: the ``len % parts`` smallest are split over all parts."""
+    """Pieces to ``parts`` lists balanced by samples: largest first (ties keep the given order), each to the
+    part holding fewest (lowest index on ties). ``split_rest``: the ``len % parts`` smallest are split over
+    all parts."""
     ordered = sorted(pieces, key=lambda p: -piece_size(p, counts))  # stable
     rest = len(ordered) % parts if split_rest else 0
     out: list[list[Piece]] = [[] for _ in range(parts)]
@@ -97,7 +101,8 @@ def worker_share(total: int, caps: Sequence[int]) -> list[int]:
 
 def resume_rotation(taken: int, quotas: Sequence[int]) -> int:
     """The worker that gives batch ``taken`` (0 once all are given): a resumed loader's worker j plays worker
-    (j + this) % W, so that its round robin, which starts at worker 0, goes on where the interrupted one stopped."""
+    (j + this) % W, so that its round robin, which starts at worker 0, goes on where the interrupted one
+    stopped."""
     if taken >= sum(quotas):
         return 0
     before, after = worker_share(taken, quotas), worker_share(taken + 1, quotas)
@@ -106,7 +111,8 @@ def resume_rotation(taken: int, quotas: Sequence[int]) -> int:
 
 @dataclass(frozen=True)
 class Plan:
-    """One epoch: pieces[rank][worker] (None: drawn on the fly, resampled), quotas[rank][worker] in batches."""
+    """One epoch: pieces[rank][worker] (None: drawn on the fly, resampled), quotas[rank][worker] in
+    batches."""
 
     pieces: list[list[list[Piece]]] | None
     quotas: list[list[int]]
@@ -143,11 +149,15 @@ def make_plan(
     if mode == "cycle":
         consumers = world_size * workers
         if len(urls) >= consumers:
-            pieces = [[[(u, 1, 0) for u in urls[r::world_size][w::workers]] for w in range(workers)]
-                      for r in range(world_size)]  # fmt: skip
+            pieces = [
+                [[(u, 1, 0) for u in urls[r::world_size][w::workers]] for w in range(workers)]
+                for r in range(world_size)
+            ]
         else:
-            pieces = [[[(u, consumers, r * workers + w) for u in urls] for w in range(workers)]
-                      for r in range(world_size)]  # fmt: skip
+            pieces = [
+                [[(u, consumers, r * workers + w) for u in urls] for w in range(workers)]
+                for r in range(world_size)
+            ]
         quotas = [worker_share(num_batches, [num_batches] * workers)] * world_size
         return Plan(pieces, quotas, num_batches)
     check_mode(mode)

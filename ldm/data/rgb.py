@@ -2,7 +2,8 @@
 latent encoding, aspect-ratio buckets, the image-folder source).
 
 - 16-bit grayscale (Pillow modes ``I;16``, ``I;16B``, ``I;16L``, and ``I`` as older Pillows load 16-bit PNGs):
-  0..65535 onto 0..255 as round(v / 257). Pillow's own ``convert("RGB")`` clips at 255, which turns them white.
+  0..65535 onto 0..255 as round(v / 257). Pillow's own ``convert("RGB")`` clips at 255, which turns them
+  white.
 - 48-bit RGB, 64-bit RGBA and 32-bit gray+alpha PNGs: Pillow loads them as 8-bit RGB / RGBA / LA keeping the
   high byte, floor(v / 256), within 1 of round(v / 257); they are used as loaded.
 - Transparency (RGBA, LA, PA, premultiplied RGBa / La, and P, L, RGB or 16-bit gray with a transparent colour
@@ -10,8 +11,8 @@ latent encoding, aspect-ratio buckets, the image-folder source).
   ``--alpha-background`` for ``prepare.py latents`` / ``export-autoencoder``) as
   round((c * a + bg * (255 - a)) / 255). Dropping the alpha instead shows the colour stored under transparent
   pixels, often black.
-- Every other mode (L, 1, P, CMYK, YCbCr, ...): Pillow's ``convert("RGB")``. 32-bit float images (``F``) have no
-  known range and raise ValueError, which the decoders count as ``decode_error``.
+- Every other mode (L, 1, P, CMYK, YCbCr, ...): Pillow's ``convert("RGB")``. 32-bit float images (``F``) have
+  no known range and raise ValueError, which the decoders count as ``decode_error``.
 """
 
 from __future__ import annotations

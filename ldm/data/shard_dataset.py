@@ -1,13 +1,13 @@
 """Reading WebDataset shards into ready batches: split by rank and worker, seeded shuffle, equal batch counts.
 
 Every rank yields the same number of batches per epoch whatever the shard count, so DDP never hangs on uneven
-shards; which pieces of which shards each rank and worker reads, and how many batches it yields, is the data plan
-of ``ldm.data.plan`` (modes ``exact``, ``resampled``, ``cycle``), a pure function of (seed, epoch). A resumed run
-starts mid-epoch with ``set_epoch(epoch, skip_batches)``: each worker forms again the batches its rank already
-trained on and drops them uncollated. Shards are read by ``ldm.data.tar_reader`` from any source
-``ldm.data.urls`` opens; samples are checked by ``ldm.data.decode``. Skipped samples are counted per reason and
-per shard and reported with each batch under ``"skipped"`` and ``"skipped_shards"``, with the samples read under
-``"read"``.
+shards; which pieces of which shards each rank and worker reads, and how many batches it yields, is the data
+plan of ``ldm.data.plan`` (modes ``exact``, ``resampled``, ``cycle``), a pure function of (seed, epoch). A
+resumed run starts mid-epoch with ``set_epoch(epoch, skip_batches)``: each worker forms again the batches its
+rank already trained on and drops them uncollated. Shards are read by ``ldm.data.tar_reader`` from any source
+``ldm.data.urls`` opens; samples are checked by ``ldm.data.decode``. Skipped samples are counted per reason
+and per shard and reported with each batch under ``"skipped"`` and ``"skipped_shards"``, with the samples read
+under ``"read"``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 
 def pad_embeddings(embs: Sequence[torch.Tensor | np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """[(L_i, D)] -> context (B, L_max, D) float32 zero-padded and context_mask (B, L_max), True on real tokens.
+    """[(L_i, D)] -> context (B, L_max, D) float32 zero-padded and context_mask (B, L_max), True on real
+    tokens.
 
     Padded in the stored dtype (fp16 on disk) and converted once per batch.
     """
@@ -64,7 +65,8 @@ def pad_embeddings(embs: Sequence[torch.Tensor | np.ndarray]) -> tuple[torch.Ten
 
 
 def meta_latent_shape(meta: dict[str, Any]) -> Any:
-    """The latent shape(s) a shard index meta records: one per bucket ("latent_shapes"), or the one; else None."""
+    """The latent shape(s) a shard index meta records: one per bucket ("latent_shapes"), or the one; else
+    None."""
     return meta.get("latent_shapes") or meta.get("latent_shape")
 
 
@@ -79,7 +81,8 @@ def index_latent_shape(urls: list[str], commands: dict[str, str]) -> Any:
 
 
 class ShardDataset(IterableDataset):
-    """Yields ready batches: {"image" (B, 3, S, S) | "latent" (B, C, h, w), "txt", "__key__", "skipped"[, "cls"]}.
+    """Yields ready batches: {"image" (B, 3, S, S) | "latent" (B, C, h, w), "txt", "__key__", "skipped"[,
+    "cls"]}.
 
     Latent shards of aspect-ratio buckets: each batch holds one bucket's shape and adds "original_size" and
     "crop_top_left" (B, 2); see ``ldm.data.buckets.bucket_batches`` for what bucketing does to the order.
@@ -87,8 +90,8 @@ class ShardDataset(IterableDataset):
     ``read`` is how many samples this worker read since its previous batch (good and bad, each once per epoch:
     re-reads of a piece in the same epoch do not count; the shuffle buffer's read-ahead does), ``skipped`` how
     many of them were dropped per reason and ``skipped_shards`` the same per shard ({shard: {reason: n}}), so
-    that summed over batches skipped / read is the bad fraction of the samples read; see ``ldm.data.decode`` and
-    ``ldm.data.tar_reader`` for the reasons.
+    that summed over batches skipped / read is the bad fraction of the samples read; see ``ldm.data.decode``
+    and ``ldm.data.tar_reader`` for the reasons.
     """
 
     def __init__(
@@ -112,11 +115,11 @@ class ShardDataset(IterableDataset):
         num_workers: int = 0,
         alpha_background: str | Sequence[int] = "white",
     ) -> None:
-        """``num_batches``: batches per rank and epoch (exact mode: at most). ``shard_counts``: samples per shard
-        (the shard index); ``num_workers``: the DataLoader's, for ``len()`` (see ``ldm.data.plan``).
-        ``latent_shape`` (C, h, w), or one per bucket: latents of other shapes are skipped; None: from the shard
-        index meta beside the shards (ValueError naming data.latent_shape when it has none). ``alpha_background``:
-        the colour behind transparent image pixels (``ldm.data.rgb``)."""
+        """``num_batches``: batches per rank and epoch (exact mode: at most). ``shard_counts``: samples per
+        shard (the shard index); ``num_workers``: the DataLoader's, for ``len()`` (see ``ldm.data.plan``).
+        ``latent_shape`` (C, h, w), or one per bucket: latents of other shapes are skipped; None: from the
+        shard index meta beside the shards (ValueError naming data.latent_shape when it has none).
+        ``alpha_background``: the colour behind transparent image pixels (``ldm.data.rgb``)."""
         super().__init__()
         if not urls:
             raise ValueError(
@@ -142,7 +145,8 @@ class ShardDataset(IterableDataset):
         self.mode = check_mode(mode)
         if shard_counts is not None and len(shard_counts) != len(self.urls):
             raise ValueError(
-                f"got {len(shard_counts)} shard counts for {len(self.urls)} shards: pass one count per shard url"
+                f"got {len(shard_counts)} shard counts for {len(self.urls)} shards: pass one count per shard "
+                f"url"
             )
         self.shard_counts = [int(n) for n in shard_counts] if shard_counts is not None else None
         self.num_workers = num_workers
@@ -151,8 +155,8 @@ class ShardDataset(IterableDataset):
         self.batches = self.plan(num_workers).batches  # per rank, the same every epoch
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """Reseeds the order for ``epoch``; ``skip_batches``: how many of the epoch's batches this rank already
-        trained on (a resumed run), which the workers form again and drop without collating."""
+        """Reseeds the order for ``epoch``; ``skip_batches``: how many of the epoch's batches this rank
+        already trained on (a resumed run), which the workers form again and drop without collating."""
         if not 0 <= skip_batches <= self.batches:
             raise ValueError(f"skip_batches must be in [0, {self.batches}], got {skip_batches}")
         self.epoch, self.skip_batches = epoch, skip_batches
@@ -163,16 +167,28 @@ class ShardDataset(IterableDataset):
     def plan(self, num_workers: int) -> Plan:
         """This epoch's plan for all ranks and ``num_workers`` DataLoader workers (0: the main process)."""
         seed = _seed(self.seed, self.epoch) if self.shuffle else None
-        return make_plan(self.mode, self.urls, self.shard_counts, self.world_size, num_workers,
-                         self.batch_size, self.num_batches, seed)  # fmt: skip
+        return make_plan(
+            self.mode,
+            self.urls,
+            self.shard_counts,
+            self.world_size,
+            num_workers,
+            self.batch_size,
+            self.num_batches,
+            seed,
+        )
 
     def describe(self) -> str:
-        """One line for the log: batches per rank and epoch, and (exact) samples used and dropped per epoch."""
+        """One line for the log: batches per rank and epoch, and (exact) samples used and dropped per
+        epoch."""
         plan = self.plan(self.num_workers)
         where = (
             f"{len(self.urls)} shards over {self.world_size} rank(s) x {max(1, self.num_workers)} worker(s)"
         )
-        head = f"data.mode={self.mode}: {plan.batches} batches of {self.batch_size} per rank per epoch from {where}"
+        head = (
+            f"data.mode={self.mode}: {plan.batches} batches of {self.batch_size} per rank per epoch from "
+            f"{where}"
+        )
         if self.mode == "resampled":
             return head + ", shards drawn with replacement"
         if self.mode == "cycle":
@@ -182,7 +198,8 @@ class ShardDataset(IterableDataset):
         line = f"{head}: {used} of {total if total is not None else 'an unknown number of'} samples per epoch"
         if total is not None:
             line += (
-                f", {total - used} ({(total - used) / max(1, total):.1%}) dropped (partial batches per worker,"
+                f", {total - used} ({(total - used) / max(1, total):.1%}) dropped (partial batches per "
+                f"worker,"
                 " ranks evened out, train_samples)"
             )
         if plan.split_shards:
@@ -198,8 +215,8 @@ class ShardDataset(IterableDataset):
         return (0, 1) if info is None else (info.id, info.num_workers)
 
     def _passes(self, plan: Plan, worker: int, rng: random.Random) -> Iterator[list[Piece]]:
-        """Passes over this worker's pieces: resampled draws one shard per pass, cycle reads its own pieces in a new
-        order per pass, exact reads them once (again only when bad samples left its quota short)."""
+        """Passes over this worker's pieces: resampled draws one shard per pass, cycle reads its own pieces in
+        a new order per pass, exact reads them once (again only when bad samples left its quota short)."""
         if plan.pieces is None:  # resampled
             while True:
                 yield [(rng.choice(self.urls), 1, 0)]
@@ -211,11 +228,13 @@ class ShardDataset(IterableDataset):
         while True:
             if passes == 1 and self.mode == "exact":
                 log.warning(
-                    "rank %d worker %d: its shards held fewer valid samples than planned (bad samples, partial "
-                    "aspect-ratio buckets, or no shard index to count them); reading them again so that every rank "
-                    "yields %d batches",
-                    self.rank, worker, plan.batches,
-                )  # fmt: skip
+                    "rank %d worker %d: its shards held fewer valid samples than planned (bad samples, "
+                    "partial aspect-ratio buckets, or no shard index to count them); reading them again so "
+                    "that every rank yields %d batches",
+                    self.rank,
+                    worker,
+                    plan.batches,
+                )
             yield rng.sample(mine, len(mine)) if self.shuffle else mine
             passes += 1
 
@@ -223,13 +242,14 @@ class ShardDataset(IterableDataset):
     def _samples(
         self, passes: Iterator[list[Piece]], worker: int, counter: SkipCounter
     ) -> Iterator[dict | None]:
-        """Decoded samples of the passes; None marks the end of a pass (not in resampled mode: one endless stream)."""
+        """Decoded samples of the passes; None marks the end of a pass (not in resampled mode: one endless
+        stream)."""
         empty, limit = 0, (2 * len(self.urls) + 2 if self.mode == "resampled" else 1)
         # Counted once per epoch: a piece read again in this epoch (a second pass of exact mode, every pass of
-        # cycle, a shard drawn again in resampled) counts its reads and skips in ``again``, which nobody reads.
-        # A shard split into stride pieces is read in full by each of its readers: its shard-level damage
-        # (truncated_shard, corrupt_shard, read_error) counts only in the piece of offset 0, and each sample,
-        # bad or good, only in the piece that owns it (the others do not decode it).
+        # cycle, a shard drawn again in resampled) counts its reads and skips in ``again``, which nobody
+        # reads. A shard split into stride pieces is read in full by each of its readers: its shard-level
+        # damage (truncated_shard, corrupt_shard, read_error) counts only in the piece of offset 0, and each
+        # sample, bad or good, only in the piece that owns it (the others do not decode it).
         elsewhere = SkipCounter(f"{counter.name} (split shard, counted by the reader of its first piece)")
         again = SkipCounter(f"{counter.name} (read again this epoch, counted the first time)")
         counted: set[Piece] = set()
@@ -252,14 +272,15 @@ class ShardDataset(IterableDataset):
             empty = 0 if produced else empty + 1
             if empty >= limit:
                 raise RuntimeError(
-                    f"rank {self.rank} worker {worker} read no valid sample from {[p[0] for p in pieces]} (skipped "
-                    f"{counter.as_dict()}): check the shards, or use fewer dataloader workers"
+                    f"rank {self.rank} worker {worker} read no valid sample from {[p[0] for p in pieces]} "
+                    f"(skipped {counter.as_dict()}): check the shards, or use fewer dataloader workers"
                 )
             if self.mode != "resampled":
                 yield None
 
     def _shuffled(self, samples: Iterator[dict | None], rng: random.Random) -> Iterator[dict]:
-        """Buffer shuffle, flushed at the end of every pass: each sample comes once per pass over the shards."""
+        """Buffer shuffle, flushed at the end of every pass: each sample comes once per pass over the
+        shards."""
         buffer: list[dict] = []
         for sample in samples:
             if sample is None:  # end of a pass
@@ -293,7 +314,8 @@ class ShardDataset(IterableDataset):
             batch["context"], batch["context_mask"] = pad_embeddings([s["emb"] for s in samples])
         elif embedded:
             log.warning(
-                "batch mixes samples with and without precomputed embeddings: embeddings dropped for this batch"
+                "batch mixes samples with and without precomputed embeddings: embeddings dropped for this "
+                "batch"
             )
         labelled = sum("cls" in s for s in samples)
         if labelled == len(samples):

@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 class SkipCounter:
     """Counts skipped samples per reason (and per shard when given); warns the first time each reason appears.
 
-    ``reads`` counts the samples looked at (good and bad: ``count_read``), so that bad / reads is a fraction over
-    one set of reads; ``pop_reads`` hands them on with each batch as ``pop`` does the skips.
+    ``reads`` counts the samples looked at (good and bad: ``count_read``), so that bad / reads is a fraction
+    over one set of reads; ``pop_reads`` hands them on with each batch as ``pop`` does the skips.
     """
 
     def __init__(self, name: str = "data") -> None:
@@ -145,7 +145,8 @@ class _ShardSink:
 
 
 class ShardSeries:
-    """``{prefix}-000000.tar, ...`` written one sample at a time (each shard through ``.tmp``), then its index."""
+    """``{prefix}-000000.tar, ...`` written one sample at a time (each shard through ``.tmp``), then its
+    index."""
 
     def __init__(self, out_dir: str | os.PathLike, prefix: str = "train", max_per_shard: int = 1000) -> None:
         if max_per_shard < 1:
@@ -221,8 +222,9 @@ def write_split_shards(
     max_per_shard: int = 1000,
     meta: Callable[[str], dict] | None = None,
 ) -> dict[str, int]:
-    """Streams each sample into the shard series ``split(key)`` names (one of ``prefixes``); every prefix gets its
-    index (``meta(prefix)`` once all samples are written), also when empty. Returns the samples per prefix."""
+    """Streams each sample into the shard series ``split(key)`` names (one of ``prefixes``); every prefix gets
+    its index (``meta(prefix)`` once all samples are written), also when empty. Returns the samples per
+    prefix."""
     series = {p: ShardSeries(out_dir, p, max_per_shard) for p in prefixes}
     try:
         for sample in samples:
@@ -261,7 +263,7 @@ def read_index(json_path: str) -> dict:
     return index
 
 
-# ---------------------------------------------------------------------------------------------- resumable writing
+# ------------------------------------------------------------------------------------------ resumable writing
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Writes JSON through a temporary file unique to this process, then renames it: readers (and other
     processes writing the same file) never see a half-written file."""
@@ -274,7 +276,8 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 def write_shard(samples: Iterable[dict], path: str | os.PathLike) -> int:
     """Writes one shard at ``path`` (via ``path.tmp``, renamed when complete); returns its sample count.
 
-    Unlike ``write_shards`` the caller names the shard, so a restarted job can rewrite exactly the shards it lacks.
+    Unlike ``write_shards`` the caller names the shard, so a restarted job can rewrite exactly the shards it
+    lacks.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

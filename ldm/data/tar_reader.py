@@ -7,8 +7,9 @@ header or member) from a complete one: the samples before the cut are kept, a sa
 incomplete is dropped, and the shard counts once under ``truncated_shard``. A header that fails its checksum
 counts under ``corrupt_shard`` and reading goes on from the next valid header; ``read_error``: the file cannot
 be opened or the command fails. Each of these shard-level losses also counts as one sample read (the samples a
-damaged shard held cannot be counted), so the skips never outnumber the reads. A sample holding one member name
-twice keeps the first and is marked ``__duplicate__`` (the decoder drops it, counted as ``duplicate_member``).
+damaged shard held cannot be counted), so the skips never outnumber the reads. A sample holding one member
+name twice keeps the first and is marked ``__duplicate__`` (the decoder drops it, counted as
+``duplicate_member``).
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ def tar_members(
 
 
 def split_name(name: str) -> tuple[str, str] | None:
-    """``dir/00042.latent.npy`` -> (``dir/00042``, ``latent.npy``): the key ends at the basename's first dot."""
+    """``dir/00042.latent.npy`` -> (``dir/00042``, ``latent.npy``): the key ends at the basename's first
+    dot."""
     slash = name.rfind("/") + 1
     dot = name.find(".", slash)
     if dot <= slash:
@@ -159,7 +161,8 @@ def _count_corrupt(counter: SkipCounter, url: str, message: str) -> None:
 
 
 def shard_samples(url: str, counter: SkipCounter, commands: dict[str, str]) -> Iterator[dict[str, Any]]:
-    """Raw samples ({"__key__", "__url__", ext: bytes}) of one shard, in order; damage is counted, not raised."""
+    """Raw samples ({"__key__", "__url__", ext: bytes}) of one shard, in order; damage is counted, not
+    raised."""
     try:
         stream = ShardStream(url, commands)
     except OSError as exn:

@@ -73,18 +73,26 @@ def expand_urls(pattern: str, require_all: bool = False) -> list[str]:
     existing = [u for u in local if Path(u).is_file()]
     if local and not existing:
         raise FileNotFoundError(
-            f"No shard matches '{pattern}': check the path, or the brace range such as data/train-{{000000..000003}}.tar"
+            f"No shard matches '{pattern}': check the path, or the brace range such as "
+            f"data/train-{{000000..000003}}.tar"
         )
     if len(existing) < len(local):
         missing = [u for u in local if u not in set(existing)]
         if require_all:
             raise FileNotFoundError(
                 f"{len(missing)} of {len(local)} shards in '{pattern}' do not exist ({', '.join(missing[:3])}"
-                f"{' ...' if len(missing) > 3 else ''}): latent shard i is numbered after image shard i, so restore "
+                f"{' ...' if len(missing) > 3 else ''}): latent shard i is numbered after image shard i, so "
+                f"restore "
                 "them or pass --shards listing only the shards that exist (into a fresh --out)"
             )
-        log.warning("%d of %d shards in '%s' do not exist; using the %d that do (first missing: %s)",
-                    len(missing), len(local), pattern, len(existing), missing[0])  # fmt: skip
+        log.warning(
+            "%d of %d shards in '%s' do not exist; using the %d that do (first missing: %s)",
+            len(missing),
+            len(local),
+            pattern,
+            len(existing),
+            missing[0],
+        )
     keep = set(existing)
     return [u for u in urls if is_remote(u) or local_path(u) in keep]
 
@@ -95,8 +103,8 @@ def merged_commands(overrides: dict[str, str] | None) -> dict[str, str]:
     for scheme, template in commands.items():
         if "{url}" not in template and "{key}" not in template:
             raise ValueError(
-                f"url_commands.{scheme}='{template}' names no source: use {{url}} or {{bucket}}/{{key}}, e.g. "
-                f"'+data.url_commands.{scheme}=\"aws s3 cp {{url}} -\"'"
+                f"url_commands.{scheme}='{template}' names no source: use {{url}} or {{bucket}}/{{key}}, "
+                f"e.g. '+data.url_commands.{scheme}=\"aws s3 cp {{url}} -\"'"
             )
     return commands
 
@@ -111,15 +119,17 @@ def url_command(url: str, commands: dict[str, str]) -> str | None:
     template = commands.get(parts.scheme)
     if template is None:
         raise ValueError(
-            f"No command reads '{parts.scheme}://' urls ({url}): add '+data.url_commands.{parts.scheme}=\"<tool> {{url}}\"' "
-            f"(a command writing the file to stdout), or use pipe:<command>"
+            f"No command reads '{parts.scheme}://' urls ({url}): add "
+            f"'+data.url_commands.{parts.scheme}=\"<tool> {{url}}\"' (a command writing the file to stdout), "
+            f"or use pipe:<command>"
         )
     fields = {"url": url, "bucket": parts.netloc, "key": parts.path.lstrip("/")}
     return template.format(**{k: shlex.quote(v) for k, v in fields.items()})
 
 
 class ShardStream:
-    """A readable byte stream of one shard: a local file or the stdout of a command (stderr kept for errors)."""
+    """A readable byte stream of one shard: a local file or the stdout of a command (stderr kept for
+    errors)."""
 
     def __init__(self, url: str, commands: dict[str, str], buffer_size: int = 1 << 20) -> None:
         self.url = url
@@ -131,9 +141,13 @@ class ShardStream:
             return
         self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - a file, not a pipe: a chatty tool cannot block
         self.proc = subprocess.Popen(  # its own process group: abort() stops the whole pipeline, not just sh
-            self.command, shell=True, stdout=subprocess.PIPE, stderr=self.stderr, bufsize=buffer_size,
+            self.command,
+            shell=True,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            bufsize=buffer_size,
             start_new_session=True,
-        )  # fmt: skip
+        )
         self.stream = self.proc.stdout
 
     def read(self, n: int) -> bytes:
@@ -157,8 +171,8 @@ class ShardStream:
         return message
 
     def abort(self) -> None:
-        """Closes early (the reader stopped mid-shard): stops the command (sh and every process of its pipeline,
-        e.g. ``curl ... | zstd -d``) without reporting its status."""
+        """Closes early (the reader stopped mid-shard): stops the command (sh and every process of its
+        pipeline, e.g. ``curl ... | zstd -d``) without reporting its status."""
         if self.proc is not None:
             try:  # before reaping sh: its process group id cannot have been reused yet
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -182,7 +196,8 @@ def read_url(url: str, commands: dict[str, str]) -> bytes:
 
 
 def shard_name(url: str) -> str:
-    """``train-000003.tar`` for a path, a url (query dropped) or the last shard name in a ``pipe:`` command."""
+    """``train-000003.tar`` for a path, a url (query dropped) or the last shard name in a ``pipe:``
+    command."""
     if url.startswith("pipe:"):
         found = list(_SHARD_NAME.finditer(url))
         return found[-1].group(0) if found else url
@@ -190,7 +205,8 @@ def shard_name(url: str) -> str:
 
 
 def index_url_for(url: str) -> str | None:
-    """``.../train-000003.tar`` -> ``.../train.json`` through the same scheme; None when the name has no prefix."""
+    """``.../train-000003.tar`` -> ``.../train.json`` through the same scheme; None when the name has no
+    prefix."""
     if url.startswith("pipe:"):
         found = list(_SHARD_NAME.finditer(url))
         if not found:
@@ -208,7 +224,8 @@ def index_url_for(url: str) -> str | None:
 
 
 def load_index(url: str, commands: dict[str, str]) -> dict:
-    """The shard index beside ``url`` (local or fetched); FileNotFoundError naming the fix when there is none."""
+    """The shard index beside ``url`` (local or fetched); FileNotFoundError naming the fix when there is
+    none."""
     index_url = index_url_for(url)
     if index_url is None:
         raise FileNotFoundError(f"'{url}' is not named PREFIX-NNNNNN.tar, so it has no shard index")
@@ -225,7 +242,8 @@ def load_index(url: str, commands: dict[str, str]) -> dict:
 
 
 def count_samples(urls: list[str], commands: dict[str, str], arg_name: str) -> tuple[int, dict]:
-    """Sums the index counts of the selected shards; returns (samples, index meta). Errors name ``arg_name``."""
+    """Sums the index counts of the selected shards; returns (samples, index meta). Errors name
+    ``arg_name``."""
     try:
         index = load_index(urls[0], commands)
     except FileNotFoundError as exn:

@@ -1,4 +1,5 @@
-"""Torch-only diffusion maths: noise schedules, parameterisations, the preconditioned denoiser and the objective."""
+"""Torch-only diffusion maths: noise schedules, parameterisations, the preconditioned denoiser and the
+objective."""
 
 from ldm.diffusion.continuous import EDMSchedule, FlowSchedule
 from ldm.diffusion.denoiser import Denoiser

@@ -1,8 +1,10 @@
-"""Continuous-time noise schedules: EDM (Karras et al. 2022) and rectified flow (Liu et al. 2023; SD3, Esser et al. 2024).
+"""Continuous-time noise schedules: EDM (Karras et al. 2022) and rectified flow (Liu et al. 2023; SD3, Esser
+et al. 2024).
 
-Both implement the noise-schedule interface of ``DiscreteSchedule``: the net sees ``a * x = alpha * x0 + s * eps``
-(``coefficients``), is told the noise level through ``c_noise``, draws training noise levels through
-``sigma_at_fraction`` (u in [0, 1)) or directly in sigma, and starts sampling from ``init_noise_scale`` * N(0, I).
+Both implement the noise-schedule interface of ``DiscreteSchedule``: the net sees
+``a * x = alpha * x0 + s * eps`` (``coefficients``), is told the noise level through ``c_noise``, draws
+training noise levels through ``sigma_at_fraction`` (u in [0, 1)) or directly in sigma, and starts sampling
+from ``init_noise_scale`` * N(0, I).
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ def shift_time(t, shift: float):
 class EDMSchedule:
     """Variance-exploding x = x0 + sigma * eps with EDM preconditioning (Karras et al. 2022, Table 1, "EDM").
 
-    c_in = 1 / sqrt(sigma^2 + sigma_data^2), c_noise = (1/4) ln(sigma) * ``c_noise_scale``. Our UNet's sinusoidal
-    embedding is built for timesteps in 0..1000, so the default scale 1000 stretches EDM's (1/4) ln(sigma) (about
-    -1.6..1.1) over a comparable range; c_noise_scale=1 is the paper's value.
+    c_in = 1 / sqrt(sigma^2 + sigma_data^2), c_noise = (1/4) ln(sigma) * ``c_noise_scale``. Our UNet's
+    sinusoidal embedding is built for timesteps in 0..1000, so the default scale 1000 stretches EDM's (1/4)
+    ln(sigma) (about -1.6..1.1) over a comparable range; c_noise_scale=1 is the paper's value.
     """
 
     space = "ve"
@@ -52,8 +54,8 @@ class EDMSchedule:
 
     def __repr__(self) -> str:
         return (
-            f"EDMSchedule(sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, sigma_data={self.sigma_data}, "
-            f"c_noise_scale={self.c_noise_scale})"
+            f"EDMSchedule(sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, "
+            f"sigma_data={self.sigma_data}, c_noise_scale={self.c_noise_scale})"
         )
 
     def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -79,9 +81,9 @@ class EDMSchedule:
 class FlowSchedule:
     """Rectified flow x_t = (1 - t) x0 + t eps, t in [0, 1] (Liu et al. 2023; Esser et al. 2024, Sec. 2-3).
 
-    Samplers work in these coordinates directly (``space = "flow"``; the "sigma" argument of the denoiser is t), so
-    sampling starts from pure noise at t = 1. ``shift`` warps t -> shift t / (1 + (shift - 1) t) (SD3, Sec. 5.3.2:
-    more time at high noise for larger images), both for training draws and for the sampling grid.
+    Samplers work in these coordinates directly (``space = "flow"``; the "sigma" argument of the denoiser is
+    t), so sampling starts from pure noise at t = 1. ``shift`` warps t -> shift t / (1 + (shift - 1) t) (SD3,
+    Sec. 5.3.2: more time at high noise for larger images), both for training draws and for the sampling grid.
     c_noise = t * ``num_timesteps`` (SD3 conditions its net on 1000 t).
     """
 

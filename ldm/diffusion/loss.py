@@ -1,13 +1,15 @@
-"""The conditional latent-diffusion objective (Rombach et al. 2022, eq. 2), for any schedule and parameterisation.
+"""The conditional latent-diffusion objective (Rombach et al. 2022, eq. 2), for any schedule and
+parameterisation.
 
-L = E_{x0, c, sigma ~ p(sigma), eps ~ N(0, I)} w(sigma) || F_theta(x_in, c_noise(sigma), c) - F(x0, eps) ||^2 with
-x_in = alpha(sigma) x0 + s(sigma) eps from the schedule (Ho et al. 2020, eq. 4 for VP; EDM eq. 2; SD3 eq. 3), the
-target F of the parameterisation, p(sigma) a noise-level sampler and w a weighting (``ldm.diffusion.weighting``).
-The default (uniform t, uniform weight, eps) is DDPM's L_simple (Ho et al. 2020, eq. 14).
+L = E_{x0, c, sigma ~ p(sigma), eps ~ N(0, I)} w(sigma) || F_theta(x_in, c_noise(sigma), c) - F(x0, eps) ||^2
+with x_in = alpha(sigma) x0 + s(sigma) eps from the schedule (Ho et al. 2020, eq. 4 for VP; EDM eq. 2; SD3 eq.
+3), the target F of the parameterisation, p(sigma) a noise-level sampler and w a weighting
+(``ldm.diffusion.weighting``). The default (uniform t, uniform weight, eps) is DDPM's L_simple (Ho et al.
+2020, eq. 14).
 
 Two noise tricks, both off by default:
-- offset noise (Guttenberg 2023): eps += offset * n_c with n_c ~ N(0, 1) per (sample, channel), so the model can
-  change an image's mean brightness; the target is the offset noise itself.
+- offset noise (Guttenberg 2023): eps += offset * n_c with n_c ~ N(0, 1) per (sample, channel), so the model
+  can change an image's mean brightness; the target is the offset noise itself.
 - input perturbation (Ning et al. 2023, eq. 9): the net sees alpha x0 + s (eps + gamma xi) while the target is
   built from eps, which reduces the exposure bias between training and sampling.
 """
@@ -52,8 +54,8 @@ class DiffusionLoss:
 
     def __repr__(self) -> str:
         return (
-            f"DiffusionLoss(schedule={self.schedule!r}, prediction={self.prediction!r}, timesteps={self.timesteps!r}, "
-            f"weighting={self.weighting!r}, offset_noise={self.offset_noise}, "
+            f"DiffusionLoss(schedule={self.schedule!r}, prediction={self.prediction!r}, "
+            f"timesteps={self.timesteps!r}, weighting={self.weighting!r}, offset_noise={self.offset_noise}, "
             f"input_perturbation={self.input_perturbation})"
         )
 
@@ -87,10 +89,11 @@ class DiffusionLoss:
         reduce: bool = True,
         **cond: Tensor,
     ) -> Tensor:
-        """x0 (B, C, H, W) clean latents; context (B, L, D) and context_mask (B, L) (positional for old callers) and
-        the rest of the ``cond`` dict (vector, concat) go to the net untouched. Returns the scalar loss, or the
-        weighted per-sample losses (B,) with ``reduce=False``. ``sigma`` (B,) replaces the drawn noise levels
-        (the noise is still drawn from ``generator``): the stratified validation loss uses fixed levels."""
+        """x0 (B, C, H, W) clean latents; context (B, L, D) and context_mask (B, L) (positional for old
+        callers) and the rest of the ``cond`` dict (vector, concat) go to the net untouched. Returns the
+        scalar loss, or the weighted per-sample losses (B,) with ``reduce=False``. ``sigma`` (B,) replaces the
+        drawn noise levels (the noise is still drawn from ``generator``): the stratified validation loss uses
+        fixed levels."""
         draw = self.draw(x0, generator)
         if sigma is not None:
             draw["sigma"] = sigma.to(device=x0.device, dtype=draw["sigma"].dtype)

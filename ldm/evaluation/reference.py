@@ -1,10 +1,11 @@
 """Reference statistics of real images: computed once, cached as ``.npz`` with the identity of what made them.
 
-The cache holds mu (D,), sigma (D, D) (float64), up to ``max_kid_features`` feature rows (float32, for KID) and
-an identity dict: where the images came from (shard urls with size and mtime, or whatever the caller names),
-how many were asked for, the image size, the source (image shards, or latent shards and the autoencoder that
-decodes them) and the extractor (name + weights sha). Loading under another identity is refused in one line
-that names what differs: statistics of other images or another network would make every FID silently wrong.
+The cache holds mu (D,), sigma (D, D) (float64), up to ``max_kid_features`` feature rows (float32, for KID)
+and an identity dict: where the images came from (shard urls with size and mtime, or whatever the caller
+names), how many were asked for, the image size, the source (image shards, or latent shards and the
+autoencoder that decodes them) and the extractor (name + weights sha). Loading under another identity is
+refused in one line that names what differs: statistics of other images or another network would make every
+FID silently wrong.
 """
 
 from __future__ import annotations
@@ -73,8 +74,14 @@ def save_reference(ref: ReferenceStats, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    np.savez(buffer, mu=ref.stats.mu, sigma=ref.stats.sigma, n=np.int64(ref.stats.n), features=ref.features,
-             identity=np.array(json.dumps(ref.identity, sort_keys=True)))  # fmt: skip
+    np.savez(
+        buffer,
+        mu=ref.stats.mu,
+        sigma=ref.stats.sigma,
+        n=np.int64(ref.stats.n),
+        features=ref.features,
+        identity=np.array(json.dumps(ref.identity, sort_keys=True)),
+    )
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # one per writer
     with os.fdopen(fd, "wb") as f:
         f.write(buffer.getvalue())
@@ -124,7 +131,8 @@ def load_or_compute(
     batches: Iterable[torch.Tensor],
     max_kid_features: int = 10_000,
 ) -> ReferenceStats:
-    """The cache at ``path`` if it matches ``identity``, else computed from ``batches`` (read lazily) and saved."""
+    """The cache at ``path`` if it matches ``identity``, else computed from ``batches`` (read lazily) and
+    saved."""
     wanted = {**identity, "extractor": extractor_identity(extractor)}
     if Path(path).is_file():
         ref = load_reference(path, wanted)

@@ -3,8 +3,8 @@
 A point is one (checkpoint, CFG scale) scored under one set of settings (n, sampler, steps, seed, EMA, ...).
 Its key is those settings plus the checkpoint, its training step (an overwritten last.ckpt is a new point) and
 the scale: a finished point with the same key is never redone, and a point under other settings (another n,
-say) is a new point, kept beside the old ones: FIDs are comparable only at equal n, so every record carries all
-of them.
+say) is a new point, kept beside the old ones: FIDs are comparable only at equal n, so every record carries
+all of them.
 """
 
 from __future__ import annotations
@@ -21,9 +21,27 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 METRICS = ("fid", "kid", "kid_std", "clip_score")
-CSV_FIELDS = ("step", "cfg_scale", "fid", "kid", "kid_std", "clip_score", "n", "ref_n", "sampler", "steps",
-              "spacing", "seed", "use_ema", "guidance_rescale", "extractor", "clip_model", "checkpoint",
-              "sample_seconds", "score_seconds")  # fmt: skip
+CSV_FIELDS = (
+    "step",
+    "cfg_scale",
+    "fid",
+    "kid",
+    "kid_std",
+    "clip_score",
+    "n",
+    "ref_n",
+    "sampler",
+    "steps",
+    "spacing",
+    "seed",
+    "use_ema",
+    "guidance_rescale",
+    "extractor",
+    "clip_model",
+    "checkpoint",
+    "sample_seconds",
+    "score_seconds",
+)
 NOT_IN_KEY = set(METRICS) | {"ref_n", "sample_seconds", "score_seconds", "finished"}
 
 
@@ -50,7 +68,8 @@ class Results:
                 self.records = list(json.loads(self.path.read_text())["points"])
             except (ValueError, KeyError, TypeError):
                 raise ValueError(
-                    f"'{self.path}' is not an eval.json written by eval.py: move it away or pass another out_dir"
+                    f"'{self.path}' is not an eval.json written by eval.py: move it away or pass another "
+                    f"out_dir"
                 ) from None
         self._done = {point_key(r) for r in self.records}
 
@@ -122,13 +141,40 @@ def plot(records: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Path]:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
     n = records[0]["n"]
-    paths = [_line_plot(records, "step", "cfg_scale", "fid", f"FID vs CFG scale (n={n})",
-                        out_dir / "fid_vs_cfg.png", "step")]  # fmt: skip
+    paths = [
+        _line_plot(
+            records,
+            "step",
+            "cfg_scale",
+            "fid",
+            f"FID vs CFG scale (n={n})",
+            out_dir / "fid_vs_cfg.png",
+            "step",
+        )
+    ]
     if all(r.get("clip_score") is not None for r in records):
-        paths.append(_line_plot(records, "step", "clip_score", "fid", f"FID vs CLIP score over CFG (n={n})",
-                                out_dir / "fid_vs_clip.png", "step"))  # fmt: skip
+        paths.append(
+            _line_plot(
+                records,
+                "step",
+                "clip_score",
+                "fid",
+                f"FID vs CLIP score over CFG (n={n})",
+                out_dir / "fid_vs_clip.png",
+                "step",
+            )
+        )
     if len({r["step"] for r in records}) > 1:
-        paths.append(_line_plot(records, "cfg_scale", "step", "fid", f"FID vs training step (n={n})",
-                                out_dir / "fid_vs_step.png", "cfg"))  # fmt: skip
+        paths.append(
+            _line_plot(
+                records,
+                "cfg_scale",
+                "step",
+                "fid",
+                f"FID vs training step (n={n})",
+                out_dir / "fid_vs_step.png",
+                "cfg",
+            )
+        )
     log.info("plots: %s", ", ".join(p.name for p in paths))
     return paths

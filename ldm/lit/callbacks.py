@@ -1,4 +1,5 @@
-"""Training callbacks: sample grids for fixed prompts, throughput, RNG state, the resolved config in checkpoints."""
+"""Training callbacks: sample grids for fixed prompts, throughput, RNG state, the resolved config in
+checkpoints."""
 
 from __future__ import annotations
 
@@ -28,15 +29,16 @@ log = logging.getLogger(__name__)
 
 
 class SampleGrid(L.Callback):
-    """Every ``every_n_steps`` (and at the end of training) sample a grid for fixed prompts with the EMA weights.
+    """Every ``every_n_steps`` (and at the end of training) sample a grid for fixed prompts with the EMA
+    weights.
 
     The grid is written to ``<run dir>/samples/step_XXXXXX.png`` and sent to the wandb / TensorBoard loggers.
     ``image_size``: a side (square), [H, W], or "auto": the aspect-ratio bucket holding most samples in the
     training shards' index (``bucket_counts``, see ``ldm.data.buckets``), else their square ``image_size``.
 
-    A model with a class-label conditioner gets a grid by label: image i shows class i (the first ``max_labels``
-    classes, named in the loggers' caption), with prompt i when it also reads captions; size-conditioned models are
-    asked for the grid's own size, uncropped.
+    A model with a class-label conditioner gets a grid by label: image i shows class i (the first
+    ``max_labels`` classes, named in the loggers' caption), with prompt i when it also reads captions;
+    size-conditioned models are asked for the grid's own size, uncropped.
     """
 
     def __init__(
@@ -72,7 +74,8 @@ class SampleGrid(L.Callback):
         self.last_path: Path | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Fail before training, not at the first grid, when the sampler or spacing does not fit the schedule."""
+        """Fail before training, not at the first grid, when the sampler or spacing does not fit the
+        schedule."""
         check_sampler(self.sampler, pl_module.denoiser.schedule)
         sampling_sigmas(pl_module.denoiser.schedule, self.steps, spacing=self.spacing)
         if self.size is None:
@@ -88,8 +91,8 @@ class SampleGrid(L.Callback):
         self.sample(trainer, pl_module)
 
     def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Rank 0 samples and writes the grid. Under FSDP every rank takes part: each puts its EMA slices in its
-        weight shards and the whole module is gathered (``full_params``) while rank 0 samples."""
+        """Rank 0 samples and writes the grid. Under FSDP every rank takes part: each puts its EMA slices in
+        its weight shards and the whole module is gathered (``full_params``) while rank 0 samples."""
         if pl_module.autoencoder is None:
             return
         sharded = fsdp_root(trainer) is not None
@@ -142,8 +145,11 @@ class SampleGrid(L.Callback):
             elif isinstance(logger, CSVLogger):
                 pass  # the PNG in the run directory is the record
 
-    def grid_inputs(self, conditioner: torch.nn.Module) -> tuple[list[str] | None, list[int] | None, list[str]]:
-        """(prompts, label ids, one caption per image): the fixed prompts, or a grid by label for label models."""
+    def grid_inputs(
+        self, conditioner: torch.nn.Module
+    ) -> tuple[list[str] | None, list[int] | None, list[str]]:
+        """(prompts, label ids, one caption per image): the fixed prompts, or a grid by label for label
+        models."""
         found = as_multi(conditioner).find(ClassConditioner)
         if found is None:
             return self.prompts, None, [str(p) for p in self.prompts]
@@ -162,8 +168,8 @@ def grid_size(image_size: int | Sequence[int] | str, index_meta: dict[str, Any])
         side = index_meta.get("image_size")
         if bucket is None and side is None:
             raise ValueError(
-                "callbacks.sample_grid.image_size=auto found no bucket_counts or image_size in the training shards' "
-                "index: set it to a side or [H, W], e.g. callbacks.sample_grid.image_size=[192,320]"
+                "callbacks.sample_grid.image_size=auto found no bucket_counts or image_size in the training "
+                "shards' index: set it to a side or [H, W], e.g. callbacks.sample_grid.image_size=[192,320]"
             )
         return bucket if bucket is not None else (int(side), int(side))
     if isinstance(image_size, str):
@@ -205,7 +211,8 @@ class Throughput(L.Callback):
 
 
 class RNGState(L.Callback):
-    """Saves and restores the global RNG states (torch CPU and accelerator, numpy, python) with the checkpoint."""
+    """Saves and restores the global RNG states (torch CPU and accelerator, numpy, python) with the
+    checkpoint."""
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         np_state = np.random.get_state()
@@ -245,7 +252,8 @@ def _python_state_from_tensor(state: dict[str, Any]) -> tuple:
 
 
 class ConfigInCheckpoint(L.Callback):
-    """Stores the resolved run config (a plain dict) in every checkpoint, so a checkpoint alone can be sampled."""
+    """Stores the resolved run config (a plain dict) in every checkpoint, so a checkpoint alone can be
+    sampled."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config

@@ -29,13 +29,15 @@ def load_checkpoint_file(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"checkpoint not found: '{path}' — pass ckpt=PATH to an existing .ckpt (e.g. logs/train/runs/<run>/checkpoints/last.ckpt)"
+            f"checkpoint not found: '{path}' — pass ckpt=PATH to an existing .ckpt (e.g. "
+            f"logs/train/runs/<run>/checkpoints/last.ckpt)"
         )
     return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
 def _os_error_in(exc: BaseException) -> OSError | None:
-    """The OSError behind an exception (torch.save reports a failed write as a RuntimeError whose context it is)."""
+    """The OSError behind an exception (torch.save reports a failed write as a RuntimeError whose context it
+    is)."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, OSError):
@@ -62,8 +64,8 @@ def fsync_dir(directory: Path) -> None:
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """Write ``obj`` to ``path`` so that ``path`` is always either the old complete file or the new one.
 
-    A failed write (disk full, file-size limit) leaves the previous file intact and raises an OSError that names
-    the real cause (ENOSPC, EFBIG) and the file.
+    A failed write (disk full, file-size limit) leaves the previous file intact and raises an OSError that
+    names the real cause (ENOSPC, EFBIG) and the file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,8 +85,9 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         name = errno.errorcode.get(cause.errno or 0, "OSError")
         raise OSError(
             cause.errno,
-            f"could not write checkpoint '{path}': {name} ({cause.strerror or cause}); the previous file is intact "
-            f"— free space in '{path.parent}' (or raise the file-size limit) and resume with ckpt_path=last",
+            f"could not write checkpoint '{path}': {name} ({cause.strerror or cause}); the previous file is "
+            f"intact — free space in '{path.parent}' (or raise the file-size limit) and resume with "
+            f"ckpt_path=last",
         ) from exc
     fsync_dir(path.parent)
 
@@ -104,7 +107,8 @@ def check_finite_checkpoint(checkpoint: dict[str, Any], path: Any) -> None:
     if bad is not None:
         name, count, total = bad
         raise NonFiniteError(
-            f"refusing to write checkpoint '{path}': {name} has {count} of {total} values NaN/inf (the run diverged); "
+            f"refusing to write checkpoint '{path}': {name} has {count} of {total} values NaN/inf (the run "
+            f"diverged); "
             "the previous checkpoints are kept — resume from one with a lower optim.lr"
         )
 

@@ -1,8 +1,8 @@
 """Exponential moving average of the denoiser's weights, as a Lightning callback.
 
-The EMA weights travel in the checkpoint under ``ema_state_dict`` (keys of ``denoiser.net``) and are restored on
-resume; ``sample.py`` loads them by default. Decay warms up as min(decay, (1 + n) / (10 + n)) so that short runs
-are not dominated by the random initialisation.
+The EMA weights travel in the checkpoint under ``ema_state_dict`` (keys of ``denoiser.net``) and are restored
+on resume; ``sample.py`` loads them by default. Decay warms up as min(decay, (1 + n) / (10 + n)) so that short
+runs are not dominated by the random initialisation.
 
 Under FSDP the EMA is sharded alongside the weights: each rank averages its own slices of the parameters (no
 communication per step); the full EMA is gathered (a collective) only for checkpoints and sample grids, and a
@@ -26,17 +26,18 @@ EMA_KEY = "ema_state_dict"
 
 
 def averaged_state(net: nn.Module) -> dict[str, Tensor]:
-    """The net's state without its frozen parameters: they never change (a LoRA's base), so they are not averaged
-    and not stored twice; for a fully trained net this is the whole state dict."""
+    """The net's state without its frozen parameters: they never change (a LoRA's base), so they are not
+    averaged and not stored twice; for a fully trained net this is the whole state dict."""
     frozen = {name for name, p in net.named_parameters() if not p.requires_grad}
     return {k: v for k, v in net.state_dict().items() if k not in frozen}
 
 
 @torch.no_grad()
 def blend(shadow: dict[str, Tensor], state: dict[str, Tensor], weight: float) -> None:
-    """shadow <- shadow + weight * (state - shadow) for floating tensors, one fused ``torch._foreach_lerp_`` per
-    (device, dtype) group; other tensors (step counters) are copied. Bit-identical to ``shadow[k].lerp_(...)`` per
-    tensor: the foreach kernel computes the same lerp (on CPU it loops over that very op)."""
+    """shadow <- shadow + weight * (state - shadow) for floating tensors, one fused ``torch._foreach_lerp_``
+    per (device, dtype) group; other tensors (step counters) are copied. Bit-identical to
+    ``shadow[k].lerp_(...)`` per tensor: the foreach kernel computes the same lerp (on CPU it loops over that
+    very op)."""
     groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
     for name, value in state.items():
         ema = shadow[name]
@@ -110,12 +111,14 @@ class EMA(L.Callback):
         if self.root is not None:  # every rank stops, or none: a rank checks only its own slices
             if trainer.strategy.reduce_boolean_decision(bad is not None, all=False) and bad is None:
                 raise NonFiniteError(
-                    f"another rank's weight slices have NaN/inf values after step {trainer.global_step}: the EMA "
+                    f"another rank's weight slices have NaN/inf values after step {trainer.global_step}: the "
+                    f"EMA "
                     "was not updated and the run stops; resume from the last checkpoint with a lower optim.lr"
                 )
         if bad is not None:  # never blend a diverged step into the average
             raise NonFiniteError(
-                f"weight {bad[0]} has {bad[1]} of {bad[2]} values NaN/inf after step {trainer.global_step}: the EMA "
+                f"weight {bad[0]} has {bad[1]} of {bad[2]} values NaN/inf after step {trainer.global_step}: "
+                f"the EMA "
                 "was not updated and the run stops; resume from the last checkpoint with a lower optim.lr"
             )
         self.num_updates += 1
@@ -136,8 +139,8 @@ class EMA(L.Callback):
 
     @contextmanager
     def swapped_in(self, pl_module: L.LightningModule) -> Iterator[None]:
-        """Temporarily load the EMA weights into the network (for sampling during training). Under FSDP they go
-        into this rank's slices (every rank must enter): sample inside ``ldm.lit.sharded.full_params``."""
+        """Temporarily load the EMA weights into the network (for sampling during training). Under FSDP they
+        go into this rank's slices (every rank must enter): sample inside ``ldm.lit.sharded.full_params``."""
         net = self.target(pl_module)
         if self.sharded:
             with local_swapped(net, self.shadow):

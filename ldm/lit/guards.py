@@ -1,9 +1,10 @@
 """Non-finite guards: a diverged run stops (or skips the step) instead of training on, and never saves NaN.
 
-``NonFiniteGuard`` checks the loss before backward and the gradients before each optimizer step. By default it halts
-the run on every rank with a message naming the step; ``action=skip`` drops the step's gradients instead (the
-optimizer leaves parameters without a gradient untouched) and counts it, halting after ``max_consecutive_skips``.
-The checkpoint writer and the EMA refuse non-finite weights whatever the guard's setting (``first_nonfinite``).
+``NonFiniteGuard`` checks the loss before backward and the gradients before each optimizer step. By default it
+halts the run on every rank with a message naming the step; ``action=skip`` drops the step's gradients instead
+(the optimizer leaves parameters without a gradient untouched) and counts it, halting after
+``max_consecutive_skips``. The checkpoint writer and the EMA refuse non-finite weights whatever the guard's
+setting (``first_nonfinite``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class NonFiniteError(UserError):
 def first_nonfinite(tensors: Iterable[tuple[str, Any]]) -> tuple[str, int, int] | None:
     """(name, non-finite count, numel) of the first floating tensor holding a NaN or inf, else None.
 
-    One fused reduction decides the common all-finite case (one device sync); only then is each tensor scanned.
+    One fused reduction decides the common all-finite case (one device sync); only then is each tensor
+    scanned.
     """
     floats = [(n, v) for n, v in tensors if isinstance(v, Tensor) and v.is_floating_point() and v.numel()]
     if all_finite([v for _, v in floats]):
@@ -44,15 +46,17 @@ def first_nonfinite(tensors: Iterable[tuple[str, Any]]) -> tuple[str, int, int] 
 
 
 def checkpoint_tensors(checkpoint: Mapping[str, Any]) -> Iterable[tuple[str, Any]]:
-    """The weights of a checkpoint that must be finite: the state dict and the EMA copy (optimizer moments aside)."""
+    """The weights of a checkpoint that must be finite: the state dict and the EMA copy (optimizer moments
+    aside)."""
     for key in ("state_dict", "ema_state_dict"):
         for name, value in (checkpoint.get(key) or {}).items():
             yield f"{key}.{name}", value
 
 
 def all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every element is finite: one fused norm per device decides the usual case (one sync per device);
-    a non-finite norm is confirmed element-wise, since finite values above ~1.8e19 overflow the norm itself."""
+    """Whether every element is finite: one fused norm per device decides the usual case (one sync per
+    device); a non-finite norm is confirmed element-wise, since finite values above ~1.8e19 overflow the norm
+    itself."""
     if not tensors:
         return True
     norms = torch._foreach_norm([t.detach().float() for t in tensors])
@@ -106,8 +110,10 @@ class NonFiniteGuard(L.Callback):
         if self.action == "halt" or self.consecutive >= self.max_consecutive_skips:
             extra = f" after {self.consecutive} skipped steps in a row" if self.consecutive else ""
             raise NonFiniteError(
-                f"non-finite {what} at {where}{extra}: the run diverged and was stopped before this step; resume "
-                "from the last checkpoint with a lower optim.lr (or callbacks.nonfinite.action=skip to skip such steps)"
+                f"non-finite {what} at {where}{extra}: the run diverged and was stopped before this step; "
+                f"resume "
+                "from the last checkpoint with a lower optim.lr (or callbacks.nonfinite.action=skip to skip "
+                "such steps)"
             )
         for group in optimizer.param_groups:
             for p in group["params"]:

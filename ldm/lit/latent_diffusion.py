@@ -1,10 +1,11 @@
-"""LatentDiffusion: thin Lightning glue around a denoiser, an objective, a conditioner and a frozen autoencoder.
+"""LatentDiffusion: thin Lightning glue around a denoiser, an objective, a conditioner and a frozen
+autoencoder.
 
 The maths lives in ``ldm.diffusion`` (schedule, denoiser, loss); this module only moves batches through it,
 logs, and builds the optimiser. Latents come from latent shards (``batch["latent"]``, already scaled by the
 autoencoder that wrote them) or are encoded on the fly from ``batch["image"]`` by the frozen autoencoder; with
-``latent_norm`` each channel is then normalised by the training shards' statistics, and ``decode_samples`` undoes
-that before decoding.
+``latent_norm`` each channel is then normalised by the training shards' statistics, and ``decode_samples``
+undoes that before decoding.
 """
 
 from __future__ import annotations
@@ -47,11 +48,13 @@ def check_compatible(net: nn.Module, conditioner: nn.Module, autoencoder: Frozen
     context_dim, width = getattr(net, "context_dim", None), multi.dims("crossattn")
     if context_dim is not None and width is not None and context_dim != width:
         raise ValueError(
-            f"conditioner gives {width}-d context but net.context_dim={context_dim}: set net.context_dim={width}"
+            f"conditioner gives {width}-d context but net.context_dim={context_dim}: set "
+            f"net.context_dim={width}"
         )
     if context_dim is not None and width is None:
         raise ValueError(
-            f"net.context_dim={context_dim} but no conditioner gives cross-attention tokens: set net.context_dim=null "
+            f"net.context_dim={context_dim} but no conditioner gives cross-attention tokens: set "
+            f"net.context_dim=null "
             "or add a crossattn conditioner"
         )
     for kind, attr, default in (("vector", "vector_dim", None), ("concat", "concat_channels", 0)):
@@ -120,8 +123,8 @@ class LatentDiffusion(L.LightningModule):
 
     # ------------------------------------------------------------------ data → latents
     def latents(self, batch: dict[str, Any]) -> Tensor:
-        """(B, C, h, w) diffusion-space latents: a latent batch's (already scaled) or an image batch encoded, then
-        normalised per channel when ``latent_norm`` is on."""
+        """(B, C, h, w) diffusion-space latents: a latent batch's (already scaled) or an image batch encoded,
+        then normalised per channel when ``latent_norm`` is on."""
         if "latent" in batch:
             z = batch["latent"]
         elif self.autoencoder is not None:
@@ -142,9 +145,10 @@ class LatentDiffusion(L.LightningModule):
         return self.autoencoder.decode(self.latent_norm.denormalize(x))
 
     def setup(self, stage: str) -> None:
-        """Before fitting: ``init_from`` / LoRA weights (``init_weights``), then for ``latent_norm=per_channel`` the
-        channel statistics of the training latent shards' index, or of the first 512 training images' latents for
-        image shards (a resumed run then loads the checkpoint's own)."""
+        """Before fitting: ``init_from`` / LoRA weights (``init_weights``), then for
+        ``latent_norm=per_channel`` the channel statistics of the training latent shards' index, or of the
+        first 512 training images' latents for image shards (a resumed run then loads the checkpoint's
+        own)."""
         if stage == "fit":
             self.init_weights()
         if stage != "fit" or self.latent_norm_spec != "per_channel":
@@ -153,34 +157,54 @@ class LatentDiffusion(L.LightningModule):
         meta = getattr(datamodule, "index_meta", None) or {}
         if "latent_stats" not in meta and getattr(datamodule, "kind", None) == "images" and self.autoencoder:
             # image shards have no index stats: those of the first images' latents, the same on every rank
-            stats = encoded_channel_stats(datamodule.train_urls, self.autoencoder, datamodule.image_size,
-                                          background=datamodule.alpha_background)  # fmt: skip
+            stats = encoded_channel_stats(
+                datamodule.train_urls,
+                self.autoencoder,
+                datamodule.image_size,
+                background=datamodule.alpha_background,
+            )
             meta = {"latent_stats": stats}
         mean, std = latent_norm_from_stats("per_channel", meta)
         self.latent_norm.set_stats(mean, std)
-        log.info("latent_norm=per_channel: channel means %s, stds %s (training data)",
-                 [round(m, 4) for m in mean], [round(s, 4) for s in std])  # fmt: skip
+        log.info(
+            "latent_norm=per_channel: channel means %s, stds %s (training data)",
+            [round(m, 4) for m in mean],
+            [round(s, 4) for s in std],
+        )
 
     def init_weights(self) -> None:
-        """``init_from``: the net's weights from a pretrained UNet before a fresh run (``ldm.convert.pretrained``).
+        """``init_from``: the net's weights from a pretrained UNet before a fresh run
+        (``ldm.convert.pretrained``).
 
-        Weights only: optimizer, step and data start fresh, and the EMA callback copies the loaded weights at fit
-        start. A resumed run (``ckpt_path``) skips it: the checkpoint's weights replace these anyway."""
+        Weights only: optimizer, step and data start fresh, and the EMA callback copies the loaded weights at
+        fit start. A resumed run (``ckpt_path``) skips it: the checkpoint's weights replace these anyway."""
         if self.lora is not None:  # the base is needed on resume too: LoRA checkpoints do not hold it
             if self.lora_base is None:
-                self.lora_base = attach_lora(self.net, self.lora, self.lora_source, seed=self.seed,
-                                             schedule=self.denoiser.schedule, prediction=self.denoiser.prediction)  # fmt: skip
+                self.lora_base = attach_lora(
+                    self.net,
+                    self.lora,
+                    self.lora_source,
+                    seed=self.seed,
+                    schedule=self.denoiser.schedule,
+                    prediction=self.denoiser.prediction,
+                )
             return
         if self.init_from is None:
             return
         if self._trainer is not None and self.trainer.ckpt_path is not None:
             log.info("init_from %s skipped: resuming from %s", self.init_from, self.trainer.ckpt_path)
             return
-        init_unet_from(self.net, self.init_from, self.init_ignore_keys,
-                       schedule=self.denoiser.schedule, prediction=self.denoiser.prediction)  # fmt: skip
+        init_unet_from(
+            self.net,
+            self.init_from,
+            self.init_ignore_keys,
+            schedule=self.denoiser.schedule,
+            prediction=self.denoiser.prediction,
+        )
 
     def step_generator(self, device: torch.device, step: int, stream: int, micro: int = 0) -> torch.Generator:
-        """Noise, timesteps and caption dropout are a pure function of (seed, step, micro-batch, rank, stream).
+        """Noise, timesteps and caption dropout are a pure function of (seed, step, micro-batch, rank,
+        stream).
 
         This makes a resumed run draw exactly what the uninterrupted run would have drawn.
         """
@@ -213,9 +237,10 @@ class LatentDiffusion(L.LightningModule):
         return loss
 
     def stratified_validation(self, z: Tensor, cond: dict[str, Tensor], batch_idx: int) -> None:
-        """The validation loss per noise level: sample i is noised at the centre of level bin (i + batch) mod K
-        of the training distribution's fraction axis (t for DDPM), with fixed noise. Logged as val/loss_level_k
-        (k = 0 least noise); the mean over levels weighs every level alike, unlike val/loss."""
+        """The validation loss per noise level: sample i is noised at the centre of level bin (i + batch) mod
+        K of the training distribution's fraction axis (t for DDPM), with fixed noise. Logged as
+        val/loss_level_k (k = 0 least noise); the mean over levels weighs every level alike, unlike
+        val/loss."""
         k = self.val_levels
         bins = (torch.arange(z.shape[0], device=z.device) + batch_idx) % k  # (B,)
         fraction = (bins.to(torch.float64) + 0.5) / k
@@ -229,12 +254,12 @@ class LatentDiffusion(L.LightningModule):
                 self.log(f"val/loss_level_{level}", per_sample[chosen].mean(), batch_size=n, sync_dist=True)
 
     def conditioning(self, batch: dict[str, Any], generator: torch.Generator | None) -> dict[str, Tensor]:
-        """The backbone's ``cond`` dict for a batch (``ldm.conditioning.multi``); with a generator (training) each
-        conditioner replaces some inputs by its null input, at its own rate.
+        """The backbone's ``cond`` dict for a batch (``ldm.conditioning.multi``); with a generator (training)
+        each conditioner replaces some inputs by its null input, at its own rate.
 
-        Latent shards may carry the frozen text encoder's output ("context"/"context_mask"): then the encoder is
-        skipped and dropped rows get the null input's embedding. Size conditioning not in the batch is the batch's
-        own pixel size, uncropped.
+        Latent shards may carry the frozen text encoder's output ("context"/"context_mask"): then the encoder
+        is skipped and dropped rows get the null input's embedding. Size conditioning not in the batch is the
+        batch's own pixel size, uncropped.
         """
         return as_multi(self.conditioner)(batch, generator, image_size=self.pixel_size(batch))
 
@@ -260,7 +285,8 @@ class LatentDiffusion(L.LightningModule):
                 total = self.skipped[reason]
                 log.log(level, "skipped %d sample(s) in the loader: %s (total %d)", n, reason, total)
         for reason, total in self.skipped.items():
-            # per rank, no sync: ranks may have seen different reasons, and a collective over different keys hangs
+            # per rank, no sync: ranks may have seen different reasons, and a collective over different keys
+            # hangs
             self.log(f"data/skipped_{reason}", float(total), rank_zero_only=False)
 
     def on_fit_end(self) -> None:
@@ -284,7 +310,8 @@ class LatentDiffusion(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def frozen_prefixes(self) -> tuple[str, ...]:
-        """Sub-modules rebuilt from their own pretrained weights: kept out of checkpoints (MiniLM alone is 90 MB)."""
+        """Sub-modules rebuilt from their own pretrained weights: kept out of checkpoints (MiniLM alone is 90
+        MB)."""
         prefixes = ["autoencoder."] if self.autoencoder is not None else []
         if not any(p.requires_grad for p in self.conditioner.parameters()):
             prefixes.append("conditioner.")
@@ -308,14 +335,22 @@ class LatentDiffusion(L.LightningModule):
         # LoRA: the base was loaded in setup; it must be the one the adapters were trained on
         if self.lora is not None:
             if LORA_KEY not in checkpoint:
-                raise ValueError("resuming a LoRA run from a checkpoint without LoRA tensors: drop model.lora or "
-                                 "pass model.init_from/lora.base and start fresh")  # fmt: skip
+                raise ValueError(
+                    "resuming a LoRA run from a checkpoint without LoRA tensors: drop model.lora or "
+                    "pass model.init_from/lora.base and start fresh"
+                )
             check_same_base(checkpoint[LORA_KEY]["base"], self.lora_base or {}, "resume")
             state = self.state_dict()
             own.update({k: state[k] for k in frozen_net_keys(state)})
         # checkpoints from before latent_norm existed trained without it: the identity norm
         identity = LatentNorm(self.net.in_channels).to(self.device).state_dict()
-        own.update({f"latent_norm.{k}": v for k, v in identity.items() if f"latent_norm.{k}" not in checkpoint["state_dict"]})  # fmt: skip
+        own.update(
+            {
+                f"latent_norm.{k}": v
+                for k, v in identity.items()
+                if f"latent_norm.{k}" not in checkpoint["state_dict"]
+            }
+        )
         checkpoint["state_dict"] = {**checkpoint["state_dict"], **own}
 
 
@@ -332,14 +367,19 @@ def check_latent_source(
     configured_text = getattr(text_conditioner, "pretrained", None)
     if text and text.get("pretrained") != configured_text:
         raise ValueError(
-            f"latent shards carry embeddings of text encoder '{text.get('pretrained')}' but the configured conditioner is "
-            f"'{configured_text}': re-encode with `python prepare.py latents --text-encoder ...` or set conditioner="
+            f"latent shards carry embeddings of text encoder '{text.get('pretrained')}' but the configured "
+            f"conditioner is '{configured_text}': re-encode with `python prepare.py latents --text-encoder "
+            f"...` or set conditioner="
         )
-    shard_masked, masked = (text or {}).get("mask_padding", True), getattr(text_conditioner, "mask_padding", True)
+    shard_masked, masked = (
+        (text or {}).get("mask_padding", True),
+        getattr(text_conditioner, "mask_padding", True),
+    )
     if text and shard_masked != masked:
         raise ValueError(
-            f"latent shards carry text embeddings made with mask_padding={shard_masked} but the conditioner has "
-            f"mask_padding={masked}: re-encode the shards' text with the same setting, or train on shards without "
+            f"latent shards carry text embeddings made with mask_padding={shard_masked} but the conditioner "
+            f"has mask_padding={masked}: re-encode the shards' text with the same setting, or train on "
+            f"shards without "
             "embeddings (prepare.py latents --text-encoder none)"
         )
     made_by, configured = shard_meta["autoencoder"], autoencoder.identity
@@ -347,6 +387,8 @@ def check_latent_source(
     if any(made_by.get(k) != configured.get(k) for k in keys):
         show = lambda d: {k: d.get(k) for k in ("name", *keys)}  # noqa: E731
         raise ValueError(
-            f"latent shards were made by autoencoder {show(made_by)} but the configured one is {show(configured)}: "
-            "re-encode the shards with `python prepare.py latents ...` or set autoencoder= to the one that made them"
+            f"latent shards were made by autoencoder {show(made_by)} but the configured one is "
+            f"{show(configured)}: "
+            "re-encode the shards with `python prepare.py latents ...` or set autoencoder= to the one that "
+            "made them"
         )

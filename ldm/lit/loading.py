@@ -71,7 +71,8 @@ def resolve_checkpoint(ckpt: str, log_dir: str) -> Path:
     runs = sorted(Path(log_dir).glob("train/runs/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
     if not runs:
         raise FileNotFoundError(
-            f"ckpt=latest found no {log_dir}/train/runs/*/checkpoints/last.ckpt: run train.py first or pass ckpt=PATH"
+            f"ckpt=latest found no {log_dir}/train/runs/*/checkpoints/last.ckpt: run train.py first or pass "
+            f"ckpt=PATH"
         )
     return runs[-1]
 
@@ -93,12 +94,13 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     except Exception as err:
         reason = (str(err).strip().splitlines() or [""])[0].split(". ")[0][:160]
         raise CheckpointError(
-            f"cannot read checkpoint '{path}' ({type(err).__name__}: {reason}): it is truncated, corrupt, not a torch "
-            f"file, or holds objects other than weights: {fix}"
+            f"cannot read checkpoint '{path}' ({type(err).__name__}: {reason}): it is truncated, corrupt, "
+            f"not a torch file, or holds objects other than weights: {fix}"
         ) from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(
-            f"'{path}' holds a {type(checkpoint).__name__}, not a checkpoint dict: pass ckpt=PATH to a .ckpt written "
+            f"'{path}' holds a {type(checkpoint).__name__}, not a checkpoint dict: pass ckpt=PATH to a .ckpt "
+            f"written "
             "by train.py"
         )
     return checkpoint
@@ -109,8 +111,10 @@ def stored_config(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
     model = config.get("model") if isinstance(config, dict) else None
     if not isinstance(model, dict) or not all(isinstance(model.get(k), dict) for k in MODEL_PARTS):
         raise CheckpointError(
-            f"'{path}' is not a latent-diffusion checkpoint written by train.py (no ldm_config.model.denoiser/"
-            "conditioner/autoencoder): pass ckpt=PATH to one (an autoencoder run is sampled through prepare.py)"
+            f"'{path}' is not a latent-diffusion checkpoint written by train.py (no "
+            f"ldm_config.model.denoiser/"
+            "conditioner/autoencoder): pass ckpt=PATH to one (an autoencoder run is sampled through "
+            "prepare.py)"
         )
     if not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError(f"'{path}' has no state_dict: pass ckpt=PATH to a .ckpt written by train.py")
@@ -134,7 +138,8 @@ def first_non_finite(groups: dict[str, dict[str, Any]]) -> tuple[int, int, str |
 
 
 def check_finite(path: Path, groups: dict[str, dict[str, Any]], raw_net: dict[str, Any] | None) -> None:
-    """Refuse NaN/Inf weights (a diverged run); ``raw_net``: the non-EMA net weights when ``groups`` has "EMA"."""
+    """Refuse NaN/Inf weights (a diverged run); ``raw_net``: the non-EMA net weights when ``groups`` has
+    "EMA"."""
     bad, total, first = first_non_finite(groups)
     if not bad:
         return
@@ -143,13 +148,14 @@ def check_finite(path: Path, groups: dict[str, dict[str, Any]], raw_net: dict[st
     if raw_net is not None and not first_non_finite({**others, "raw": raw_net})[0]:
         hint = "; only the EMA weights are bad: pass use_ema=false to sample the raw weights"
     raise CheckpointError(
-        f"checkpoint '{path}' has non-finite weights: {100 * bad / total:.3g}% of {total} values are NaN/Inf, "
-        f"first in {first} — {DIVERGED}{hint}"
+        f"checkpoint '{path}' has non-finite weights: {100 * bad / total:.3g}% of {total} values are "
+        f"NaN/Inf, first in {first} — {DIVERGED}{hint}"
     )
 
 
 def load_conditioner_state(conditioner: nn.Module, state: dict[str, Any]) -> None:
-    """Load the trained conditioners' weights (class labels); frozen ones (text encoders) are not in checkpoints."""
+    """Load the trained conditioners' weights (class labels); frozen ones (text encoders) are not in
+    checkpoints."""
     if not isinstance(conditioner, MultiConditioner):
         conditioner.load_state_dict(state, strict=True)
         return
@@ -161,15 +167,21 @@ def load_conditioner_state(conditioner: nn.Module, state: dict[str, Any]) -> Non
 
 
 def load_for_sampling(
-    ckpt_path: Path, use_ema: bool, device: torch.device, *, trust_checkpoint_config: bool = False,
-    lora_scale: float = 1.0, lora_base: str | None = None,
-) -> SamplingModel:  # fmt: skip
-    """Denoiser (EMA weights unless ``use_ema`` is False), conditioner and autoencoder as configured in training.
+    ckpt_path: Path,
+    use_ema: bool,
+    device: torch.device,
+    *,
+    trust_checkpoint_config: bool = False,
+    lora_scale: float = 1.0,
+    lora_base: str | None = None,
+) -> SamplingModel:
+    """Denoiser (EMA weights unless ``use_ema`` is False), conditioner and autoencoder as configured in
+    training.
 
     The stored model and sampler nodes must only name allowlisted targets (ldm.safe_config) unless
     ``trust_checkpoint_config``; weights must be finite. Both are checked before anything is built. A LoRA
-    checkpoint's adapters are merged at strength ``lora_scale`` into its base (recorded path, or ``lora_base``),
-    whose sha256 must be the recorded one (``ldm.lit.lora_base``)."""
+    checkpoint's adapters are merged at strength ``lora_scale`` into its base (recorded path, or
+    ``lora_base``), whose sha256 must be the recorded one (``ldm.lit.lora_base``)."""
     ckpt_path = Path(ckpt_path)
     checkpoint = read_checkpoint(ckpt_path)
     config = stored_config(checkpoint, ckpt_path)
@@ -188,16 +200,27 @@ def load_for_sampling(
     net_state = checkpoint[EMA_KEY] if use_ema else raw_net
     # trainable conditioners (class labels) are in the checkpoint; frozen text encoders are not
     cond_state = strip_prefix(state, "conditioner.")
-    check_finite(ckpt_path, {"EMA" if use_ema else "net": net_state, "conditioner": cond_state},
-                 raw_net if use_ema else None)  # fmt: skip
+    check_finite(
+        ckpt_path,
+        {"EMA" if use_ema else "net": net_state, "conditioner": cond_state},
+        raw_net if use_ema else None,
+    )
 
     model_cfg = OmegaConf.create(to_check["model"])
     denoiser, conditioner = build(model_cfg.denoiser), build(model_cfg.conditioner)
     autoencoder = build(model_cfg.autoencoder)
     lora = checkpoint.get(LORA_KEY)
     if lora is not None:
-        merged_lora_net(denoiser.net, lora, net_state, scale=lora_scale, base_path=lora_base,
-                        schedule=denoiser.schedule, prediction=denoiser.prediction, where=f"'{ckpt_path}'")  # fmt: skip
+        merged_lora_net(
+            denoiser.net,
+            lora,
+            net_state,
+            scale=lora_scale,
+            base_path=lora_base,
+            schedule=denoiser.schedule,
+            prediction=denoiser.prediction,
+            where=f"'{ckpt_path}'",
+        )
     try:
         if lora is None:
             denoiser.net.load_state_dict(net_state, strict=True)
@@ -206,7 +229,8 @@ def load_for_sampling(
     except RuntimeError as err:
         first_line = str(err).strip().splitlines()[0]
         raise CheckpointError(
-            f"'{ckpt_path}' weights do not fit its own config ({first_line}): the file was edited or mixed up — "
+            f"'{ckpt_path}' weights do not fit its own config ({first_line}): the file was edited or mixed "
+            f"up — "
             "pass ckpt=PATH to an unmodified .ckpt written by train.py"
         ) from None
     latent_norm = LatentNorm(denoiser.net.in_channels)

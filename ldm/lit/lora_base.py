@@ -1,12 +1,12 @@
-"""LoRA fine-tuning glue: the base weights a LoRA trains on, where they come from, and how a LoRA checkpoint is
-turned back into a full network for sampling.
+"""LoRA fine-tuning glue: the base weights a LoRA trains on, where they come from, and how a LoRA checkpoint
+is turned back into a full network for sampling.
 
-A LoRA checkpoint stores only the adapter tensors (weights, EMA, optimizer state) and, under ``checkpoint["lora"]``,
-the settings and a reference to the base: ``{"sha256": ..., "source": {...}}`` where the source is either
-``{"kind": "init_from", "spec": "diffusers:<dir>|ldm:<file>", "ignore": [...]}`` (``model.init_from``) or
-``{"kind": "checkpoint", "path": <train.py .ckpt>}`` (``model.lora.base``; its EMA net weights, else its raw ones).
-Loading the base again must give the same sha256, or the LoRA is refused: adapters trained on other weights would
-silently give other images.
+A LoRA checkpoint stores only the adapter tensors (weights, EMA, optimizer state) and, under
+``checkpoint["lora"]``, the settings and a reference to the base: ``{"sha256": ..., "source": {...}}`` where
+the source is either ``{"kind": "init_from", "spec": "diffusers:<dir>|ldm:<file>", "ignore": [...]}``
+(``model.init_from``) or ``{"kind": "checkpoint", "path": <train.py .ckpt>}`` (``model.lora.base``; its EMA
+net weights, else its raw ones). Loading the base again must give the same sha256, or the LoRA is refused:
+adapters trained on other weights would silently give other images.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ NO_BASE = (
 
 
 def base_source(settings: LoraSettings, init_from: str | None, ignore: Sequence[str] = ()) -> dict[str, Any]:
-    """Where the base weights come from (``model.lora.base`` wins over ``model.init_from``); none is an error."""
+    """Where the base weights come from (``model.lora.base`` wins over ``model.init_from``); none is an
+    error."""
     if settings.base is not None:
         return {"kind": "checkpoint", "path": str(Path(settings.base).expanduser().resolve())}
     if init_from is not None:
@@ -47,7 +48,8 @@ def checkpoint_net_weights(path: Path) -> dict[str, Tensor]:
     checkpoint = read_checkpoint(path)
     if LORA_KEY in checkpoint:
         raise CheckpointError(
-            f"model.lora.base='{path}' is itself a LoRA checkpoint: merge it first (prepare.py export-diffusers) "
+            f"model.lora.base='{path}' is itself a LoRA checkpoint: merge it first (prepare.py "
+            f"export-diffusers) "
             "or train the new LoRA on its base"
         )
     ema = checkpoint.get(EMA_KEY)
@@ -81,18 +83,30 @@ def load_base(
 
 
 def attach_lora(
-    net: nn.Module, settings: LoraSettings, source: Mapping[str, Any], *, seed: int = 0,
-    schedule: Any = None, prediction: str | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    """Load the base into ``net``, then wrap it with fresh adapters (only they train). Returns the base reference
-    ``{"sha256": ..., "source": ...}`` that LoRA checkpoints carry."""
+    net: nn.Module,
+    settings: LoraSettings,
+    source: Mapping[str, Any],
+    *,
+    seed: int = 0,
+    schedule: Any = None,
+    prediction: str | None = None,
+) -> dict[str, Any]:
+    """Load the base into ``net``, then wrap it with fresh adapters (only they train). Returns the base
+    reference ``{"sha256": ..., "source": ...}`` that LoRA checkpoints carry."""
     load_base(net, source, schedule=schedule, prediction=prediction)
     reference = {"sha256": state_sha256(base_state_dict(net)), "source": dict(source)}
     add_lora(net, settings, seed=seed)
     n_train = sum(p.numel() for p in net.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in net.parameters())
-    log.info("LoRA rank %d on %s: %d of %d parameters train (%.2f%%); base sha256 %s", settings.rank,
-             list(settings.target_modules), n_train, n_all, 100 * n_train / n_all, reference["sha256"][:12])  # fmt: skip
+    log.info(
+        "LoRA rank %d on %s: %d of %d parameters train (%.2f%%); base sha256 %s",
+        settings.rank,
+        list(settings.target_modules),
+        n_train,
+        n_all,
+        100 * n_train / n_all,
+        reference["sha256"][:12],
+    )
     return reference
 
 
@@ -100,21 +114,30 @@ def check_same_base(saved: Mapping[str, Any], current: Mapping[str, Any], where:
     """Refuse a LoRA whose recorded base sha256 differs from the base loaded now."""
     if saved.get("sha256") != current.get("sha256"):
         raise ValueError(
-            f"{where}: the LoRA was trained on base weights {str(saved.get('sha256'))[:12]}… ({saved.get('source')}) "
-            f"but the base loaded now is {str(current.get('sha256'))[:12]}… ({current.get('source')}): give the "
+            f"{where}: the LoRA was trained on base weights {str(saved.get('sha256'))[:12]}… "
+            f"({saved.get('source')}) but the base loaded now is {str(current.get('sha256'))[:12]}… "
+            f"({current.get('source')}): give the "
             "original base (sample.py lora_base=<checkpoint>) or retrain the LoRA"
         )
 
 
 def frozen_net_keys(state: Mapping[str, Any], prefix: str = "denoiser.net.") -> list[str]:
-    """The base tensors of an adapted net inside a module state dict (everything under ``prefix`` but adapters)."""
+    """The base tensors of an adapted net inside a module state dict (everything under ``prefix`` but
+    adapters)."""
     return [k for k in state if k.startswith(prefix) and not is_lora_key(k)]
 
 
 def merged_lora_net(
-    net: nn.Module, lora: Mapping[str, Any], adapters: Mapping[str, Tensor], *, scale: float = 1.0,
-    base_path: str | None = None, schedule: Any = None, prediction: str | None = None, where: str = "checkpoint",
-) -> nn.Module:  # fmt: skip
+    net: nn.Module,
+    lora: Mapping[str, Any],
+    adapters: Mapping[str, Tensor],
+    *,
+    scale: float = 1.0,
+    base_path: str | None = None,
+    schedule: Any = None,
+    prediction: str | None = None,
+    where: str = "checkpoint",
+) -> nn.Module:
     """A plain ``net`` (freshly built) -> base weights + the saved ``adapters`` merged at strength ``scale``.
 
     ``base_path`` replaces a checkpoint base's recorded path (a moved file); the sha256 must still match."""
@@ -144,7 +167,8 @@ def load_adapters(net: nn.Module, adapters: Mapping[str, Tensor], where: str) ->
 
 
 def adapters_from_checkpoint(path: Path, use_ema: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """A train.py LoRA checkpoint -> (its net with the saved adapters, base weights NOT loaded; ``checkpoint["lora"]``).
+    """A train.py LoRA checkpoint -> (its net with the saved adapters, base weights NOT loaded;
+    ``checkpoint["lora"]``).
 
     For exporting the adapters alone (``prepare.py export-lora``): the base is only referenced, by sha256."""
     from omegaconf import OmegaConf
@@ -158,7 +182,8 @@ def adapters_from_checkpoint(path: Path, use_ema: bool = True) -> tuple[nn.Modul
     lora = checkpoint.get(LORA_KEY)
     if lora is None:
         raise CheckpointError(
-            f"'{path}' is not a LoRA checkpoint (no adapters): export it whole with prepare.py export-diffusers"
+            f"'{path}' is not a LoRA checkpoint (no adapters): export it whole with prepare.py "
+            f"export-diffusers"
         )
     net_cfg = stored_config(checkpoint, path)["model"]["denoiser"]["net"]
     check_or_trust({"model": {"net": net_cfg}}, SAMPLING_TARGETS, trust=False, source=f"checkpoint '{path}'")

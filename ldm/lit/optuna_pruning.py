@@ -1,11 +1,12 @@
-"""Intermediate values for Optuna: report a metric after each validation, stop the run when the pruner says so.
+"""Intermediate values for Optuna: report a metric after each validation, stop the run when the pruner says
+so.
 
 Active only in a job of the ``ldm_optuna`` sweeper (``hydra/sweeper=ldm_optuna``, see
-``configs/hparams_search/``): the sweeper tells each job its trial number (``LDM_OPTUNA_TRIAL``), and the config
-passes the study's storage, name and pruner. Rank 0 reports to the storage and asks the pruner; every rank gets the
-decision, and all raise ``optuna.TrialPruned`` together. The run then ends like an exception does (``last.ckpt``
-of the last completed step, ``summary.json`` with the error ``TrialPruned: ...``), and the sweeper records the trial
-as pruned. Outside a sweep (no trial number) the callback does nothing.
+``configs/hparams_search/``): the sweeper tells each job its trial number (``LDM_OPTUNA_TRIAL``), and the
+config passes the study's storage, name and pruner. Rank 0 reports to the storage and asks the pruner; every
+rank gets the decision, and all raise ``optuna.TrialPruned`` together. The run then ends like an exception
+does (``last.ckpt`` of the last completed step, ``summary.json`` with the error ``TrialPruned: ...``), and the
+sweeper records the trial as pruned. Outside a sweep (no trial number) the callback does nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 class OptunaPruning(L.Callback):
-    """``monitor``: the metric reported (train.py's ``optimized_metric``); ``trial``: the trial number or None."""
+    """``monitor``: the metric reported (train.py's ``optimized_metric``); ``trial``: the trial number or
+    None."""
 
     def __init__(
         self,
@@ -50,8 +52,10 @@ class OptunaPruning(L.Callback):
         self.trial = open_trial(self.storage, self.study_name, self.trial_number, self.pruner)
         log.info(
             "Optuna trial %d of study '%s': reporting %s after each validation",
-            self.trial_number, self.study_name, self.monitor,
-        )  # fmt: skip
+            self.trial_number,
+            self.study_name,
+            self.monitor,
+        )
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.trial_number is None or trainer.sanity_checking:
@@ -97,7 +101,8 @@ def open_trial(storage: str | None, study_name: str | None, number: int, pruner:
         running = False
     if not running:
         raise ValueError(
-            f"Optuna study '{study_name}' has no running trial {number}: LDM_OPTUNA_TRIAL is set by the ldm_optuna "
+            f"Optuna study '{study_name}' has no running trial {number}: LDM_OPTUNA_TRIAL is set by the "
+            f"ldm_optuna "
             "sweeper; unset it to train outside a sweep"
         )
     pruner = pruner if pruner is not None else optuna.pruners.NopPruner()

@@ -1,12 +1,13 @@
-"""Stopping without losing work: signals end the run at the next optimizer step with a resumable checkpoint, and
-an exception saves the last consistent state.
+"""Stopping without losing work: signals end the run at the next optimizer step with a resumable checkpoint,
+and an exception saves the last consistent state.
 
-SIGTERM, SIGINT and SIGUSR1 only set a flag; at the end of the next optimizer step (after the EMA update) every
-rank agrees on the flag (one all-reduce), the run saves ``last.ckpt`` atomically (weights, EMA, optimizer, data
-position, RNG) and raises ``TrainingInterrupted``; ``train.py`` writes ``summary.json`` with ``"interrupted": true``
-and exits with 128 + the signal number (143 SIGTERM, 130 SIGINT, 138 SIGUSR1). Under SLURM the requeue signal also
-requeues the job (``scontrol requeue``), and the requeued job resumes from that checkpoint in the same run
-directory (``ldm.lit.run_dir``). Nothing is saved inside a signal handler, so a checkpoint never holds half a step.
+SIGTERM, SIGINT and SIGUSR1 only set a flag; at the end of the next optimizer step (after the EMA update)
+every rank agrees on the flag (one all-reduce), the run saves ``last.ckpt`` atomically (weights, EMA,
+optimizer, data position, RNG) and raises ``TrainingInterrupted``; ``train.py`` writes ``summary.json`` with
+``"interrupted": true`` and exits with 128 + the signal number (143 SIGTERM, 130 SIGINT, 138 SIGUSR1). Under
+SLURM the requeue signal also requeues the job (``scontrol requeue``), and the requeued job resumes from that
+checkpoint in the same run directory (``ldm.lit.run_dir``). Nothing is saved inside a signal handler, so a
+checkpoint never holds half a step.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 
 
 class TrainingInterrupted(Exception):
-    """Training stopped on a signal after saving ``checkpoint``; the process should exit with ``exit_code``."""
+    """Training stopped on a signal after saving ``checkpoint``; the process should exit with
+    ``exit_code``."""
 
     def __init__(self, signum: int, checkpoint: Path | None, step: int) -> None:
         self.signum = signum
@@ -55,10 +57,10 @@ def slurm_job_id() -> str | None:
 class GracefulStop(L.Callback):
     """Signals and exceptions end the run with a consistent checkpoint (see the module docstring).
 
-    ``requeue``: under SLURM, the requeue signal (``requeue_signal``) also requeues the job. ``save_on_exception``:
-    an exception during training saves the last consistent state (the weights of the last completed step, the data
-    position of the batches in them) unless the exception came after an optimizer step whose end-of-step hooks did
-    not finish.
+    ``requeue``: under SLURM, the requeue signal (``requeue_signal``) also requeues the job.
+    ``save_on_exception``: an exception during training saves the last consistent state (the weights of the
+    last completed step, the data position of the batches in them) unless the exception came after an
+    optimizer step whose end-of-step hooks did not finish.
     """
 
     def __init__(
@@ -134,8 +136,9 @@ class GracefulStop(L.Callback):
         signum = self._agreed_signal(trainer, pl_module)
         if not signum:
             if self.is_final_step(trainer) and not trainer.fast_dev_run:
-                # saved here, inside the loop: a save after fit() records a mid-epoch stop as a finished epoch,
-                # and a run continued with a larger max_steps would then skip the rest of that epoch's data
+                # saved here, inside the loop: a save after fit() records a mid-epoch stop as a finished
+                # epoch, and a run continued with a larger max_steps would then skip the rest of that epoch's
+                # data
                 trainer.save_checkpoint(self.path)
                 self.final_step_saved = trainer.global_step
             return
@@ -167,19 +170,24 @@ class GracefulStop(L.Callback):
         if trainer.global_step == 0:
             return  # nothing trained yet (non-finite weights are refused by the checkpoint writer)
         if not isinstance(trainer.strategy, SingleDeviceStrategy | DDPStrategy):
-            log.warning("not saving on %s under %s: gathering sharded weights needs every rank", type(exception).__name__,
-                        type(trainer.strategy).__name__)  # fmt: skip
+            log.warning(
+                "not saving on %s under %s: gathering sharded weights needs every rank",
+                type(exception).__name__,
+                type(trainer.strategy).__name__,
+            )
             return
         if trainer.global_step != self.committed_step:
             log.warning(
-                "not saving on %s: it came after the optimizer step of step %d but before that step's end-of-step "
-                "hooks (EMA) finished; the last periodic checkpoint is the newest consistent state",
-                type(exception).__name__, trainer.global_step,
-            )  # fmt: skip
+                "not saving on %s: it came after the optimizer step of step %d but before that step's "
+                "end-of-step hooks (EMA) finished; the last periodic checkpoint is the newest consistent "
+                "state",
+                type(exception).__name__,
+                trainer.global_step,
+            )
             return
         try:
-            # this rank only, without the barrier of trainer.save_checkpoint: the other ranks may be stuck in a
-            # collective; DDP replicas hold the same weights, so any failing rank's copy is the run's state
+            # this rank only, without the barrier of trainer.save_checkpoint: the other ranks may be stuck in
+            # a collective; DDP replicas hold the same weights, so any failing rank's copy is the run's state
             checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
             trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, self.path)
         except Exception as save_error:  # the original exception is the one to report
@@ -187,8 +195,10 @@ class GracefulStop(L.Callback):
             return
         log.warning(
             "%s during step %d: saved %s (the last completed step); resume with ckpt_path=last",
-            type(exception).__name__, trainer.global_step, self.path,
-        )  # fmt: skip
+            type(exception).__name__,
+            trainer.global_step,
+            self.path,
+        )
 
 
 def requeue_slurm_job() -> None:

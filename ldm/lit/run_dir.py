@@ -1,14 +1,14 @@
 """Run directories and what resumes into them.
 
-- Every run gets its own directory: ``<timestamp>_<6 hex>`` (two runs started in the same second differ), or under
-  SLURM ``slurm-<job>[_<array task>]`` so that a requeued job finds its own checkpoints again. Registered as the
-  OmegaConf resolver ``${ldm_run_id:}`` that ``configs/hydra/default.yaml`` uses.
-- ``ckpt_path=last`` (or ``latest``) resumes from the newest complete checkpoint of this run directory, else of the
-  most recent run under ``<log_dir>/<task>/runs``; it fails when there is none. "Newest" is the highest step,
-  then the newest file; files that do not load (truncated) are skipped with a warning.
+- Every run gets its own directory: ``<timestamp>_<6 hex>`` (two runs started in the same second differ), or
+  under SLURM ``slurm-<job>[_<array task>]`` so that a requeued job finds its own checkpoints again.
+  Registered as the OmegaConf resolver ``${ldm_run_id:}`` that ``configs/hydra/default.yaml`` uses.
+- ``ckpt_path=last`` (or ``latest``) resumes from the newest complete checkpoint of this run directory, else
+  of the most recent run under ``<log_dir>/<task>/runs``; it fails when there is none. "Newest" is the highest
+  step, then the newest file; files that do not load (truncated) are skipped with a warning.
 - A run directory that already holds checkpoints is refused unless the run resumes (``ckpt_path=...``) or is a
-  SLURM / torchrun restart of itself (then it resumes automatically). Temporary files of checkpoint writes that
-  were killed are removed when a run directory is reused.
+  SLURM / torchrun restart of itself (then it resumes automatically). Temporary files of checkpoint writes
+  that were killed are removed when a run directory is reused.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def run_id() -> str:
 
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("ldm_run_id"):
-        # cached on the config object: a launcher that pickles the config (joblib, submitit) keeps the sweep's name
+        # cached on the config object: a launcher that pickles the config (joblib, submitit) keeps the sweep's
+        # name
         OmegaConf.register_new_resolver("ldm_run_id", run_id, use_cache=True)
 
 
@@ -56,7 +57,8 @@ def is_restart() -> bool:
 
 
 def is_launcher_child() -> bool:
-    """A DDP process other than the first (torchrun, SLURM, Lightning's launcher): rank 0 prepares the directory."""
+    """A DDP process other than the first (torchrun, SLURM, Lightning's launcher): rank 0 prepares the
+    directory."""
     ranks = (os.environ.get(k, "0") for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
     return any(r.isdigit() and int(r) > 0 for r in ranks)
 
@@ -73,7 +75,8 @@ def checkpoint_step(path: Path) -> int | None:
 
 
 def run_checkpoints(run_dir: Path) -> list[Path]:
-    """A run's checkpoint files: ``checkpoints/*.ckpt`` and Lightning's SLURM ``hpc_ckpt_*.ckpt`` beside them."""
+    """A run's checkpoint files: ``checkpoints/*.ckpt`` and Lightning's SLURM ``hpc_ckpt_*.ckpt`` beside
+    them."""
     return [*(run_dir / "checkpoints").glob("*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
 
 
@@ -105,19 +108,25 @@ def resolve_resume(ckpt_path: str | None, output_dir: Path, runs_root: Path) -> 
         path = Path(str(ckpt_path))
         if not path.is_file():
             raise FileNotFoundError(
-                f"ckpt_path={path}: no such checkpoint — pass an existing .ckpt, or ckpt_path=last for the newest "
+                f"ckpt_path={path}: no such checkpoint — pass an existing .ckpt, or ckpt_path=last for the "
+                f"newest "
                 "checkpoint of the latest run"
             )
         if checkpoint_step(path) is None:
             raise UserError(
-                f"ckpt_path={path} does not load as a training checkpoint (empty, truncated or another kind of "
+                f"ckpt_path={path} does not load as a training checkpoint (empty, truncated or another kind "
+                f"of "
                 "file): pass another one, or ckpt_path=last for the newest complete checkpoint"
             )
         return path
     own = newest_checkpoint(output_dir)
     if own is not None:
-        log.info("ckpt_path=%s: resuming from %s (step %d), the newest complete checkpoint of this run", ckpt_path,
-                 own[0], own[1])  # fmt: skip
+        log.info(
+            "ckpt_path=%s: resuming from %s (step %d), the newest complete checkpoint of this run",
+            ckpt_path,
+            own[0],
+            own[1],
+        )
         return own[0]
     runs = sorted(
         (p for p in runs_root.glob("*/checkpoints") if p.parent.resolve() != output_dir.resolve()),
@@ -127,20 +136,29 @@ def resolve_resume(ckpt_path: str | None, output_dir: Path, runs_root: Path) -> 
     for directory in runs:
         found = newest_checkpoint(directory.parent)
         if found is not None:
-            log.info("ckpt_path=%s: resuming from %s (step %d), the newest complete checkpoint of the latest run %s",
-                     ckpt_path, found[0], found[1], directory.parent)  # fmt: skip
+            log.info(
+                "ckpt_path=%s: resuming from %s (step %d), the newest complete checkpoint of the latest run "
+                "%s",
+                ckpt_path,
+                found[0],
+                found[1],
+                directory.parent,
+            )
             return found[0]
     raise FileNotFoundError(
-        f"ckpt_path={ckpt_path}: no complete checkpoint in {output_dir / 'checkpoints'} or {runs_root}/*/checkpoints "
+        f"ckpt_path={ckpt_path}: no complete checkpoint in {output_dir / 'checkpoints'} or "
+        f"{runs_root}/*/checkpoints "
         "— train first, or pass ckpt_path=PATH"
     )
 
 
 def prepare_run_dir(output_dir: Path, ckpt_path: str | None, runs_root: Path) -> Path | None:
-    """Clean up after killed writes, refuse to mix two runs in one directory, and return the checkpoint to resume.
+    """Clean up after killed writes, refuse to mix two runs in one directory, and return the checkpoint to
+    resume.
 
-    A scheduler restart (SLURM requeue, torchrun restart) resumes from the run's own newest checkpoint on every
-    rank, whatever ``ckpt_path`` says: the progress made before the preemption wins over the starting point.
+    A scheduler restart (SLURM requeue, torchrun restart) resumes from the run's own newest checkpoint on
+    every rank, whatever ``ckpt_path`` says: the progress made before the preemption wins over the starting
+    point.
     """
     first = not is_launcher_child()
     checkpoints = output_dir / "checkpoints"
@@ -155,7 +173,8 @@ def prepare_run_dir(output_dir: Path, ckpt_path: str | None, runs_root: Path) ->
         if resume is None and existing is not None and first:
             raise UserError(
                 f"run directory {output_dir} already holds checkpoints (newest {existing[0].name}, step "
-                f"{existing[1]}): pass ckpt_path=last to continue that run, or leave hydra.run.dir unset for a new "
+                f"{existing[1]}): pass ckpt_path=last to continue that run, or leave hydra.run.dir unset for "
+                f"a new "
                 "directory"
             )
     if first:

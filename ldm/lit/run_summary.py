@@ -1,5 +1,5 @@
-"""What train.py records about a run: the callback order that makes a step saveable, how the run ended, and the
-summary.json it writes however it ends."""
+"""What train.py records about a run: the callback order that makes a step saveable, how the run ended, and
+the summary.json it writes however it ends."""
 
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ def status_of(error: BaseException | None) -> str:
 def run_summary(
     trainer: L.Trainer, output_dir: Path, error: BaseException | None, resume: Path | None, wall: float
 ) -> dict[str, Any]:
-    """summary.json: how the run ended (status, error), where it resumed from, steps, wall time, memory, metrics."""
+    """summary.json: how the run ended (status, error), where it resumed from, steps, wall time, memory,
+    metrics."""
     return {
         "output_dir": str(output_dir),
         "status": status_of(error),

@@ -3,11 +3,12 @@ sampled with the EMA weights, against the validation shards, logged as eval/fid,
 (eval/clip_score) to every logger and into callback_metrics (``ModelCheckpoint(monitor="eval/fid")``, early
 stopping and ``optimized_metric=eval/fid`` can use them).
 
-Prompts are the validation captions (image i: caption i mod n, seed ``seed + i``), so every evaluation of a run
-scores the same prompts and noise. The reference statistics are computed once per (shards, n, image size,
+Prompts are the validation captions (image i: caption i mod n, seed ``seed + i``), so every evaluation of a
+run scores the same prompts and noise. The reference statistics are computed once per (shards, n, image size,
 autoencoder or background, extractor) and cached as ``ref_stats_<hash>.npz`` beside the shards (or in the run
-directory when that folder is not writable). Each evaluation is also appended to ``<run dir>/eval_during_training.jsonl``
-with n, sampler, steps, CFG scale, seed and EMA, since FIDs compare only at equal settings.
+directory when that folder is not writable). Each evaluation is also appended to
+``<run dir>/eval_during_training.jsonl`` with n, sampler, steps, CFG scale, seed and EMA, since FIDs compare
+only at equal settings.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ class SampleQuality(L.Callback):
     ) -> None:
         if num_samples < 2 or batch_size < 1:
             raise ValueError(
-                f"callbacks.sample_quality: num_samples={num_samples} (>= 2) and batch_size={batch_size} (>= 1)"
+                f"callbacks.sample_quality: num_samples={num_samples} (>= 2) and batch_size={batch_size} (>= "
+                f"1)"
             )
         if extractor not in EXTRACTORS:
             raise ValueError(
@@ -97,7 +99,8 @@ class SampleQuality(L.Callback):
 
     # ---------------------------------------------------------------- one evaluation
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any] | None:
-        """Rank 0 samples and scores; every rank logs the same numbers (so a monitor sees them on each rank)."""
+        """Rank 0 samples and scores; every rank logs the same numbers (so a monitor sees them on each
+        rank)."""
         result = self._score(trainer, pl_module) if trainer.is_global_zero else None
         if trainer.world_size > 1:
             result = trainer.strategy.broadcast(result, src=0)
@@ -138,19 +141,33 @@ class SampleQuality(L.Callback):
                     latent_shape=shape,
                     seeds=seeds,
                     cfg_scale=self.cfg_scale,
-                )  # fmt: skip  (B, 3, H, W) in [0, 1]
+                )  # (B, 3, H, W) in [0, 1]
                 features.append(extractor(images).float().cpu())  # (B, D)
                 if clip is not None:
                     clip_scores.append(clip(images, prompts))
         pl_module.train(was_training)
-        result = score_features(torch.cat(features), ref, self.kid_subsets, self.kid_subset_size, self.seed,
-                                clip_scores)  # fmt: skip
-        result.update(step=trainer.global_step, extractor=self.extractor_name, steps=self.steps,
-                      sampler=getattr(self.sampler, "func", self.sampler).__name__, cfg_scale=self.cfg_scale,
-                      seed=self.seed, use_ema=self.use_ema and ema is not None,
-                      seconds=round(time.perf_counter() - start, 1))  # fmt: skip
-        log.info("sample quality at step %d: FID %.2f, KID %.4f (n=%d vs %d reference images, %.0f s)",
-                 result["step"], result["fid"], result["kid"], result["n"], result["ref_n"], result["seconds"])  # fmt: skip
+        result = score_features(
+            torch.cat(features), ref, self.kid_subsets, self.kid_subset_size, self.seed, clip_scores
+        )
+        result.update(
+            step=trainer.global_step,
+            extractor=self.extractor_name,
+            steps=self.steps,
+            sampler=getattr(self.sampler, "func", self.sampler).__name__,
+            cfg_scale=self.cfg_scale,
+            seed=self.seed,
+            use_ema=self.use_ema and ema is not None,
+            seconds=round(time.perf_counter() - start, 1),
+        )
+        log.info(
+            "sample quality at step %d: FID %.2f, KID %.4f (n=%d vs %d reference images, %.0f s)",
+            result["step"],
+            result["fid"],
+            result["kid"],
+            result["n"],
+            result["ref_n"],
+            result["seconds"],
+        )
         path = Path(trainer.default_root_dir) / "eval_during_training.jsonl"
         with path.open("a") as f:
             f.write(json.dumps(result) + "\n")
@@ -170,16 +187,25 @@ class SampleQuality(L.Callback):
         clip = ClipScorer(self.clip_model, device) if self.clip_model else None
         kind = shard_kind(urls, "validation shards")
         captions = shard_captions(urls, self.max_ref_images)
-        identity = reference_identity(urls, self.max_ref_images, kind, self.image_size,
-                                      pl_module.autoencoder.identity, self.background)  # fmt: skip
-        batches = reference_batches(urls, kind, self.image_size, self.max_ref_images, self.batch_size,
-                                    self.background, lambda z: pl_module.autoencoder.decode(z.to(device)))  # fmt: skip
+        identity = reference_identity(
+            urls, self.max_ref_images, kind, self.image_size, pl_module.autoencoder.identity, self.background
+        )
+        batches = reference_batches(
+            urls,
+            kind,
+            self.image_size,
+            self.max_ref_images,
+            self.batch_size,
+            self.background,
+            lambda z: pl_module.autoencoder.decode(z.to(device)),
+        )
         ref = load_or_compute(self._cache_path(urls, identity, trainer), identity, extractor, batches)
         self.state = {"captions": captions, "ref": ref, "extractor": extractor, "clip": clip}
         return captions, ref, extractor, clip
 
     def _cache_path(self, urls: list[str], identity: dict[str, Any], trainer: L.Trainer) -> Path:
-        """Beside the (local, writable) shards so that every run on them shares it; else in the run directory."""
+        """Beside the (local, writable) shards so that every run on them shares it; else in the run
+        directory."""
         key = hashlib.sha1(json.dumps([identity, self.extractor_name], sort_keys=True).encode()).hexdigest()[
             :12
         ]

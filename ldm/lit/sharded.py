@@ -1,13 +1,15 @@
 """Weights under FSDP (torch ``FullyShardedDataParallel`` with ``use_orig_params=True``, Lightning's default).
 
 Between steps every rank holds a flat shard of each parameter: ``named_parameters()`` of the wrapped net gives
-1-d views of this rank's slice (size 0 where it holds none). ``local_state`` reads those slices, ``load_local``
-writes into them, so an EMA can be kept shard by shard with no communication. Full tensors exist only inside
-``FSDP.summon_full_params`` (a collective: every rank must enter it): ``gather_full`` turns per-rank shards of
-some state (the EMA) into the full state dict, ``shard_full`` the reverse (resuming from a checkpoint's full
-EMA). Names are the unwrapped net's state-dict keys (FSDP's ``_fsdp_wrapped_module.`` prefixes removed).
+1-d views of this rank's slice (size 0 where it holds none). ``local_state`` reads those slices,
+``load_local`` writes into them, so an EMA can be kept shard by shard with no communication. Full tensors
+exist only inside ``FSDP.summon_full_params`` (a collective: every rank must enter it): ``gather_full`` turns
+per-rank shards of some state (the EMA) into the full state dict, ``shard_full`` the reverse (resuming from a
+checkpoint's full EMA). Names are the unwrapped net's state-dict keys (FSDP's ``_fsdp_wrapped_module.``
+prefixes removed).
 
-``FSDPStrategy``: Lightning's, which also runs on the CPU over gloo (tests, debugging a sharded run without a GPU).
+``FSDPStrategy``: Lightning's, which also runs on the CPU over gloo (tests, debugging a sharded run without a
+GPU).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_or
 
 class FSDPStrategy(LightningFSDPStrategy):
     """Lightning's FSDP strategy, on a GPU unchanged; on the CPU (gloo) it wraps the model itself with
-    ``device_id=cpu``, which torch's FSDP needs said explicitly (Lightning passes none there, and refuses its own
-    FSDPStrategy on the CPU: "The strategy `fsdp` requires a GPU accelerator").
+    ``device_id=cpu``, which torch's FSDP needs said explicitly (Lightning passes none there, and refuses its
+    own FSDPStrategy on the CPU: "The strategy `fsdp` requires a GPU accelerator").
 
         python train.py trainer=fsdp trainer.accelerator=cpu trainer.devices=2 trainer.precision=32-true
     """
@@ -35,9 +37,14 @@ class FSDPStrategy(LightningFSDPStrategy):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
         if self.root_device.type == "cpu" and not any(isinstance(m, FSDP) for m in model.modules()):
-            model = FSDP(model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
-                         sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"),
-                         **self.kwargs)  # fmt: skip
+            model = FSDP(
+                model,
+                cpu_offload=self.cpu_offload,
+                mixed_precision=self.mixed_precision_config,
+                sharding_strategy=self.sharding_strategy,
+                device_id=torch.device("cpu"),
+                **self.kwargs,
+            )
             self.kwargs.pop("auto_wrap_policy", None)  # applied: Lightning would warn that it is ignored
         return super()._setup_model(model)
 
@@ -87,7 +94,8 @@ def load_local(net: nn.Module, values: dict[str, Tensor]) -> None:
 
 @contextmanager
 def local_swapped(net: nn.Module, values: dict[str, Tensor]) -> Iterator[None]:
-    """``values`` in the net's local slices for the duration (no communication); the net's own restored after."""
+    """``values`` in the net's local slices for the duration (no communication); the net's own restored
+    after."""
     backup = {k: v.detach().clone() for k, v in local_state(net).items()}
     load_local(net, values)
     try:

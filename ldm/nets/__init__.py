@@ -1,7 +1,7 @@
 """Backbones: plain nn.Modules with ``forward(x, c_noise, context, ...) -> Tensor``.
 
-``BACKBONES`` maps a family to its class: ``configs/net/<family>_<size>.yaml`` builds it (``tests/test_registries.py``
-checks every config against this table, and DiT configs against ``DIT_SIZES``).
+``BACKBONES`` maps a family to its class: ``configs/net/<family>_<size>.yaml`` builds it
+(``tests/test_registries.py`` checks every config against this table, and DiT configs against ``DIT_SIZES``).
 """
 
 from torch import nn

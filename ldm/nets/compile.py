@@ -5,12 +5,12 @@
 ``load_state_dict`` and the diffusers converters see the same net whether it is compiled or not.
 
 - ``full``: one graph for the whole backbone; the fastest steady state, the longest first step.
-- ``regional``: each ResBlock / SpatialTransformer / DiT block is compiled on its own; blocks of one shape share
-  a compiled graph, so the first step is shorter on deep nets (SD: 16 ResBlocks, 16 transformers), at the cost of
-  graph breaks between blocks.
+- ``regional``: each ResBlock / SpatialTransformer / DiT block is compiled on its own; blocks of one shape
+  share a compiled graph, so the first step is shorter on deep nets (SD: 16 ResBlocks, 16 transformers), at
+  the cost of graph breaks between blocks.
 
-Shapes are static (``dynamic=False``): a new batch size or latent size compiles once more (CFG doubles the batch
-at sampling). Compilation happens at the first call, not here.
+Shapes are static (``dynamic=False``): a new batch size or latent size compiles once more (CFG doubles the
+batch at sampling). Compilation happens at the first call, not here.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def compile_backbone(net: nn.Module, mode: bool | str | None, backend: str = "in
         regions = [m for m in net.modules() if isinstance(m, REGIONS)]
         if not regions:
             raise ValueError(
-                f"model.compile=regional: {type(net).__name__} has no {', '.join(r.__name__ for r in REGIONS)} "
+                f"model.compile=regional: {type(net).__name__} has no "
+                f"{', '.join(r.__name__ for r in REGIONS)} "
                 "blocks; use model.compile=full"
             )
         for module in regions:

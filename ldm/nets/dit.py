@@ -3,30 +3,31 @@ Transformers", DiT) with text through cross-attention (Chen et al. 2023, "PixArt
 
 The latent (B, C, H, W) is cut into p x p patches (a stride-p convolution, DiT Sec. 3.2 "Patchify") giving
 N = (H/p)(W/p) tokens of width D, plus a fixed 2-D sin-cos positional embedding computed for the input's own
-grid on every call, so any H x W divisible by p works (aspect-ratio buckets, other resolutions than trained on).
-Each block is: adaLN-modulated self-attention, cross-attention on the text tokens (masked by ``context_mask``),
-adaLN-modulated MLP (PixArt-alpha Fig. 4). Attention is ``ldm.nets.layers.Attention``, i.e. PyTorch's
-``scaled_dot_product_attention`` (flash / memory-efficient kernels where available). A final adaLN + linear
-layer maps every token back to a p x p x C patch; it is zero-initialised, so the net outputs exactly zeros at
-init (DiT Sec. 3.2 "adaLN-Zero"). ``gradient_checkpointing`` recomputes each block in the backward pass.
+grid on every call, so any H x W divisible by p works (aspect-ratio buckets, other resolutions than trained
+on). Each block is: adaLN-modulated self-attention, cross-attention on the text tokens (masked by
+``context_mask``), adaLN-modulated MLP (PixArt-alpha Fig. 4). Attention is ``ldm.nets.layers.Attention``, i.e.
+PyTorch's ``scaled_dot_product_attention`` (flash / memory-efficient kernels where available). A final adaLN +
+linear layer maps every token back to a p x p x C patch; it is zero-initialised, so the net outputs exactly
+zeros at init (DiT Sec. 3.2 "adaLN-Zero"). ``gradient_checkpointing`` recomputes each block in the backward
+pass.
 
-Design choice: **adaLN-single with zero init** rather than DiT's per-block adaLN-Zero. In DiT each block owns a
-Linear(D, 6D) from the conditioning vector to its shift/scale/gate (27% of the parameters, PixArt-alpha
-Sec. 2.3). Here the adaLN signal is one vector (the noise level's embedding, plus the optional ``vector``
-input, see below; text goes through cross-attention), so one shared Linear(D, 6D) of the timestep embedding plus a
+Design choice: **adaLN-single with zero init** rather than DiT's per-block adaLN-Zero. In DiT each block owns
+a Linear(D, 6D) from the conditioning vector to its shift/scale/gate (27% of the parameters, PixArt-alpha Sec.
+2.3). Here the adaLN signal is one vector (the noise level's embedding, plus the optional ``vector`` input,
+see below; text goes through cross-attention), so one shared Linear(D, 6D) of the timestep embedding plus a
 learned per-block (6, D) table ``E_i`` (PixArt-alpha's adaLN-single, S_i = f(S + E_i)) carries the same
-information with a quarter fewer parameters (DiT-S/2 29.5M instead of 39.3M, B/2 111M instead of 150M).
-Unlike PixArt we zero-initialise both the shared layer and the tables, so every gate starts at 0 and every
-block is the identity at init: DiT's adaLN-Zero property, which its ablation (Fig. 5) found best. The
-cross-attention sublayer is pre-normed (LayerNorm) and its output projection zero-initialised (as PixArt-alpha
-does); it is not gated by the timestep.
+information with a quarter fewer parameters (DiT-S/2 29.5M instead of 39.3M, B/2 111M instead of 150M). Unlike
+PixArt we zero-initialise both the shared layer and the tables, so every gate starts at 0 and every block is
+the identity at init: DiT's adaLN-Zero property, which its ablation (Fig. 5) found best. The cross-attention
+sublayer is pre-normed (LayerNorm) and its output projection zero-initialised (as PixArt-alpha does); it is
+not gated by the timestep.
 
 Conditioning inputs: ``forward(x, c_noise, context, context_mask, vector, concat)`` exactly like
-``ldm.nets.unet.UNet`` (``ldm.interfaces.COND_KEYS``). Text goes through cross-attention. ``vector`` (class labels
-from a ``ClassConditioner(output="vector")``, pooled text, size micro-conditioning) goes through adaLN: a
-zero-initialised MLP maps it to the width D and adds it to the timestep embedding t, which drives every block's
-shift/scale/gate and the final layer (DiT Sec. 3.2: "the sum of the embedding vectors of t and c"). ``concat``
-channels are joined to x before the patch embedding.
+``ldm.nets.unet.UNet`` (``ldm.interfaces.COND_KEYS``). Text goes through cross-attention. ``vector`` (class
+labels from a ``ClassConditioner(output="vector")``, pooled text, size micro-conditioning) goes through adaLN:
+a zero-initialised MLP maps it to the width D and adds it to the timestep embedding t, which drives every
+block's shift/scale/gate and the final layer (DiT Sec. 3.2: "the sum of the embedding vectors of t and c").
+``concat`` channels are joined to x before the patch embedding.
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ class DiTBlock(nn.Module):
             nn.Dropout(dropout),
             nn.Linear(inner, hidden_size),
         )
-        # E_i of adaLN-single (rows: shift, scale, gate of attention; shift, scale, gate of the MLP), zero at init
+        # E_i of adaLN-single (rows: shift, scale, gate of attention; shift, scale, gate of the MLP), zero at
+        # init
         self.scale_shift_table = nn.Parameter(torch.zeros(6, hidden_size))
 
     def forward(self, x: Tensor, t_mod: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
@@ -141,9 +143,9 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """``forward(x, c_noise, context, context_mask, vector, concat) -> Tensor`` (B, out_channels, H, W), H and W
-    multiples of ``patch_size``. ``context_dim=None`` builds a DiT without cross-attention; ``vector_dim`` adds the
-    adaLN vector input, ``concat_channels`` the concatenated channels. Sizes: ``DIT_SIZES``.
+    """``forward(x, c_noise, context, context_mask, vector, concat) -> Tensor`` (B, out_channels, H, W), H and
+    W multiples of ``patch_size``. ``context_dim=None`` builds a DiT without cross-attention; ``vector_dim``
+    adds the adaLN vector input, ``concat_channels`` the concatenated channels. Sizes: ``DIT_SIZES``.
     """
 
     def __init__(
@@ -165,15 +167,18 @@ class DiT(nn.Module):
         super().__init__()
         if patch_size < 1 or depth < 1:
             raise ValueError(
-                f"patch_size and depth must be >= 1, got {patch_size} and {depth}: set net.patch_size/net.depth"
+                f"patch_size and depth must be >= 1, got {patch_size} and {depth}: set "
+                f"net.patch_size/net.depth"
             )
         if hidden_size % num_heads:
             raise ValueError(
-                f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}: set net.num_heads to a divisor"
+                f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}: set net.num_heads to "
+                f"a divisor"
             )
         if hidden_size % 4:
             raise ValueError(
-                f"hidden_size={hidden_size} must be a multiple of 4 (2-D sin-cos positions): set net.hidden_size"
+                f"hidden_size={hidden_size} must be a multiple of 4 (2-D sin-cos positions): set "
+                f"net.hidden_size"
             )
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -205,8 +210,9 @@ class DiT(nn.Module):
         log.debug("DiT built: %.2fM parameters", sum(p.numel() for p in self.parameters()) / 1e6)
 
     def _init_weights(self) -> None:
-        """DiT's ``initialize_weights``: Xavier-uniform linears, patch embed as a linear, N(0, 0.02) timestep MLP,
-        zero adaLN (shared layer and tables), zero final layer; plus zero cross-attention output projections."""
+        """DiT's ``initialize_weights``: Xavier-uniform linears, patch embed as a linear, N(0, 0.02) timestep
+        MLP, zero adaLN (shared layer and tables), zero final layer; plus zero cross-attention output
+        projections."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -231,8 +237,10 @@ class DiT(nn.Module):
         self, x: Tensor, c_noise: Tensor, context: Tensor | None, context_mask: Tensor | None
     ) -> tuple[Tensor, Tensor | None]:
         p = self.patch_size
-        size_fix = (f"net.patch_size={p}: use an image size (image_size / data buckets) that is a multiple of {p} x "
-                    "the autoencoder factor, or a smaller net.patch_size")  # fmt: skip
+        size_fix = (
+            f"net.patch_size={p}: use an image size (image_size / data buckets) that is a multiple of {p} x "
+            "the autoencoder factor, or a smaller net.patch_size"
+        )
         return check_backbone_inputs(self, x, c_noise, context, context_mask, multiple=p, size_fix=size_fix)
 
     # ------------------------------------------------------------------ forward
@@ -251,8 +259,9 @@ class DiT(nn.Module):
         vector: Tensor | None = None,
         concat: Tensor | None = None,
     ) -> Tensor:
-        """x (B, C, H, W); c_noise (B,) or scalar; context (B, L, D_ctx); context_mask (B, L) bool, True = real
-        token; vector (B, vector_dim); concat (B, concat_channels, H, W). Returns (B, out_channels, H, W)."""
+        """x (B, C, H, W); c_noise (B,) or scalar; context (B, L, D_ctx); context_mask (B, L) bool, True =
+        real token; vector (B, vector_dim); concat (B, concat_channels, H, W). Returns (B, out_channels, H,
+        W)."""
         c_noise, mask = self._check_inputs(x, c_noise, context, context_mask)
         check_vector_and_concat(self, x, vector, concat)
         b, _, h, w = x.shape
@@ -277,7 +286,8 @@ class DiT(nn.Module):
 
 
 def build_dit(name: str, **kwargs: object) -> DiT:
-    """A DiT of a registered size (``DIT_SIZES``, e.g. "dit_s2", "dit_b2"); ``kwargs`` give the other arguments."""
+    """A DiT of a registered size (``DIT_SIZES``, e.g. "dit_s2", "dit_b2"); ``kwargs`` give the other
+    arguments."""
     if name not in DIT_SIZES:
         raise ValueError(f"unknown DiT size {name!r}: choose one of {', '.join(DIT_SIZES)}")
     return DiT(**DIT_SIZES[name], **kwargs)  # type: ignore[arg-type]

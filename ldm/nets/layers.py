@@ -254,8 +254,8 @@ def check_backbone_inputs(
 ) -> tuple[Tensor, Tensor | None]:
     """The checks every backbone makes on ``forward``'s inputs (UNet, DiT), one-line errors naming the fix.
 
-    ``multiple``: what the latent's height and width must be divisible by (``size_fix`` says how to get there).
-    Returns c_noise (B,) and the mask as bool (B, L) or None."""
+    ``multiple``: what the latent's height and width must be divisible by (``size_fix`` says how to get
+    there). Returns c_noise (B,) and the mask as bool (B, L) or None."""
     name = type(net).__name__
     if x.ndim != 4:
         raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
@@ -300,13 +300,16 @@ def check_backbone_inputs(
 
 
 def check_vector_and_concat(net: nn.Module, x: Tensor, vector: Tensor | None, concat: Tensor | None) -> None:
-    """The checks on the two optional inputs (``ldm.interfaces.COND_KEYS``): the pooled/size/label ``vector`` added to
-    the timestep embedding and the ``concat`` channels joined to x; one-line errors naming the fix."""
+    """The checks on the two optional inputs (``ldm.interfaces.COND_KEYS``): the pooled/size/label ``vector``
+    added to the timestep embedding and the ``concat`` channels joined to x; one-line errors naming the
+    fix."""
     name = type(net).__name__
     if (vector is None) != (net.vector_dim is None):
         raise ValueError(
-            f"{name} has vector_dim={net.vector_dim} but {'no' if vector is None else 'a'} vector was passed: set "
-            "net.vector_dim to the summed output_dim of the conditioners with output=vector (null when there are none)"
+            f"{name} has vector_dim={net.vector_dim} but {'no' if vector is None else 'a'} vector was "
+            f"passed: set "
+            "net.vector_dim to the summed output_dim of the conditioners with output=vector (null when there "
+            "are none)"
         )
     if vector is not None and (vector.ndim != 2 or vector.shape != (x.shape[0], net.vector_dim)):
         raise ValueError(
@@ -315,18 +318,20 @@ def check_vector_and_concat(net: nn.Module, x: Tensor, vector: Tensor | None, co
         )
     if (concat is None) != (net.concat_channels == 0):
         raise ValueError(
-            f"{name} has concat_channels={net.concat_channels} but {'no' if concat is None else 'a'} concat input was "
-            "passed: set net.concat_channels to the channels of the output=concat conditioners (0 when there are none)"
+            f"{name} has concat_channels={net.concat_channels} but {'no' if concat is None else 'a'} concat "
+            f"input was "
+            "passed: set net.concat_channels to the channels of the output=concat conditioners (0 when there "
+            "are none)"
         )
     if concat is not None and concat.shape != (x.shape[0], net.concat_channels, *x.shape[2:]):
         raise ValueError(
-            f"concat must be (B, concat_channels, h, w) = {(x.shape[0], net.concat_channels, *x.shape[2:])}, got "
-            f"{tuple(concat.shape)}: give the concat conditioner inputs at the latent size"
+            f"concat must be (B, concat_channels, h, w) = {(x.shape[0], net.concat_channels, *x.shape[2:])}, "
+            f"got {tuple(concat.shape)}: give the concat conditioner inputs at the latent size"
         )
 
 
 def vector_embedding(vector_dim: int, emb_dim: int) -> nn.Sequential:
-    """(B, vector_dim) -> (B, emb_dim) added to the timestep embedding (SDXL's ``label_emb``, Podell et al. 2023,
-    Sec. 2.2; DiT's class embedder, Peebles & Xie 2023). Its last layer is zero-initialised, so a net that gains a
-    vector input computes exactly what it computed without one until training moves it."""
+    """(B, vector_dim) -> (B, emb_dim) added to the timestep embedding (SDXL's ``label_emb``, Podell et al.
+    2023, Sec. 2.2; DiT's class embedder, Peebles & Xie 2023). Its last layer is zero-initialised, so a net
+    that gains a vector input computes exactly what it computed without one until training moves it."""
     return nn.Sequential(nn.Linear(vector_dim, emb_dim), nn.SiLU(), zero_module(nn.Linear(emb_dim, emb_dim)))

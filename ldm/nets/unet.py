@@ -158,7 +158,9 @@ class UNet(nn.Module):
             zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)),
         )
         if vector_dim is not None:  # built last: the other layers draw the same init as without it
-            self.vector_embed = vector_embedding(vector_dim, emb_dim)  # (B, vector_dim) -> (B, 4 * mc), 0 at init
+            self.vector_embed = vector_embedding(
+                vector_dim, emb_dim
+            )  # (B, vector_dim) -> (B, 4 * mc), 0 at init
         log.debug("UNet built: %.2fM parameters", sum(p.numel() for p in self.parameters()) / 1e6)
 
     # ------------------------------------------------------------------ checks
@@ -166,8 +168,10 @@ class UNet(nn.Module):
         self, x: Tensor, c_noise: Tensor, context: Tensor | None, context_mask: Tensor | None
     ) -> tuple[Tensor, Tensor | None]:
         factor = 2 ** (len(self.channel_mult) - 1)
-        size_fix = (f"{factor} (2**(len(channel_mult)-1)); use an image/latent size that is a multiple of {factor} "
-                    "or fewer channel_mult levels")  # fmt: skip
+        size_fix = (
+            f"{factor} (2**(len(channel_mult)-1)); use an image/latent size that is a multiple of {factor} "
+            "or fewer channel_mult levels"
+        )
         return check_backbone_inputs(
             self, x, c_noise, context, context_mask, multiple=factor, size_fix=size_fix
         )

@@ -1,4 +1,5 @@
-"""``make_report``: runs -> report.md, report.csv, loss_curves.png, samples.png (+ Optuna plots) in one directory."""
+"""``make_report``: runs -> report.md, report.csv, loss_curves.png, samples.png (+ Optuna plots) in one
+directory."""
 
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ MODES = ("min", "max")
 def make_report(
     paths: list[Path], out_dir: Path, metric: str | None = None, mode: str | None = None
 ) -> dict[str, Any]:
-    """Compare the runs under ``paths`` (sweep or run directories); returns what was written and the sort order.
+    """Compare the runs under ``paths`` (sweep or run directories); returns what was written and the sort
+    order.
 
-    ``metric``: the column the runs are sorted by (default: the Optuna study's, else the runs' optimized_metric,
-    else val/loss); ``mode``: min or max (default: the study's direction, else min).
+    ``metric``: the column the runs are sorted by (default: the Optuna study's, else the runs'
+    optimized_metric, else val/loss); ``mode``: min or max (default: the study's direction, else min).
     """
     if mode is not None and mode not in MODES:
         raise ValueError(f"--mode {mode}: use min or max")
@@ -40,8 +42,14 @@ def make_report(
     pictures = draw_pictures(table, metric, study, out_dir, notes)
     (out_dir / "report.md").write_text(document(table, paths, metric, mode, study, pictures, notes, out_dir))
     log.info("wrote %s (%d runs, sorted by %s, %s)", out_dir / "report.md", len(runs), metric, mode)
-    return {"out_dir": out_dir, "metric": metric, "mode": mode, "runs": [r.name for r in table.runs],
-            "pictures": pictures, "notes": notes}  # fmt: skip
+    return {
+        "out_dir": out_dir,
+        "metric": metric,
+        "mode": mode,
+        "runs": [r.name for r in table.runs],
+        "pictures": pictures,
+        "notes": notes,
+    }
 
 
 def common_value(runs: list[Run], key: str) -> str | None:
@@ -70,8 +78,10 @@ def draw_pictures(
         notes.append(f"loss_curves.png not drawn: {exc}")
     settings = {sample_settings(r) for r in table.runs if sample_settings(r) is not None}
     if len(settings) > 1:
-        notes.append("samples.png: the runs sampled with different prompts, seeds or sampler settings "
-                     "(callbacks.sample_grid); its rows are not directly comparable")  # fmt: skip
+        notes.append(
+            "samples.png: the runs sampled with different prompts, seeds or sampler settings "
+            "(callbacks.sample_grid); its rows are not directly comparable"
+        )
     first = next((r for r in table.runs if sample_settings(r) is not None), None)
     prompts = list(first.config["callbacks"]["sample_grid"]["prompts"]) if first and first.config else None
     short = labels(table)
@@ -115,7 +125,10 @@ def caption(rank: int, run: Run, metric: str, label: str) -> str:
     shown = f"{value:.4g}" if value is not None and math.isfinite(value) else "n/a"
     step = (run.summary or {}).get("global_step")
     settings = label.partition(": ")[2].replace(" ", "\n")
-    return f"#{rank} {run.name}\n{run.status}, step {step if step is not None else '?'}\n{metric} {shown}\n{settings}"
+    return (
+        f"#{rank} {run.name}\n{run.status}, step {step if step is not None else '?'}\n{metric} "
+        f"{shown}\n{settings}"
+    )
 
 
 def document(
@@ -134,7 +147,8 @@ def document(
         "",
         f"- **Runs:** {len(table.runs)} from {', '.join(f'`{p}`' for p in paths)} "
         f"({', '.join(f'{n} {s}' for s, n in statuses.most_common())})",
-        f"- **Sorted by:** final `{metric}`, {'lowest' if mode == 'min' else 'highest'} first; runs without it last",
+        f"- **Sorted by:** final `{metric}`, {'lowest' if mode == 'min' else 'highest'} first; runs without "
+        f"it last",
         f"- **Varying settings** from `{table.source}`: "
         + (", ".join(f"`{k}`" for k in table.varying) if table.varying else "none"),
     ]
@@ -149,10 +163,13 @@ def document(
             top = study.study.best_trial
             lines.append(f"- **Best trial:** {top.number}, value {top.value:.6g}, params `{top.params}`")
     lines += ["", markdown_table(table, out_dir), ""]
-    for name, title in (("loss_curves.png", "Loss curves"), ("samples.png", "Samples (last grid of each run)"),
-                        ("optuna_history.png", "Optuna: optimisation history"),
-                        ("optuna_importance.png", "Optuna: parameter importance"),
-                        ("optuna_intermediate.png", "Optuna: intermediate values")):  # fmt: skip
+    for name, title in (
+        ("loss_curves.png", "Loss curves"),
+        ("samples.png", "Samples (last grid of each run)"),
+        ("optuna_history.png", "Optuna: optimisation history"),
+        ("optuna_importance.png", "Optuna: parameter importance"),
+        ("optuna_intermediate.png", "Optuna: intermediate values"),
+    ):
         if name in pictures:
             shown = pictures[name]
             lines += [f"## {title}", "", f"![{title}]({name})" if shown == name else f"_{shown}_", ""]

@@ -1,4 +1,5 @@
-"""The report's pictures: loss curves of all runs overlaid, one row of samples per run, Optuna's study plots."""
+"""The report's pictures: loss curves of all runs overlaid, one row of samples per run, Optuna's study
+plots."""
 
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def samples_image(runs: list[Run], path: Path, captions: list[str], prompts: list[str] | None) -> list[str]:
-    """``samples.png``: each run's last sample grid in a row (same prompts, same seeds), its caption on the left.
+    """``samples.png``: each run's last sample grid in a row (same prompts, same seeds), its caption on the
+    left.
 
     Returns the names of the runs without a sample grid (a grey row says so).
     """
@@ -129,7 +131,8 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: float) -> str:
 
 
 def optuna_plots(study: Any, out_dir: Path) -> dict[str, str]:
-    """Optuna's history, parameter importance and intermediate values as PNGs; name -> file or why not drawn."""
+    """Optuna's history, parameter importance and intermediate values as PNGs; name -> file or why not
+    drawn."""
     plt = pyplot()
     import optuna.visualization.matplotlib as ovm
 

@@ -1,7 +1,9 @@
-"""What a run directory says about its run: summary, overrides, resolved config, logged metrics, samples, checkpoint.
+"""What a run directory says about its run: summary, overrides, resolved config, logged metrics, samples,
+checkpoint.
 
-A run directory is what ``train.py`` writes (``summary.json``, ``config_resolved.yaml``, ``.hydra/overrides.yaml``,
-``csv/metrics.csv``, ``samples/step_*.png``, ``checkpoints/*.ckpt``); a sweep directory holds one per job.
+A run directory is what ``train.py`` writes (``summary.json``, ``config_resolved.yaml``,
+``.hydra/overrides.yaml``, ``csv/metrics.csv``, ``samples/step_*.png``, ``checkpoints/*.ckpt``); a sweep
+directory holds one per job.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ class Run:
 
     @property
     def status(self) -> str:
-        """finished | interrupted | diverged | failed | pruned (an Optuna trial) | incomplete (no summary.json)."""
+        """finished | interrupted | diverged | failed | pruned (an Optuna trial) | incomplete (no
+        summary.json)."""
         if self.summary is None:
             return "incomplete"
         if str(self.summary.get("error") or "").startswith("TrialPruned"):
@@ -51,7 +54,8 @@ class Run:
         return dict((self.summary or {}).get("metrics") or {})
 
     def series(self, key: str) -> list[tuple[int, float]]:
-        """(step, value) of a logged metric, one value per step (the later row wins: a resumed run re-logs)."""
+        """(step, value) of a logged metric, one value per step (the later row wins: a resumed run
+        re-logs)."""
         points: dict[int, float] = {}
         for row in self.rows:
             if key in row and "step" in row and math.isfinite(row[key]):
@@ -100,7 +104,8 @@ def is_run_dir(path: Path) -> bool:
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
-    """Run directories among ``paths``: each is a run directory, or a directory of them (a sweep, ``runs/``)."""
+    """Run directories among ``paths``: each is a run directory, or a directory of them (a sweep,
+    ``runs/``)."""
     found: list[Path] = []
     for path in paths:
         if not path.is_dir():
@@ -111,7 +116,8 @@ def find_runs(paths: list[Path]) -> list[Path]:
         children = sorted((p for p in path.iterdir() if is_run_dir(p)), key=_natural)
         if not children:
             raise UserError(
-                f"{path} holds no run directories (none has {', '.join(RUN_MARKERS)}): pass a sweep directory "
+                f"{path} holds no run directories (none has {', '.join(RUN_MARKERS)}): pass a sweep "
+                f"directory "
                 "(logs/train/multiruns/<sweep>) or run directories (logs/train/runs/<run>)"
             )
         found.extend(children)
@@ -139,7 +145,8 @@ def load_run(path: Path, name: str) -> Run:
 
 
 def run_names(paths: list[Path]) -> list[str]:
-    """Short unique labels: the path below the common parent (``3`` in a sweep, ``<date>_<time>_<hex>`` in runs/)."""
+    """Short unique labels: the path below the common parent (``3`` in a sweep, ``<date>_<time>_<hex>`` in
+    runs/)."""
     if len(paths) == 1:
         return [paths[0].name]
     parts = [p.parts for p in paths]

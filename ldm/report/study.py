@@ -1,4 +1,5 @@
-"""The Optuna study behind a sweep directory (written there by ``hydra/sweeper=ldm_optuna`` as optuna_study.yaml)."""
+"""The Optuna study behind a sweep directory (written there by ``hydra/sweeper=ldm_optuna`` as
+optuna_study.yaml)."""
 
 from __future__ import annotations
 
@@ -36,8 +37,10 @@ def load_study(sweep_dir: Path, info: dict[str, Any]) -> StudyInfo | None:
     try:
         import optuna
     except ImportError:
-        log.warning("%s is an Optuna sweep, but Optuna is not installed (pip install -e '.[sweep]'): no study plots",
-                    sweep_dir)  # fmt: skip
+        log.warning(
+            "%s is an Optuna sweep, but Optuna is not installed (pip install -e '.[sweep]'): no study plots",
+            sweep_dir,
+        )
         return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:

@@ -26,8 +26,9 @@ class Table:
 
 
 def sort_runs(runs: list[Run], metric: str, mode: str) -> list[Run]:
-    """Finished runs best first by the final value of ``metric``; then unfinished runs (pruned, interrupted: their
-    value is from earlier in training) the same way; runs without a finite value last (in their given order)."""
+    """Finished runs best first by the final value of ``metric``; then unfinished runs (pruned, interrupted:
+    their value is from earlier in training) the same way; runs without a finite value last (in their given
+    order)."""
     sign = 1.0 if mode == "min" else -1.0
 
     def key(run: Run) -> tuple[bool, bool, float]:

@@ -2,11 +2,14 @@
 
 Each schedule names the grids it can be sampled on (``schedule.spacings``) and its own default
 (``schedule.default_spacing``); this module builds them:
-    leading | trailing | linspace   training timesteps picked as diffusers' timestep_spacing (discrete VP schedules)
-    karras                          Karras et al. 2022's rho schedule between the schedule's sigma_min and sigma_max
-    flow                            the shifted rectified-flow times of diffusers' FlowMatchEulerDiscreteScheduler
-The defaults are trailing (VP), karras (EDM) and flow: trailing starts at the last training timestep (Lin et al.
-2024) and measured closest to a 1,000-step solve for our multistep samplers (bench/sampler_chooser.py).
+    leading | trailing | linspace
+        training timesteps picked as diffusers' timestep_spacing (discrete VP schedules)
+    karras
+        Karras et al. 2022's rho schedule between the schedule's sigma_min and sigma_max
+    flow
+        the shifted rectified-flow times of diffusers' FlowMatchEulerDiscreteScheduler
+The defaults are trailing (VP), karras (EDM) and flow: trailing starts at the last training timestep (Lin et
+al. 2024) and measured closest to a 1,000-step solve for our multistep samplers (bench/sampler_chooser.py).
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ GRIDS: dict[str, Callable[..., Tensor]] = {
 def sampling_sigmas(
     schedule, steps: int, spacing: str | None = None, steps_offset: int = 1, rho: float = 7.0
 ) -> Tensor:
-    """(steps + 1,) descending noise levels ending in 0, in the schedule's own units (t for rectified flow)."""
+    """(steps + 1,) descending noise levels ending in 0, in the schedule's own units (t for rectified
+    flow)."""
     spacing = spacing or schedule.default_spacing
     if spacing not in schedule.spacings:
         raise ValueError(

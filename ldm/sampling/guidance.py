@@ -3,16 +3,17 @@
 D_cfg(x, sigma) = D(x, sigma, uncond) + scale * (D(x, sigma, cond) - D(x, sigma, uncond)), with both branches
 evaluated in ONE call on the doubled batch [uncond; cond]. A negative prompt is simply a non-empty ``uncond``.
 ``cond`` and ``uncond`` are the backbone's conditioning dicts (``ldm.interfaces.COND_KEYS``), passed through
-untouched; which conditioners ``uncond`` nulls (and which, like size conditioning, it keeps) is decided where it is
-built (``ldm.conditioning.multi.MultiConditioner.guidance_pair``).
-Guiding the x0 estimate is equivalent to guiding the net's output (eps, v, ...): x0 is affine in it at fixed x, sigma.
+untouched; which conditioners ``uncond`` nulls (and which, like size conditioning, it keeps) is decided where
+it is built (``ldm.conditioning.multi.MultiConditioner.guidance_pair``). Guiding the x0 estimate is equivalent
+to guiding the net's output (eps, v, ...): x0 is affine in it at fixed x, sigma.
 
 Two refinements, both off by default:
-- guidance rescale (Lin et al. 2024, Sec. 3.4, eqs. 15-16): in the model's own prediction space, rescale the guided
-  output to the per-sample std of the conditional one and blend: F = phi * F_cfg * std(F_c) / std(F_cfg)
+- guidance rescale (Lin et al. 2024, Sec. 3.4, eqs. 15-16): in the model's own prediction space, rescale the
+  guided output to the per-sample std of the conditional one and blend: F = phi * F_cfg * std(F_c) /
+  std(F_cfg)
   + (1 - phi) * F_cfg. Counters over-exposure at high scales (needed with zero-terminal-SNR schedules).
-- guidance interval (Kynkaanniemi et al. 2024): guide only for sigma in [lo, hi]; elsewhere the conditional branch
-  alone is used (one network call on the single batch).
+- guidance interval (Kynkaanniemi et al. 2024): guide only for sigma in [lo, hi]; elsewhere the conditional
+  branch alone is used (one network call on the single batch).
 """
 
 from __future__ import annotations
@@ -34,12 +35,17 @@ def _batched_pair(cond: dict[str, Tensor], uncond: dict[str, Tensor]) -> dict[st
     Token tensors (context, context_mask) of different lengths are padded to the longer (masked out)."""
     if set(cond) != set(uncond) or not set(cond) <= set(COND_KEYS) or not cond:
         raise ValueError(
-            f"cond and uncond must hold the same keys among {COND_KEYS}; got {sorted(cond)} and {sorted(uncond)}: "
+            f"cond and uncond must both hold the same keys among {COND_KEYS}; got {sorted(cond)} and "
+            f"{sorted(uncond)}: "
             "build both with the same conditioner"
         )
     batch = next(iter(cond.values())).shape[0]
     length = max(cond["context"].shape[1], uncond["context"].shape[1]) if "context" in cond else 0
-    if "context" in cond and cond["context"].shape[1] != uncond["context"].shape[1] and "context_mask" not in cond:
+    if (
+        "context" in cond
+        and cond["context"].shape[1] != uncond["context"].shape[1]
+        and "context_mask" not in cond
+    ):
         raise ValueError(
             "cond and uncond contexts differ in length; pass context_mask so the shorter is padded."
         )
@@ -60,7 +66,8 @@ def _batched_pair(cond: dict[str, Tensor], uncond: dict[str, Tensor]) -> dict[st
 
 
 def rescale_guidance(guided: Tensor, cond: Tensor, phi: float) -> Tensor:
-    """Lin et al. 2024, eqs. 15-16: match guided's per-sample std to cond's, blend with weight phi. (B, ...)."""
+    """Lin et al. 2024, eqs. 15-16: match guided's per-sample std to cond's, blend with weight phi. (B,
+    ...)."""
     dims = tuple(range(1, guided.ndim))
     ratio = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)  # (B, 1, ..., 1)
     return phi * guided * ratio + (1.0 - phi) * guided
@@ -69,9 +76,9 @@ def rescale_guidance(guided: Tensor, cond: Tensor, phi: float) -> Tensor:
 class CFGDenoiser:
     """Wraps ``denoiser(x, sigma, **cond)`` into a guided denoiser ``(x, sigma) -> x0``.
 
-    ``rescale`` > 0 works in the model's prediction space: pass ``to_prediction(x, sigma, x0) -> F`` and its inverse
-    ``from_prediction(x, sigma, F) -> x0`` (``Denoiser.prediction_from_x0`` / ``Denoiser.x0_from_prediction``).
-    ``interval`` = (lo, hi) guides only for lo <= sigma <= hi.
+    ``rescale`` > 0 works in the model's prediction space: pass ``to_prediction(x, sigma, x0) -> F`` and its
+    inverse ``from_prediction(x, sigma, F) -> x0`` (``Denoiser.prediction_from_x0`` /
+    ``Denoiser.x0_from_prediction``). ``interval`` = (lo, hi) guides only for lo <= sigma <= hi.
     """
 
     def __init__(
@@ -91,8 +98,9 @@ class CFGDenoiser:
             )
         if rescale > 0 and (to_prediction is None or from_prediction is None):
             raise TypeError(
-                "guidance rescale works in the model's prediction space: pass to_prediction=denoiser.prediction_from_x0"
-                " and from_prediction=denoiser.x0_from_prediction, or set rescale=0."
+                "guidance rescale works in the model's prediction space: pass "
+                "to_prediction=denoiser.prediction_from_x0 and from_prediction=denoiser.x0_from_prediction, "
+                "or set rescale=0."
             )
         if interval is not None:
             lo, hi = (float(v) for v in interval)
@@ -120,14 +128,16 @@ class CFGDenoiser:
         return (sigma >= lo) & (sigma <= hi)
 
     def __call__(self, x: Tensor, sigma: Tensor, **kwargs) -> Tensor:
-        """x (B, ...); sigma scalar or (B,); kwargs go to the wrapped denoiser. Returns the guided x0 (B, ...)."""
+        """x (B, ...); sigma scalar or (B,); kwargs go to the wrapped denoiser. Returns the guided x0 (B,
+        ...)."""
         if x.shape[0] != self.batch:
             raise ValueError(
                 f"x has batch {x.shape[0]} but cond has batch {self.batch}; build one CFGDenoiser per batch."
             )
         if set(kwargs) & set(COND_KEYS):
             raise ValueError(
-                f"{sorted(set(kwargs) & set(COND_KEYS))} are held by CFGDenoiser; do not pass them again in extra_args."
+                f"{sorted(set(kwargs) & set(COND_KEYS))} are held by CFGDenoiser; do not pass them again in "
+                f"extra_args."
             )
         sigma = torch.as_tensor(sigma, device=x.device)
         sigma_in = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma  # (B,)

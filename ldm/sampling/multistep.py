@@ -1,10 +1,10 @@
 """Multistep samplers in VE coordinates x = x0 + sigma * eps: PLMS, DPM-Solver++(2M) (ODE and SDE) and UniPC.
 
 Multistep methods reuse earlier denoiser outputs, so one call per step buys a higher order. The exponential
-integrators (DPM-Solver++, UniPC) are written in the VP papers with lambda = log(alpha / sigma_VP); dividing their
-updates by alpha_{t'} gives the VE form used here with lambda = -log(sigma), step h = lambda' - lambda = log(sigma /
-sigma') and e^{-h} = sigma' / sigma. The step to sigma = 0 (h = inf) is always first order and returns the last x0
-estimate. Coefficients are float64 Python floats; tensors keep x's dtype.
+integrators (DPM-Solver++, UniPC) are written in the VP papers with lambda = log(alpha / sigma_VP); dividing
+their updates by alpha_{t'} gives the VE form used here with lambda = -log(sigma), step h = lambda' - lambda =
+log(sigma / sigma') and e^{-h} = sigma' / sigma. The step to sigma = 0 (h = inf) is always first order and
+returns the last x0 estimate. Coefficients are float64 Python floats; tensors keep x's dtype.
 """
 
 from __future__ import annotations
@@ -39,19 +39,21 @@ def sample_plms(
     callback: Callback | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Pseudo linear multistep (PNDM, Liu et al. 2022) as diffusers' PNDMScheduler(skip_prk_steps=True) runs it.
+    """Pseudo linear multistep (PNDM, Liu et al. 2022) as diffusers' PNDMScheduler(skip_prk_steps=True) runs
+    it.
 
     PNDM's transfer part (their eq. 9) is the DDIM step, i.e. x' = x + (sigma' - sigma) * eps in VE form; the
-    gradient part replaces eps by an Adams-Bashforth combination of the last (up to) four eps estimates. The first
-    step has no history: it is an Euler step, a second call at its end point and a redo with the average of both
-    eps (a Heun step; diffusers' "repeated second timestep"), whose end-point eps is then dropped from the history.
-    N + 1 denoiser calls for N steps (N = 1: one Euler step). ``generator`` is unused.
+    gradient part replaces eps by an Adams-Bashforth combination of the last (up to) four eps estimates. The
+    first step has no history: it is an Euler step, a second call at its end point and a redo with the average
+    of both eps (a Heun step; diffusers' "repeated second timestep"), whose end-point eps is then dropped from
+    the history. N + 1 denoiser calls for N steps (N = 1: one Euler step). ``generator`` is unused.
 
     diffusers steps each listed timestep t to t - T // N. ``get_sigmas_discrete(schedule, N, "leading",
-    steps_offset)`` (and "trailing" when N divides T) is exactly that list, ending at abar = 1 (sigma 0) as with
-    ``set_alpha_to_one=True``; for ``set_alpha_to_one=False`` (Stable Diffusion) replace the final 0 by
-    ``schedule.sigma_min``. Other spacings make diffusers step off its own list, which no sigma list expresses.
-    For v-prediction nets diffusers averages the raw v outputs; this averages the implied eps (parameterisation-free).
+    steps_offset)`` (and "trailing" when N divides T) is exactly that list, ending at abar = 1 (sigma 0) as
+    with ``set_alpha_to_one=True``; for ``set_alpha_to_one=False`` (Stable Diffusion) replace the final 0 by
+    ``schedule.sigma_min``. Other spacings make diffusers step off its own list, which no sigma list
+    expresses. For v-prediction nets diffusers averages the raw v outputs; this averages the implied eps
+    (parameterisation-free).
     """
     values = check_sigmas(sigmas)
     sigmas_dev = sigmas.to(x.device)  # (N+1,)
@@ -91,12 +93,14 @@ def _dpmpp_2m_loop(
 ) -> Tensor:
     """(SDE-)DPM-Solver++(2M) in VE form; eta = 0 is the ODE solver, eta = 1 diffusers' "sde-dpmsolver++".
 
-    With H = (1 + eta) h and D1 = (D_i - D_{i-1}) * h / h_{i-1} (a finite difference of the x0 estimates in lambda):
-        x' = (sigma' / sigma) e^{-eta h} x + (1 - e^{-H}) D_i + c * D1 + sigma' sqrt(1 - e^{-2 eta h}) s_noise z
+    With H = (1 + eta) h and D1 = (D_i - D_{i-1}) * h / h_{i-1} (a finite difference of the x0 estimates in
+    lambda):
+        x' = (sigma' / sigma) e^{-eta h} x + (1 - e^{-H}) D_i + c * D1
+             + sigma' sqrt(1 - e^{-2 eta h}) s_noise z
     where c = (1 - e^{-H}) / 2 ("midpoint") or 1 - (1 - e^{-H}) / H ("heun", the exact integral of the linear
-    interpolant of D in lambda against the exponential weight). eta = 0: Lu et al. 2022 (DPM-Solver++), Alg. 2.
-    The first step and the step to sigma = 0 are first order (c = 0); the noise keeps the marginals N(x0, sigma^2)
-    for any eta >= 0. One draw per step after the denoiser call, none on the step to 0.
+    interpolant of D in lambda against the exponential weight). eta = 0: Lu et al. 2022 (DPM-Solver++),
+    Alg. 2. The first step and the step to sigma = 0 are first order (c = 0); the noise keeps the marginals
+    N(x0, sigma^2) for any eta >= 0. One draw per step after the denoiser call, none on the step to 0.
     """
     values = check_sigmas(sigmas)
     sigmas_dev = sigmas.to(x.device)  # (N+1,)
@@ -188,7 +192,8 @@ def sample_dpmpp_2m_sde(
 
 
 def _unipc_rhs(hh: float, order: int, b_h: float) -> list[float]:
-    """b_k = k! * hh * phi_{k+1}(hh) / B(h), k = 1..order (Zhao et al. 2023, Sec. 3; phi_1(z) = (e^z - 1) / z)."""
+    """b_k = k! * hh * phi_{k+1}(hh) / B(h), k = 1..order (Zhao et al. 2023, Sec. 3; phi_1(z) = (e^z - 1) /
+    z)."""
     g = (
         math.expm1(hh) / hh - 1.0
     )  # hh * phi_2(hh); then hh * phi_{k+2} = (hh * phi_{k+1}) / hh - 1 / (k + 1)!
@@ -208,7 +213,8 @@ def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float]:
 
 
 def _unipc_weights(nodes: list[float], hh: float, b_h: float) -> list[float]:
-    """Weights a of the scaled differences D1_k at nodes r_k: solve sum_k a_k r_k^(j-1) = b_j, j = 1..len(nodes).
+    """Weights a of the scaled differences D1_k at nodes r_k: solve sum_k a_k r_k^(j-1) = b_j, j =
+    1..len(nodes).
 
     UniP-p uses the p - 1 earlier nodes, UniC-p those plus r = 1 (the new point). With a single node the
     reference implementation fixes a = 1/2 for either B(h) (UniP-2, UniC-1), and so does this one.
@@ -267,10 +273,11 @@ def sample_unipc(
     """UniPC (Zhao et al. 2023): UniP-p predictor + UniC corrector, data prediction, B(h) = "bh1" | "bh2".
 
     As diffusers' UniPCMultistepScheduler(predict_x0=True, lower_order_final=True): step i uses order
-    min(order, i + 1, N - i) (warm-up and lower order at the end), and at each step after the first the x predicted
-    by the previous step is corrected with the denoiser output at it (no extra call: that output also enters the
-    history). The last step (to 0) is not corrected. N calls for N steps. ``generator`` is unused. The step to
-    sigma = 0 returns the last x0 estimate (the h -> inf limit; diffusers gives NaN there for "bh1").
+    min(order, i + 1, N - i) (warm-up and lower order at the end), and at each step after the first the x
+    predicted by the previous step is corrected with the denoiser output at it (no extra call: that output
+    also enters the history). The last step (to 0) is not corrected. N calls for N steps. ``generator`` is
+    unused. The step to sigma = 0 returns the last x0 estimate (the h -> inf limit; diffusers gives NaN there
+    for "bh1").
     """
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order}.")

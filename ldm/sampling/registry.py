@@ -1,10 +1,12 @@
-"""The sampler registry: every sampler by name, with the coordinates it integrates in and what tests expect of it.
+"""The sampler registry: every sampler by name, with the coordinates it integrates in and what tests expect of
+it.
 
 One table read by everything that lists samplers: ``check_sampler`` (refuses a sampler on a model whose
-coordinates it does not work in), ``configs/sampler/<name>.yaml`` (``tests/test_registries.py`` checks that each
-entry has one and each config names a registered function), ``bench/sampler_chooser.py`` and the convergence and
-diffusers-parity tests. Adding a sampler: write ``sample_<name>(denoiser, x, sigmas, *, extra_args, callback,
-generator)``, add one entry here and one ``configs/sampler/<name>.yaml``.
+coordinates it does not work in), ``configs/sampler/<name>.yaml`` (``tests/test_registries.py`` checks that
+each entry has one and each config names a registered function), ``bench/sampler_chooser.py`` and the
+convergence and diffusers-parity tests. Adding a sampler: write
+``sample_<name>(denoiser, x, sigmas, *, extra_args, callback, generator)``, add one entry here and one
+``configs/sampler/<name>.yaml``.
 
 Coordinates (``space``, the schedule's ``space`` attribute):
     "ve"    x = x0 + sigma eps: discrete VP schedules in their sigma view and EDM (Karras et al. 2022, eq. 4)
@@ -32,9 +34,10 @@ _MODEL = {"ve": "a VP/VE-sigma model", "flow": "a rectified flow"}
 class SamplerSpec:
     """One sampler: its function, the coordinates it works in and its convergence order with default options.
 
-    ``order``: global order of the ODE solution for deterministic samplers; for stochastic ones 1 when the error of
-    the sample variance shrinks at first order, 2 when it is already within Monte Carlo noise at 128 steps
-    (``tests/test_sampler_convergence.py``). ``reference``: the diffusers scheduler its parity test compares with.
+    ``order``: global order of the ODE solution for deterministic samplers; for stochastic ones 1 when the
+    error of the sample variance shrinks at first order, 2 when it is already within Monte Carlo noise at 128
+    steps (``tests/test_sampler_convergence.py``). ``reference``: the diffusers scheduler its parity test
+    compares with.
     """
 
     fn: Callable[..., Tensor]
@@ -72,7 +75,8 @@ def _function(sampler: Callable) -> Callable:
 
 
 def sampler_name(sampler: Callable) -> str:
-    """The registry name of a sampler function or ``functools.partial`` of one, else the function's own name."""
+    """The registry name of a sampler function or ``functools.partial`` of one, else the function's own
+    name."""
     func = _function(sampler)
     for name, spec in SAMPLERS.items():
         if spec.fn is func:
@@ -92,7 +96,8 @@ def sampler_spec(sampler: Callable) -> SamplerSpec:
 
 
 def check_sampler(sampler: Callable, schedule) -> None:
-    """Refuse a sampler whose coordinates (``SamplerSpec.space``) are not the schedule's (``schedule.space``)."""
+    """Refuse a sampler whose coordinates (``SamplerSpec.space``) are not the schedule's
+    (``schedule.space``)."""
     spec = sampler_spec(sampler)
     if spec.space != schedule.space:
         fits = " or ".join(f"sampler={n}" for n in samplers_for(schedule.space))

@@ -1,17 +1,18 @@
 """Samplers in VE coordinates x = x0 + sigma * eps (Karras et al. 2022; k-diffusion calling convention).
 
 Each sampler is a pure function ``sample_*(denoiser, x, sigmas, *, extra_args, callback, generator)``:
-``denoiser(x, sigma_batch, **extra_args)`` returns the x0 estimate, ``x`` is the initial noise already scaled by
-``schedule.init_noise_scale(sigmas[0])`` and ``sigmas`` is a descending 1-D schedule that normally ends in 0. The final
-x (at sigma = 0) is the clean sample.
+``denoiser(x, sigma_batch, **extra_args)`` returns the x0 estimate, ``x`` is the initial noise already scaled
+by ``schedule.init_noise_scale(sigmas[0])`` and ``sigmas`` is a descending 1-D schedule that normally ends
+in 0. The final x (at sigma = 0) is the clean sample.
 
 DDIM / DDPM are the discrete-time updates rewritten with sigma_t = sqrt((1 - abar_t) / abar_t): dividing
 Song et al. 2021, eq. 12 by sqrt(abar_{t'}) gives x' = x0 + sigma_down * eps + sigma_up * z with
     sigma_up = eta * sqrt(sigma'^2 (sigma^2 - sigma'^2) / sigma^2),  sigma_down = sqrt(sigma'^2 - sigma_up^2)
 (their eq. 16 for the variance), and eta = 1 is the DDPM posterior (Ho et al. 2020, eqs. 6-7). Since
-x0 + sigma_down * eps = x + (sigma_down - sigma) * (x - x0) / sigma, this is an Euler step of the probability-flow
-ODE dx/dsigma = (x - D(x; sigma)) / sigma (Karras et al. 2022, eq. 4 with s = 1) down to sigma_down followed by
-fresh noise: ``euler_loop`` below is shared by DDIM, DDPM, Euler (with Karras' churn) and Euler ancestral.
+x0 + sigma_down * eps = x + (sigma_down - sigma) * (x - x0) / sigma, this is an Euler step of the
+probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma (Karras et al. 2022, eq. 4 with s = 1) down to
+sigma_down followed by fresh noise: ``euler_loop`` below is shared by DDIM, DDPM, Euler (with Karras' churn)
+and Euler ancestral.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
 
 
 def ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
-    """(sigma_down, sigma_up) of a DDIM step sigma -> sigma_next (Song et al. 2021, eqs. 12 and 16, VE form)."""
+    """(sigma_down, sigma_up) of a DDIM step sigma -> sigma_next (Song et al. 2021, eqs. 12 and 16, VE
+    form)."""
     if sigma_next == 0.0 or eta == 0.0:
         return sigma_next, 0.0
     sigma_up = eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
@@ -81,8 +83,8 @@ def churn(
 ) -> tuple[Tensor, float, Tensor]:
     """Karras et al. 2022, Alg. 2 lines 4-7: raise the noise level to sigma_hat = (1 + gamma) sigma.
 
-    Returns (x_hat, sigma_hat as a float, sigma_hat as a tensor for the denoiser). With gamma = 0 nothing is drawn
-    and the schedule's own tensor entry is returned, so grid sigmas reach the net bit-exactly.
+    Returns (x_hat, sigma_hat as a float, sigma_hat as a tensor for the denoiser). With gamma = 0 nothing is
+    drawn and the schedule's own tensor entry is returned, so grid sigmas reach the net bit-exactly.
     """
     sigma = float(sigmas_dev[i])
     if gamma <= 0.0:
@@ -93,7 +95,8 @@ def churn(
 
 
 def churn_gamma(s_churn: float, steps: int, sigma: float, s_tmin: float, s_tmax: float) -> float:
-    """gamma_i = min(S_churn / N, sqrt(2) - 1) for sigma in [S_tmin, S_tmax], else 0 (Karras et al. 2022, Alg. 2)."""
+    """gamma_i = min(S_churn / N, sqrt(2) - 1) for sigma in [S_tmin, S_tmax], else 0 (Karras et al. 2022, Alg.
+    2)."""
     if s_churn <= 0.0 or not s_tmin <= sigma <= s_tmax:
         return 0.0
     return min(s_churn / steps, math.sqrt(2.0) - 1.0)
@@ -113,10 +116,11 @@ def euler_loop(
     callback: Callback | None,
     generator: torch.Generator | None,
 ) -> Tensor:
-    """Per step: optional churn (Karras Alg. 2), Euler step to sigma_down, then sigma_up * s_noise * z (eta > 0).
+    """Per step: optional churn (Karras Alg. 2), Euler step to sigma_down, then sigma_up * s_noise * z (eta >
+    0).
 
-    Noise order per step: the churn draw (only when gamma > 0) before the denoiser call, the ancestral draw (only
-    when sigma_up > 0, i.e. eta > 0 and sigma_next > 0) after it.
+    Noise order per step: the churn draw (only when gamma > 0) before the denoiser call, the ancestral draw
+    (only when sigma_up > 0, i.e. eta > 0 and sigma_next > 0) after it.
     """
     values = check_sigmas(sigmas)
     sigmas_dev = sigmas.to(x.device)  # (N+1,)
@@ -176,13 +180,15 @@ def sample_ddpm(
     callback: Callback | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Ancestral DDPM: sample the posterior q(x_{t'} | x_t, x0_hat) (Ho et al. 2020, eqs. 6-7) on any sub-grid.
+    """Ancestral DDPM: sample the posterior q(x_{t'} | x_t, x0_hat) (Ho et al. 2020, eqs. 6-7) on any
+    sub-grid.
 
-    In VE form with r = sigma'^2 / sigma^2: mean = r x + (1 - r) x0_hat, variance = sigma'^2 (1 - r). On a strided
-    grid this uses beta_t = 1 - abar_t / abar_t' like diffusers' DDPMScheduler ("fixed_small" variance).
+    In VE form with r = sigma'^2 / sigma^2: mean = r x + (1 - r) x0_hat, variance = sigma'^2 (1 - r). On a
+    strided grid this uses beta_t = 1 - abar_t / abar_t' like diffusers' DDPMScheduler ("fixed_small"
+    variance).
     """
-    # With eta = 1 the DDIM step x' = x0 + sigma_down * eps + sigma_up * z has mean r x + (1 - r) x0 and variance
-    # sigma'^2 (1 - r): exactly this posterior, so one loop serves both samplers.
+    # With eta = 1 the DDIM step x' = x0 + sigma_down * eps + sigma_up * z has mean r x + (1 - r) x0 and
+    # variance sigma'^2 (1 - r): exactly this posterior, so one loop serves both samplers.
     return sample_ddim(
         denoiser, x, sigmas, eta=1.0, extra_args=extra_args, callback=callback, generator=generator
     )

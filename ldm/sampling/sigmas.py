@@ -54,9 +54,9 @@ def get_sigmas_discrete(
 def get_sigmas_karras(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
     """(steps + 1,) float32 sigmas of Karras et al. 2022, eq. 5, followed by a final 0.
 
-    sigma_i = (sigma_max^(1/rho) + i / (steps - 1) * (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i < steps: the
-    first is sigma_max, the last nonzero one sigma_min. For a discrete schedule pass ``schedule.sigma_min`` and
-    ``schedule.sigma_max`` (the full training range).
+    sigma_i = (sigma_max^(1/rho) + i / (steps - 1) * (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i < steps:
+    the first is sigma_max, the last nonzero one sigma_min. For a discrete schedule pass
+    ``schedule.sigma_min`` and ``schedule.sigma_max`` (the full training range).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}.")
@@ -71,9 +71,10 @@ def get_sigmas_karras(steps: int, sigma_min: float, sigma_max: float, rho: float
 def get_sigmas_flow(steps: int, shift: float = 3.0, num_timesteps: int = 1000) -> Tensor:
     """(steps + 1,) float32 descending rectified-flow times t in (0, 1], followed by a final 0.
 
-    The list diffusers' FlowMatchEulerDiscreteScheduler(shift=shift) builds: t runs linearly from 1 to the shifted
-    smallest training time t_min = flow_shift(1 / num_timesteps), then is shifted (again) with ``flow_shift``; the
-    net sees 1000 * t. shift = 1 gives linspace(1, 1 / num_timesteps, steps); SD3 uses shift = 3.
+    The list diffusers' FlowMatchEulerDiscreteScheduler(shift=shift) builds: t runs linearly from 1 to the
+    shifted smallest training time t_min = flow_shift(1 / num_timesteps), then is shifted (again) with
+    ``flow_shift``; the net sees 1000 * t. shift = 1 gives linspace(1, 1 / num_timesteps, steps); SD3 uses
+    shift = 3.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}.")

@@ -1,8 +1,9 @@
 """Single-step ODE / SDE samplers of Karras et al. 2022 ("EDM") and rectified-flow Euler, VE coordinates.
 
-All integrate the probability-flow ODE dx/dsigma = d(x, sigma) = (x - D(x; sigma)) / sigma (Karras et al. 2022,
-eq. 4 with s(t) = 1, sigma(t) = t), optionally with Karras' "churn" (Alg. 2): before step i the noise level is raised
-to sigma_hat = (1 + gamma_i) sigma_i by adding sqrt(sigma_hat^2 - sigma_i^2) * s_noise * z, z ~ N(0, I).
+All integrate the probability-flow ODE dx/dsigma = d(x, sigma) = (x - D(x; sigma)) / sigma (Karras et al.
+2022, eq. 4 with s(t) = 1, sigma(t) = t), optionally with Karras' "churn" (Alg. 2): before step i the noise
+level is raised to sigma_hat = (1 + gamma_i) sigma_i by adding sqrt(sigma_hat^2 - sigma_i^2) * s_noise * z, z
+~ N(0, I).
 
 Plain Euler, DDIM (eta = 0) and Euler ancestral share one loop (``samplers.euler_loop``): in VE form the DDIM
 update x0 + sigma' * eps is exactly the Euler step x + (sigma' - sigma) d.
@@ -77,10 +78,11 @@ def sample_euler_ancestral(
     callback: Callback | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Euler ancestral: Euler step to sigma_down, then add sigma_up * s_noise * z (``ancestral_step``). x (B, ...).
+    """Euler ancestral: Euler step to sigma_down, then add sigma_up * s_noise * z (``ancestral_step``). x (B,
+    ...).
 
-    This is the DDIM update with the same eta (eta = 1: DDPM's posterior sample, like ``sample_ddpm``); one draw
-    per step after the denoiser call, none on the step to sigma = 0.
+    This is the DDIM update with the same eta (eta = 1: DDPM's posterior sample, like ``sample_ddpm``); one
+    draw per step after the denoiser call, none on the step to sigma = 0.
     """
     check_eta(eta)
     check_churn(0.0, s_noise)
@@ -109,7 +111,8 @@ def heun_step(
 ) -> Tensor:
     """Trapezoidal correction of an Euler step sigma -> sigma_next > 0 (Karras et al. 2022, Alg. 1 lines 6-8).
 
-    x (B, ...) at ``sigma``, d (B, ...) its slope; sigma_next is the schedule's tensor entry (passed to the net).
+    x (B, ...) at ``sigma``, d (B, ...) its slope; sigma_next is the schedule's tensor entry (passed to the
+    net).
     """
     h = float(sigma_next) - sigma
     x_euler = x + h * d  # (B, ...) Euler predictor
@@ -134,8 +137,8 @@ def sample_heun(
 ) -> Tensor:
     """Heun's second-order method (Karras et al. 2022, Alg. 1; with churn, Alg. 2). x (B, ...).
 
-    Two denoiser calls per step except the last step to sigma = 0, which is an Euler step (Alg. 1 line 6): 2N - 1
-    calls for N steps ending in 0. One churn draw per churned step, before the first call.
+    Two denoiser calls per step except the last step to sigma = 0, which is an Euler step (Alg. 1 line 6):
+    2N - 1 calls for N steps ending in 0. One churn draw per churned step, before the first call.
     """
     check_churn(s_churn, s_noise)
     values = check_sigmas(sigmas)
@@ -167,9 +170,10 @@ def sample_flow_euler(
 ) -> Tensor:
     """Euler for rectified flow x_t = (1 - t) x0 + t eps (Esser et al. 2024, "SD3", Sec. 2-3). x (B, ...).
 
-    ``ts`` descends from (normally) 1 to 0, ``x`` is N(0, I) noise (no scaling) and ``denoiser(x, t_batch)`` returns
-    the x0 estimate. The velocity v = dx/dt = eps - x0 = (x - x0) / t and the step x' = x + (t' - t) v are the VE
-    Euler step with sigma replaced by t, so the loop is the one of ``sample_euler``. ``generator`` is unused.
+    ``ts`` descends from (normally) 1 to 0, ``x`` is N(0, I) noise (no scaling) and ``denoiser(x, t_batch)``
+    returns the x0 estimate. The velocity v = dx/dt = eps - x0 = (x - x0) / t and the step x' = x + (t' - t) v
+    are the VE Euler step with sigma replaced by t, so the loop is the one of ``sample_euler``. ``generator``
+    is unused.
     """
     if float(ts.max()) > 1.0:
         raise ValueError(f"flow times must lie in [0, 1], got max {float(ts.max())}; use get_sigmas_flow.")
