@@ -141,12 +141,11 @@ def test_default_emoji_unet_to_diffusers_matches() -> None:
     node = OmegaConf.load(REPO / "configs/net/unet_small.yaml")
     kwargs = OmegaConf.to_container(OmegaConf.create({"net": node}).net, resolve=True)
     kwargs.pop("_target_")
-    # the default's 48 and 96 channels get 16 and 32 GroupNorm groups (gcd with norm_groups=32); diffusers has
-    # one count for every width: refused in one line, and the same net with 16 groups everywhere converts
-    # exactly
+    # the default has one GroupNorm group count (16) at every width, as diffusers' norm_num_groups: it
+    # converts exactly; with gcd(32, width) groups (16 at 48 channels, 32 at 96) it is refused in one line
+    assert kwargs["norm_groups"] == 16
     with pytest.raises(ValueError, match="norm_groups=32 does not divide the 48 channels"):
-        unet_to_diffusers(UNet(**kwargs), sample_size=8)
-    kwargs["norm_groups"] = 16
+        unet_to_diffusers(UNet(**{**kwargs, "norm_groups": 32}), sample_size=8)
     torch.manual_seed(0)
     net = jitter(UNet(**kwargs))
     theirs = unet_to_diffusers(net, sample_size=8)
