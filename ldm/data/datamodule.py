@@ -33,14 +33,19 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
 from ldm.data.bad_samples import BadSampleGuard
 from ldm.data.buckets import as_latent_shapes
 from ldm.data.decode import NO_LATENT_SHAPE
-from ldm.data.loader_settings import FLOAT_KEYS, resolve_num_workers, to_float16
+from ldm.data.loader_settings import (
+    check_transfer_settings,
+    resolve_num_workers,
+    resolve_pin_memory,
+    to_float16,
+    to_float32,
+)
 from ldm.data.plan import check_mode
 from ldm.data.rgb import parse_background
 from ldm.data.shard_dataset import ShardDataset, meta_latent_shape, resolve_rank
@@ -60,6 +65,11 @@ def index_counts(urls: list[str], commands: dict[str, str]) -> tuple[list[int] |
     names = [shard_name(u) for u in urls]
     found = [int(counts[n]) for n in names if n in counts]
     return (found if len(found) == len(names) else None), index.get("meta", {})
+
+
+def total_samples(urls: list[str], counts: list[int] | None, commands: dict[str, str], name: str) -> int:
+    """The index's sample count, else counted from the shards (raises naming ``name`` when it cannot)."""
+    return sum(counts) if counts else count_samples(urls, commands, name)[0]
 
 
 def init_worker(worker_id: int) -> None:
@@ -103,12 +113,7 @@ class ShardDataModule(L.LightningDataModule):
         r,g,b; ``ldm.data.rgb``). ``num_workers``, ``pin_memory``, ``worker_dtype``: see the module
         docstring."""
         super().__init__()
-        if worker_dtype not in ("float32", "float16"):
-            raise ValueError(f"data.worker_dtype must be float32 or float16, got '{worker_dtype}'")
-        if pin_memory not in (True, False, "auto"):
-            raise ValueError(f"data.pin_memory must be true, false or auto, got '{pin_memory}'")
-        self.pin_memory = pin_memory
-        self.worker_dtype = worker_dtype
+        self.pin_memory, self.worker_dtype = check_transfer_settings(pin_memory, worker_dtype)
         self.mode = check_mode(mode)
         self.restore_position = restore_position
         # (train epoch, batches of it whose optimizer step is in the weights), the batches handed to training
@@ -139,18 +144,11 @@ class ShardDataModule(L.LightningDataModule):
         self.val_urls = expand_urls(val_shards) if val_shards else []
         # who made the shards (and their latent shape), and the samples per shard the data plan balances
         self.train_counts, self.index_meta = index_counts(self.train_urls, commands)
-        if train_samples is None:  # count_samples raises, naming the fix, when there is no usable index
-            counts = self.train_counts
-            self.train_samples = (
-                sum(counts) if counts else count_samples(self.train_urls, commands, "train_samples")[0]
-            )
+        if train_samples is None:
+            self.train_samples = total_samples(self.train_urls, self.train_counts, commands, "train_samples")
         self.val_counts = index_counts(self.val_urls, commands)[0] if self.val_urls else None
         if self.val_urls and val_samples is None:
-            self.val_samples = (
-                sum(self.val_counts)
-                if self.val_counts
-                else count_samples(self.val_urls, commands, "val_samples")[0]
-            )
+            self.val_samples = total_samples(self.val_urls, self.val_counts, commands, "val_samples")
         meta_shape = meta_latent_shape(self.index_meta)  # one per bucket, or the one
         self.latent_shape = as_latent_shapes(latent_shape if latent_shape is not None else meta_shape)
         # batches need known shapes: none is taken from whichever sample a worker reads first
@@ -243,31 +241,23 @@ class ShardDataModule(L.LightningDataModule):
         if self.train_dataset is not None:
             self.train_dataset.set_epoch(epoch)
 
-    def _pin(self) -> bool:
-        if self.pin_memory != "auto":
-            return bool(self.pin_memory)
-        return self.trainer is not None and self.trainer.strategy.root_device.type != "cpu"
-
     def _loader(self, dataset: ShardDataset) -> DataLoader:
         half = self.worker_dtype == "float16" and self.num_workers > 0
+        device_type = self.trainer.strategy.root_device.type if self.trainer is not None else None
         return DataLoader(
             dataset,
             batch_size=None,
             num_workers=self.num_workers,
             persistent_workers=False,
             worker_init_fn=init_worker if self.num_workers else None,
-            pin_memory=self._pin(),
+            pin_memory=resolve_pin_memory(self.pin_memory, device_type),
             collate_fn=to_float16 if half else None,
         )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Float16 tensors a worker sent (``worker_dtype``) back to float32, on the device (after the
         copy)."""
-        if self.worker_dtype == "float16" and isinstance(batch, dict):
-            for key in FLOAT_KEYS:
-                if isinstance(batch.get(key), torch.Tensor) and batch[key].dtype == torch.float16:
-                    batch[key] = batch[key].float()
-        return batch
+        return to_float32(batch) if self.worker_dtype == "float16" else batch
 
     def _describe(self, dataset: ShardDataset, rank: int) -> None:
         """Logs the plan once (rank 0); stops when the train data cannot fill one batch per rank."""

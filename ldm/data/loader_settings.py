@@ -37,6 +37,15 @@ def resolve_num_workers(requested: int | str, local_world_size: int = 1, cpus: i
     return int(requested)
 
 
+def check_transfer_settings(pin_memory: bool | str, worker_dtype: str) -> tuple[bool | str, str]:
+    """``data.pin_memory`` (true, false, auto) and ``data.worker_dtype`` (float32, float16), checked."""
+    if worker_dtype not in ("float32", "float16"):
+        raise ValueError(f"data.worker_dtype must be float32 or float16, got '{worker_dtype}'")
+    if pin_memory not in (True, False, "auto"):
+        raise ValueError(f"data.pin_memory must be true, false or auto, got '{pin_memory}'")
+    return pin_memory, worker_dtype
+
+
 def to_float16(batch: Any) -> Any:
     """(in a worker) the batch's float32 tensors of ``FLOAT_KEYS`` as float16: half the bytes to the main
     process."""
@@ -46,3 +55,21 @@ def to_float16(batch: Any) -> Any:
             if isinstance(batch.get(key), torch.Tensor) and batch[key].dtype == torch.float32:
                 batch[key] = batch[key].half()
     return batch
+
+
+def to_float32(batch: Any) -> Any:
+    """(in the main process, after the device copy) the float16 tensors of ``FLOAT_KEYS`` back to float32:
+    undoes ``to_float16``."""
+    if isinstance(batch, dict):
+        for key in FLOAT_KEYS:
+            if isinstance(batch.get(key), torch.Tensor) and batch[key].dtype == torch.float16:
+                batch[key] = batch[key].float()
+    return batch
+
+
+def resolve_pin_memory(setting: bool | str, device_type: str | None) -> bool:
+    """``data.pin_memory``: ``auto`` pins only on an accelerator (``device_type`` not "cpu"; None without a
+    trainer), where it makes the host-to-device copy asynchronous; on the CPU it is a no-op."""
+    if setting != "auto":
+        return bool(setting)
+    return device_type is not None and device_type != "cpu"
