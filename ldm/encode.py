@@ -261,6 +261,30 @@ def check_out_dir(out: Path, jobs: list[ShardJob], settings: dict[str, Any], ove
             return
 
 
+def encode_in_processes(
+    todo: list[ShardJob],
+    out_dir: str,
+    ae: FrozenAutoencoder,
+    text: TextConditioner | None,
+    settings: dict[str, Any],
+    batch_size: int,
+    devices: list[str],
+    threads: int,
+) -> list[str]:
+    """``encode_worker`` in one spawned process per device entry, shard j of ``todo`` to process j % n."""
+    ctx = multiprocessing.get_context("spawn")  # CUDA-safe; workers re-import, nothing is forked
+    level = logging.getLogger().getEffectiveLevel()
+    n = len(devices)
+    with ProcessPoolExecutor(n, mp_context=ctx, initializer=_worker_logging, initargs=(level,)) as pool:
+        futures = [
+            pool.submit(
+                encode_worker, todo[j::n], out_dir, ae, text, settings, batch_size, devices[j], threads
+            )
+            for j in range(n)
+        ]
+        return sorted(name for fut in futures for name in fut.result())
+
+
 def encode_shards(
     pattern: str,
     out_dir: str,
@@ -330,26 +354,7 @@ def encode_shards(
         encoded = encode_worker(todo, out_dir, ae, text, settings, batch_size, devices[0], threads)
     else:
         threads = threads or max(1, torch.get_num_threads() // num_procs)
-        ctx = multiprocessing.get_context("spawn")  # CUDA-safe; workers re-import, nothing is forked
-        level = logging.getLogger().getEffectiveLevel()
-        with ProcessPoolExecutor(
-            num_procs, mp_context=ctx, initializer=_worker_logging, initargs=(level,)
-        ) as pool:
-            futures = [
-                pool.submit(
-                    encode_worker,
-                    todo[j::num_procs],
-                    out_dir,
-                    ae,
-                    text,
-                    settings,
-                    batch_size,
-                    devices[j],
-                    threads,
-                )
-                for j in range(num_procs)
-            ]
-            encoded = sorted(name for fut in futures for name in fut.result())
+        encoded = encode_in_processes(todo, out_dir, ae, text, settings, batch_size, devices, threads)
     return {"encoded": encoded, "meta": merge_latent_index(pattern, out_dir, prefix, settings)}
 
 
