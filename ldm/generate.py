@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ldm.conditioning.multi import as_multi, batch_size
 from ldm.img2img import InpaintDenoiser, forward_noise, truncate_sigmas
+from ldm.nets.layers import cross_attention_cache
 from ldm.sampling.guidance import CFGDenoiser
 from ldm.sampling.registry import check_sampler
 
@@ -110,14 +111,19 @@ def generate(
         if keep_mask is not None:
             raise ValueError("keep_mask (inpainting) needs init_latents: pass the init image")
         x = noise * denoiser.schedule.init_noise_scale(float(sigmas[0]))
-        z = sampler(guided, x, sigmas, callback=callback, generator=generator)
+        with cross_attention_cache(denoiser):  # the context is fixed: its keys/values once, not every step
+            z = sampler(guided, x, sigmas, callback=callback, generator=generator)
     else:
         z0 = init_latents.to(device=device, dtype=noise.dtype)  # (B, C, h, w)
         sigmas = truncate_sigmas(sigmas, strength)
         if keep_mask is not None:
             guided = InpaintDenoiser(guided, denoiser.schedule, z0, noise, keep_mask.to(device))
         x = forward_noise(denoiser.schedule, z0, noise, sigmas[0])
-        z = sampler(guided, x, sigmas, callback=callback, generator=generator) if sigmas.numel() > 1 else z0
+        if sigmas.numel() > 1:
+            with cross_attention_cache(denoiser):
+                z = sampler(guided, x, sigmas, callback=callback, generator=generator)
+        else:
+            z = z0
     images = decoder(z)  # (B, 3, H, W) in about [-1, 1]
     return ((images.float() + 1) / 2).clamp(0, 1)
 

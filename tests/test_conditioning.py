@@ -304,3 +304,23 @@ def test_class_conditioner_bad_labels() -> None:
         cond(torch.zeros(2, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="num_classes >= 1"):
         ClassConditioner(num_classes=0, embed_dim=8)
+
+
+def test_repeated_captions_are_encoded_once(minilm: TextConditioner, minilm_reference: tuple) -> None:
+    """CFG's B empty captions and repeated grid prompts: one encoder row per distinct caption, and every
+    row equals transformers' output for that caption alone."""
+    batches: list[int] = []
+    hook = minilm.encoder.register_forward_pre_hook(
+        lambda m, args, kwargs: batches.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    captions = ["red apple", "", "red apple", "", "", "blue heart"]
+    try:
+        out = minilm(captions)
+    finally:
+        hook.remove()
+    assert batches == [3]
+    assert out["context"].shape == (6, 16, 384) and out["context_mask"].shape == (6, 16)
+    for i, caption in enumerate(captions):
+        hidden, mask = _reference(*minilm_reference, [caption], max_length=16)
+        torch.testing.assert_close(out["context"][i : i + 1], hidden, rtol=1e-5, atol=1e-5)
+        assert torch.equal(out["context_mask"][i : i + 1], mask)

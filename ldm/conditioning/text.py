@@ -205,8 +205,18 @@ class TextConditioner(nn.Module):
     @torch.no_grad()
     def encode(self, inputs: Sequence[str]) -> dict[str, Tensor]:
         """The encoder's token features ``{"context": (B, L, D), "context_mask": (B, L)}``, whatever
-        ``output``."""
-        tokens = self.tokenize(inputs)
+        ``output``. Each distinct caption is encoded once (CFG's B empty captions, repeated grid prompts):
+        rows are independent, as captions are padded to ``max_length``."""
+        captions = self._captions(inputs)
+        rows = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+        if len(rows) == len(captions):
+            return self._encode(captions)
+        out = self._encode(list(rows))
+        index = torch.tensor([rows[c] for c in captions], device=out["context"].device)  # (B,)
+        return {k: v.index_select(0, index) for k, v in out.items()}
+
+    def _encode(self, captions: list[str]) -> dict[str, Tensor]:
+        tokens = self.tokenize(captions)
         device = next(self.encoder.parameters()).device
         ids = tokens["input_ids"].to(device)  # (B, L)
         mask = tokens["attention_mask"].to(device)  # (B, L), 1 = real token

@@ -38,10 +38,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ldm.nets.checks import check_backbone_inputs, check_vector_and_concat
 from ldm.nets.layers import (
     Attention,
-    check_backbone_inputs,
-    check_vector_and_concat,
     timestep_embedding,
     vector_embedding,
 )

@@ -13,13 +13,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ldm.nets.checks import check_backbone_inputs, check_vector_and_concat
 from ldm.nets.layers import (
     Downsample,
     ResBlock,
     SpatialTransformer,
     Upsample,
-    check_backbone_inputs,
-    check_vector_and_concat,
     group_norm,
     timestep_embedding,
     vector_embedding,
