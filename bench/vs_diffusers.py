@@ -13,6 +13,8 @@ model vs ``StableDiffusionPipeline`` built from the same components by ``ldm.con
     python bench/vs_diffusers.py [--repeats 5] [--sizes emoji,sd_small]
     python bench/vs_diffusers.py --sampling [--repeats 3]
     python bench/vs_diffusers.py --profile [--sizes emoji]   # where each one's training step spends its time
+    OMP_NUM_THREADS=1 python bench/vs_diffusers.py --clock cpu   # on a shared machine: CPU time, 1 thread
+    python bench/vs_diffusers.py --compile regional [--compile-diffusers]   # model.compile vs diffusers
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from hydra.utils import instantiate
 from ldm.config_utils import compose_config
 from ldm.convert.diffusers_unet import unet_to_diffusers
 from ldm.lit.ema import blend
+from ldm.nets.compile import COMPILE_MODES, compile_backbone
 from ldm.nets.unet import UNet
 
 SIZES = {  # name: (UNet kwargs, batch, latent side, context tokens)
@@ -84,14 +87,26 @@ def rss_peak_rise(fn: Callable[[], object]) -> float:
     return (field("VmHWM:") - before) / 1024
 
 
+def avx512() -> str:
+    """The CPU kind every figure depends on (an AVX2-only CPU runs the same step ~3x slower)."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "AVX-512 CPU" if " avx512f" in flags else "AVX2-only CPU (no avx512f)"
+
+
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCK["wall"]
+
+
 def timed(fn: Callable[[], object], n: int) -> float:
-    start = time.perf_counter()
+    start = clock()
     for _ in range(n):
         fn()
-    return (time.perf_counter() - start) / n
+    return (clock() - start) / n
 
 
-def unet_parts(size: str) -> dict[str, dict[str, Callable[[], object]]]:
+def unet_parts(
+    size: str, compile_ours: str, compile_theirs: bool
+) -> dict[str, dict[str, Callable[[], object]]]:
     kwargs, batch, side, tokens = SIZES[size]
     torch.manual_seed(0)
     if kwargs is None:  # the default emoji UNet
@@ -105,6 +120,7 @@ def unet_parts(size: str) -> dict[str, dict[str, Callable[[], object]]]:
     theirs = unet_to_diffusers(ours).train()
     x, t = torch.randn(batch, 4, side, side), torch.randint(0, 1000, (batch,)).float()
     ctx = torch.randn(batch, tokens, ours.context_dim)
+    compile_both(ours, theirs, compile_ours, compile_theirs)
     calls = {"ours": lambda: ours(x, t, ctx), "diffusers": lambda: theirs(x, t, ctx).sample}
     with torch.no_grad():
         torch.testing.assert_close(calls["ours"](), calls["diffusers"](), rtol=1e-4, atol=1e-4)
@@ -128,7 +144,16 @@ def unet_parts(size: str) -> dict[str, dict[str, Callable[[], object]]]:
     return parts
 
 
-def sampling_parts(steps: int, cfg: float) -> dict[str, dict[str, Callable[[], object]]]:
+def compile_both(ours: torch.nn.Module, theirs: torch.nn.Module, mode: str, theirs_too: bool) -> None:
+    """``model.compile=<mode>`` on ours (``ldm.nets.compile``); diffusers' UNet compiled whole if asked."""
+    compile_backbone(ours, mode)
+    if theirs_too:
+        theirs.compile(dynamic=False)
+
+
+def sampling_parts(
+    steps: int, cfg: float, compile_ours: str, compile_theirs: bool
+) -> dict[str, dict[str, Callable[[], object]]]:
     from ldm.convert.export_pipeline import build_sd_pipeline
     from ldm.generate import generate, initial_noise
     from ldm.sampling import sample_ddim
@@ -140,6 +165,7 @@ def sampling_parts(steps: int, cfg: float) -> dict[str, dict[str, Callable[[], o
     shape = (model.net.in_channels, 8, 8)
     pipe = build_sd_pipeline(model.denoiser, model.conditioner, ae, image_size=8 * ae.downsample_factor)
     pipe.set_progress_bar_config(disable=True)
+    compile_both(model.net, pipe.unet, compile_ours, compile_theirs)
     seeds = list(range(len(PROMPTS)))
     sigmas = sampling_sigmas(model.denoiser.schedule, steps)
 
@@ -252,12 +278,29 @@ def main() -> None:
     parser.add_argument("--cfg", type=float, default=5.0)
     parser.add_argument("--profile", action="store_true", help="profile the training step instead of timing")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--compile", default="none", choices=COMPILE_MODES, help="model.compile for ours")
+    parser.add_argument("--compile-diffusers", action="store_true", help="torch.compile diffusers' UNet too")
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=CLOCK,
+        help="cpu: this process's CPU time, far steadier than wall time on a shared machine (use 1 thread)",
+    )
     args = parser.parse_args()
+    global clock
+    clock = CLOCK[args.clock]
+    compiled = f"ours compile={args.compile}, diffusers {'compiled' if args.compile_diffusers else 'eager'}"
     machine = (
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.repeats} interleaved repeats"
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.repeats} interleaved repeats, "
+        f"{avx512()}, {compiled}, {args.clock} clock"
     )
     if args.sampling:
-        times, _ = run(sampling_parts(args.steps, args.cfg), args.repeats, 1, memory=False)
+        times, _ = run(
+            sampling_parts(args.steps, args.cfg, args.compile, args.compile_diffusers),
+            args.repeats,
+            1,
+            memory=False,
+        )
         report(
             f"text-to-image, default emoji model, {len(PROMPTS)} prompts, {args.steps} DDIM steps, CFG "
             f"{args.cfg}, ours vs StableDiffusionPipeline ({machine})",
@@ -266,7 +309,7 @@ def main() -> None:
         )
         return
     for size in args.sizes.split(","):
-        parts = unet_parts(size)
+        parts = unet_parts(size, args.compile, args.compile_diffusers)
         if args.profile:
             print(f"\n{size}: {SIZES[size][1:]} (batch, latent side, tokens); {machine}")
             profile_step(parts, args.n + 2, args.top)
