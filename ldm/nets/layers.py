@@ -133,34 +133,42 @@ class Attention(nn.Module):
         return t.view(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)  # (B, h, N, d)
 
     def _keys_values(
-        self, ctx: Tensor, mask: Tensor | None
+        self, ctx: Tensor, mask: Tensor | None, drop_full_mask: bool = False
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """k, v (B, h, L, d), the SDPA mask (B, 1, 1, L) or None and the (B,) rows with no real token (or
-        None). Inside ``cross_attention_cache`` a cross-attention layer computes them once per context tensor
-        and reuses them while the same tensor (same object, unmodified) comes back."""
-        # compiled graphs skip the cache (its dict and weakrefs would break the graph at every layer)
-        cache = None if torch.compiler.is_compiling() or torch.is_grad_enabled() else self.kv_cache
-        if cache is not None:  # (never touched by a compiled graph: ids would become guards)
-            key = (id(ctx), ctx._version, None if mask is None else (id(mask), mask._version))
-            if key in cache and cache[key][0]() is ctx and cache[key][1]() is mask:
-                return cache[key][2]
+        None). ``drop_full_mask``: a mask that is all True is the same as none (a host sync to find out)."""
         k, v = self._heads(self.to_k(ctx)), self._heads(self.to_v(ctx))
         attn_mask = empty = None
-        if mask is not None and (cache is None or not bool(mask.all())):  # all real: same as no mask
+        if mask is not None and not (drop_full_mask and bool(mask.all())):
             empty = ~mask.any(dim=1)  # (B,) samples with no real token
             # attend to every key in empty rows (avoids NaN), their output is zeroed below
             attn_mask = (mask | empty[:, None])[:, None, None, :]  # (B, 1, 1, L)
-        if cache is not None:
-            for dead in [k for k, entry in cache.items() if entry[0]() is None]:
-                del cache[dead]  # contexts the caller has let go of
-            mask_ref = (lambda: None) if mask is None else weakref.ref(mask)
-            cache[key] = (weakref.ref(ctx), mask_ref, (k, v, attn_mask, empty))
         return k, v, attn_mask, empty
+
+    @torch.compiler.disable
+    def _cached_keys_values(
+        self, ctx: Tensor, mask: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """``_keys_values`` once per context tensor inside ``cross_attention_cache``: reused while the same
+        tensor (same object, unmodified) comes back. Always eager, also in a compiled net (one graph break
+        per cross-attention layer while sampling), so object ids never become guards of a compiled graph."""
+        cache = self.kv_cache
+        assert cache is not None
+        key = (id(ctx), ctx._version, None if mask is None else (id(mask), mask._version))
+        if key in cache and cache[key][0]() is ctx and cache[key][1]() is mask:
+            return cache[key][2]
+        for dead in [k for k, entry in cache.items() if entry[0]() is None]:
+            del cache[dead]  # contexts the caller has let go of
+        found = self._keys_values(ctx, mask, drop_full_mask=True)
+        cache[key] = (weakref.ref(ctx), (lambda: None) if mask is None else weakref.ref(mask), found)
+        return found
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         q = self._heads(self.to_q(x))  # (B, h, N, d)
         if context is None:
             k, v, attn_mask, empty = self._heads(self.to_k(x)), self._heads(self.to_v(x)), None, None
+        elif self.kv_cache is not None and not torch.is_grad_enabled():
+            k, v, attn_mask, empty = self._cached_keys_values(context, mask)
         else:
             k, v, attn_mask, empty = self._keys_values(context, mask)
         if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
