@@ -2,15 +2,17 @@
 
 Two sizes: the default emoji UNet (configs/net/unet_small.yaml, 8x8x4 latents, 32x384 context) and an
 SD-1.x-shaped UNet scaled down (SD's block layout, heads and 768-d context at model_channels=64, 16x16
-latents). A training step is forward + MSE + backward + fused AdamW + EMA (the same ``ldm.lit.ema.blend`` on
-both). Peak memory: the rise of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs after
+latents). A training step is forward + MSE + backward + AdamW + EMA: ours as ``train.py`` runs it (fused
+AdamW, ``ldm.lit.ema.blend``), diffusers' as its ``train_text_to_image.py`` does by default
+(``torch.optim.AdamW``, ``EMAModel``), or ``--recipe same``: ours on both, which compares the networks alone.
+Peak memory: the rise of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs after
 ``malloc_trim``) during one training step — RSS, not tracemalloc, which does not see torch's CPU allocator.
 Ratios are diffusers' time / ours (> 1: ours faster) and ours' memory / diffusers', per interleaved repeat.
 
 ``--sampling``: the full text-to-image path (text encoding, 25 DDIM steps with CFG, decode) of the default
 model vs ``StableDiffusionPipeline`` built from the same components by ``ldm.convert.export_pipeline``.
 
-    python bench/vs_diffusers.py [--repeats 5] [--sizes emoji,sd_small]
+    python bench/vs_diffusers.py [--repeats 5] [--sizes emoji,sd_small] [--recipe script|same]
     python bench/vs_diffusers.py --sampling [--repeats 3]
     python bench/vs_diffusers.py --profile [--sizes emoji]   # where each one's training step spends its time
     OMP_NUM_THREADS=1 python bench/vs_diffusers.py --clock cpu   # on a shared machine: CPU time, 1 thread
@@ -104,8 +106,35 @@ def timed(fn: Callable[[], object], n: int) -> float:
     return (clock() - start) / n
 
 
+def optimizer_and_ema(net: torch.nn.Module, script: bool) -> Callable[[], None]:
+    """The update after backward: AdamW + EMA. Ours as ``train.py`` runs it (fused AdamW, one foreach lerp
+    for the EMA); ``script``: as diffusers' ``train_text_to_image.py`` does by default (``torch.optim.AdamW``
+    with its defaults, ``EMAModel`` with ``foreach=False``)."""
+    if script:
+        from diffusers.training_utils import EMAModel
+
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-5, weight_decay=1e-2)
+        ema = EMAModel(net.parameters(), decay=0.999)
+
+        def update() -> None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ema.step(net.parameters())
+
+        return update
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-5, weight_decay=1e-2, fused=True)
+    shadow = {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+    def update() -> None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        blend(shadow, net.state_dict(), 1e-3)
+
+    return update
+
+
 def unet_parts(
-    size: str, compile_ours: str, compile_theirs: bool
+    size: str, compile_ours: str, compile_theirs: bool, recipe: str
 ) -> dict[str, dict[str, Callable[[], object]]]:
     kwargs, batch, side, tokens = SIZES[size]
     torch.manual_seed(0)
@@ -126,15 +155,12 @@ def unet_parts(
         torch.testing.assert_close(calls["ours"](), calls["diffusers"](), rtol=1e-4, atol=1e-4)
     parts: dict[str, dict[str, Callable[[], object]]] = {}
     for name, net in (("ours", ours), ("diffusers", theirs)):
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-5, fused=True)
-        shadow = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        update = optimizer_and_ema(net, script=recipe == "script" and name == "diffusers")
 
-        def train_step(net=net, opt=opt, shadow=shadow, call=calls[name]) -> None:
+        def train_step(net=net, update=update, call=calls[name]) -> None:
             loss = (call() - x).square().mean()
-            opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            blend(shadow, net.state_dict(), 1e-3)
+            update()
 
         def forward(call=calls[name]) -> None:
             with torch.no_grad():
@@ -281,6 +307,12 @@ def main() -> None:
     parser.add_argument("--compile", default="none", choices=COMPILE_MODES, help="model.compile for ours")
     parser.add_argument("--compile-diffusers", action="store_true", help="torch.compile diffusers' UNet too")
     parser.add_argument(
+        "--recipe",
+        default="script",
+        choices=("script", "same"),
+        help="diffusers' update as its training script does it (default), or the same as ours (net only)",
+    )
+    parser.add_argument(
         "--clock",
         default="wall",
         choices=CLOCK,
@@ -292,7 +324,7 @@ def main() -> None:
     compiled = f"ours compile={args.compile}, diffusers {'compiled' if args.compile_diffusers else 'eager'}"
     machine = (
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.repeats} interleaved repeats, "
-        f"{avx512()}, {compiled}, {args.clock} clock"
+        f"{avx512()}, {compiled}, {args.clock} clock, {args.recipe} update"
     )
     if args.sampling:
         times, _ = run(
@@ -309,7 +341,7 @@ def main() -> None:
         )
         return
     for size in args.sizes.split(","):
-        parts = unet_parts(size, args.compile, args.compile_diffusers)
+        parts = unet_parts(size, args.compile, args.compile_diffusers, args.recipe)
         if args.profile:
             print(f"\n{size}: {SIZES[size][1:]} (batch, latent side, tokens); {machine}")
             profile_step(parts, args.n + 2, args.top)
