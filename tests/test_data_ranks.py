@@ -3,6 +3,7 @@ twice."""
 
 from __future__ import annotations
 
+import importlib.util
 from collections import Counter
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from ldm.data.datamodule import index_counts
 from ldm.data.plan import make_plan, piece_size
 from ldm.data.shard_dataset import ShardDataset
 from ldm.data.urls import expand_urls
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(("shards", "workers"), [(8, 2), (9, 2), (3, 4), (16, 1)])
@@ -59,3 +62,16 @@ def test_four_ranks_read_their_own_samples(tiny_data: dict, tmp_path: Path) -> N
         keys.update(k for b in got for k in b)
     assert len(batches) == 1 and batches.pop() > 0
     assert max(keys.values()) == 1
+
+
+def test_bench_key_check(tiny_data: dict) -> None:
+    """bench/data_ranks.py's check: tar member keys, no key twice, none foreign, the plan's count."""
+    spec = importlib.util.spec_from_file_location("bench_data_ranks", ROOT / "bench" / "data_ranks.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    dataset = bench.dataset_keys(expand_urls(f"{tiny_data['latents']}/train-{{000000..000002}}.tar"))
+    keys = sorted(dataset)
+    assert bench.check_keys([keys[:4], keys[4:8]], dataset, 8) == len(dataset) - 8
+    for bad, used in (([keys[:4], keys[3:8]], 8), ([keys[:4], ["not-a-key"]], 5), ([keys[:4], keys[4:7]], 8)):
+        with pytest.raises(AssertionError):  # read twice, not in the dataset, not the plan's count
+            bench.check_keys(bad, dataset, used)
