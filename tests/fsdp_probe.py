@@ -1,6 +1,11 @@
-"""(run by tests/test_fsdp.py) a tiny net trained with the EMA callback, on one process or under FSDP on 2 CPU
-processes (gloo); writes the checkpoint's EMA, the EMA swapped into the gathered net (what the sample grid
-sees) and the final weights to ``OUT/result_{mode}.pt``.
+"""(run by tests/test_fsdp.py) a tiny net trained with AdamW, a step LR schedule and the EMA callback, on one
+process or under FSDP on 2 CPU processes (gloo); writes the checkpoint's EMA, the EMA swapped into the
+gathered net (what the sample grid sees), the final weights, the optimizer and LR-schedule states and the step
+to ``OUT/result_{mode}[_resumed].pt``.
+
+The batch of step s is batch s mod 4 of a fixed set, on every rank: a resumed run sees what an uninterrupted
+one does (Lightning restarts a plain DataLoader at its first batch after a resume, and a resume at the end of
+an epoch runs one batch of the old epoch), so the two can be compared value for value.
 
     python tests/fsdp_probe.py OUT single|fsdp [--resume CKPT] [--steps 4]
 """
@@ -30,10 +35,17 @@ class Tiny(L.LightningModule):
         self.frozen.requires_grad_(False)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        return (self.net(batch) - batch.flip(1)).square().mean()
+        x = BATCHES[self.global_step % len(BATCHES)]  # (2, 4, 4, 4): chosen by the step, not the loader
+        return (self.net(x) - x.flip(1)).square().mean()
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+    def configure_optimizers(self) -> dict:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-2)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1.0 + step))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+BATCHES = torch.randn(4, 2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
 
 
 class Probe(L.Callback):
@@ -58,9 +70,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    data = torch.utils.data.DataLoader(
-        list(torch.randn(8, 4, 4, 4, generator=torch.Generator().manual_seed(1))), batch_size=2
-    )
+    data = torch.utils.data.DataLoader(list(BATCHES.flatten(0, 1)), batch_size=2)  # only paces the steps
     strategy = FSDPStrategy(process_group_backend="gloo") if args.mode == "fsdp" else "auto"
     probe = Probe()
     trainer = L.Trainer(
@@ -82,8 +92,14 @@ def main() -> None:
     trainer.save_checkpoint(ckpt)  # a collective under FSDP: every rank
     if trainer.is_global_zero:
         saved = torch.load(ckpt, weights_only=False)
+        keep = ("optimizer_states", "lr_schedulers", "global_step", "ema_num_updates")
         torch.save(
-            {"ema": saved["ema_state_dict"], "seen": probe.seen, "weights": saved["state_dict"]},
+            {
+                "ema": saved["ema_state_dict"],
+                "seen": probe.seen,
+                "weights": saved["state_dict"],
+                **{key: saved[key] for key in keep},
+            },
             out / f"result_{args.mode}{'_resumed' if args.resume else ''}.pt",
         )
 

@@ -9,7 +9,7 @@ checkpoint's full EMA). Names are the unwrapped net's state-dict keys (FSDP's ``
 prefixes removed).
 
 ``FSDPStrategy``: Lightning's, which also runs on the CPU over gloo (tests, debugging a sharded run without a
-GPU).
+GPU), and saves a correct optimizer state there (see ``FSDPStrategy.optimizer_state``).
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from contextlib import contextmanager
 
 import lightning as L
 import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import FSDPStrategy as LightningFSDPStrategy
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
@@ -47,6 +49,39 @@ class FSDPStrategy(LightningFSDPStrategy):
             )
             self.kwargs.pop("auto_wrap_policy", None)  # applied: Lightning would warn that it is ignored
         return super()._setup_model(model)
+
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Tensor]:
+        """(collective) the full optimizer state, keyed by parameter id, on rank 0 (as Lightning's).
+
+        On the CPU it is gathered with ``offload_to_cpu=False``: torch's FSDP all-gathers every state tensor
+        (``exp_avg``, then ``exp_avg_sq``) into one reused buffer and, when offloading, keeps ``buffer.cpu()``
+        views of it, a copy only from an accelerator; on the CPU every state of a parameter then aliases the
+        last one gathered, so Lightning's checkpoint held AdamW's exp_avg_sq in place of exp_avg and a resumed
+        run took a different step (~1e-2 off). Without offloading, torch clones each state
+        (``torch.distributed.fsdp._optim_utils._allgather_orig_param_states``, torch 2.14).
+        """
+        if self.root_device.type != "cpu" or self._state_dict_type != "full":
+            return super().optimizer_state(optimizer)
+        from torch.distributed.fsdp import (
+            FullOptimStateDictConfig,
+            FullStateDictConfig,
+            OptimStateKeyType,
+            StateDictType,
+        )
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        with FSDP.state_dict_type(
+            self.model,
+            StateDictType.FULL_STATE_DICT,
+            FullStateDictConfig(offload_to_cpu=True, rank0_only=True),
+            FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True),
+        ):
+            state = FSDP.optim_state_dict(self.model, optimizer)
+            if self.global_rank == 0:
+                state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
+        return state
 
 
 def clean_name(name: str) -> str:
