@@ -99,6 +99,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ) in trainer.loggers:  # the whole config (and the overrides) beside the metrics; none in fast_dev_run
         logger.log_hyperparams({"overrides": command_line_overrides(), **resolved})
 
+    if not isinstance(trainer.accelerator, CPUAccelerator) and cfg.get("tf32", True):
+        # float32 matmuls on tensor cores (TF32; cuDNN's convolutions already use it): the fp32 parts of a
+        # bf16-mixed step (the fp32 VAE, the optimizer's fp32 master math) and 32-true runs. Not on the CPU,
+        # where "high" may switch oneDNN to bf16 arithmetic.
+        torch.set_float32_matmul_precision("high")
     if isinstance(trainer.accelerator, CPUAccelerator) and trainer.num_devices > 1:
         # several CPU processes on one machine: share the cores instead of oversubscribing them (2 x 2 threads
         # on 2 cores runs ~10x slower than 2 x 1)
