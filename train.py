@@ -49,6 +49,20 @@ def build_list(node: DictConfig | None) -> list[Any]:
     return [build(v) for v in node.values() if v is not None and "_target_" in v]
 
 
+def configure_backends(trainer: L.Trainer, tf32: bool) -> None:
+    """Process-wide torch settings that depend on where the trainer runs."""
+    on_cpu = isinstance(trainer.accelerator, CPUAccelerator)
+    if not on_cpu and tf32:
+        # float32 matmuls on tensor cores (TF32; cuDNN's convolutions already use it): the fp32 parts of a
+        # bf16-mixed step (the fp32 VAE, the optimizer's fp32 master math) and 32-true runs. Not on the CPU,
+        # where "high" may switch oneDNN to bf16 arithmetic.
+        torch.set_float32_matmul_precision("high")
+    if on_cpu and trainer.num_devices > 1:
+        # several CPU processes on one machine: share the cores instead of oversubscribing them (2 x 2 threads
+        # on 2 cores runs ~10x slower than 2 x 1)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // trainer.num_devices))
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fit, and write ``summary.json`` however the fit ends (finished, interrupted, diverged, failed).
 
@@ -99,15 +113,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ) in trainer.loggers:  # the whole config (and the overrides) beside the metrics; none in fast_dev_run
         logger.log_hyperparams({"overrides": command_line_overrides(), **resolved})
 
-    if not isinstance(trainer.accelerator, CPUAccelerator) and cfg.get("tf32", True):
-        # float32 matmuls on tensor cores (TF32; cuDNN's convolutions already use it): the fp32 parts of a
-        # bf16-mixed step (the fp32 VAE, the optimizer's fp32 master math) and 32-true runs. Not on the CPU,
-        # where "high" may switch oneDNN to bf16 arithmetic.
-        torch.set_float32_matmul_precision("high")
-    if isinstance(trainer.accelerator, CPUAccelerator) and trainer.num_devices > 1:
-        # several CPU processes on one machine: share the cores instead of oversubscribing them (2 x 2 threads
-        # on 2 cores runs ~10x slower than 2 x 1)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // trainer.num_devices))
+    configure_backends(trainer, bool(cfg.get("tf32", True)))
     start = time.perf_counter()
     error: BaseException | None = None
     try:

@@ -107,23 +107,21 @@ def generate(
     sigmas = sigmas.to(device)
     noise = initial_noise(seeds, latent_shape, device)  # (B, C, h, w)
     generator = torch.Generator().manual_seed(int(seeds[0]))  # noise injected by stochastic samplers
+    if init_latents is None and keep_mask is not None:
+        raise ValueError("keep_mask (inpainting) needs init_latents: pass the init image")
     if init_latents is None:
-        if keep_mask is not None:
-            raise ValueError("keep_mask (inpainting) needs init_latents: pass the init image")
         x = noise * denoiser.schedule.init_noise_scale(float(sigmas[0]))
-        with cross_attention_cache(denoiser):  # the context is fixed: its keys/values once, not every step
-            z = sampler(guided, x, sigmas, callback=callback, generator=generator)
     else:
         z0 = init_latents.to(device=device, dtype=noise.dtype)  # (B, C, h, w)
         sigmas = truncate_sigmas(sigmas, strength)
         if keep_mask is not None:
             guided = InpaintDenoiser(guided, denoiser.schedule, z0, noise, keep_mask.to(device))
         x = forward_noise(denoiser.schedule, z0, noise, sigmas[0])
-        if sigmas.numel() > 1:
-            with cross_attention_cache(denoiser):
-                z = sampler(guided, x, sigmas, callback=callback, generator=generator)
-        else:
-            z = z0
+    if init_latents is not None and sigmas.numel() == 1:  # strength 0: nothing to denoise
+        z = z0
+    else:
+        with cross_attention_cache(denoiser):  # the context is fixed: its keys/values once, not every step
+            z = sampler(guided, x, sigmas, callback=callback, generator=generator)
     images = decoder(z)  # (B, 3, H, W) in about [-1, 1]
     return ((images.float() + 1) / 2).clamp(0, 1)
 
