@@ -6,14 +6,20 @@ bad or not) with ``i % stride == offset``; a whole shard is ``(url, 1, 0)``. A "
 worker of one rank. Three modes (``data.mode``):
 
 ``exact``      every sample at most once per epoch over all ranks and workers. The shards, shuffled by
-               (seed, epoch), are dealt whole to ranks, largest first, each to the rank holding fewest
-               samples; the ``S mod world_size`` smallest left over are split by sample stride over all ranks
-               (each rank reads them and keeps its share: a shard count divisible by the world size avoids the
-               extra reads). Each rank deals its pieces to its workers the same way, splitting only when it
-               has fewer pieces than workers. A worker can fill floor(its samples / batch size) batches; every
-               rank yields the same number, the fewest any rank can fill (at most ``num_batches``); the rest
-               of the epoch is dropped. Sizes come from the shard index, and the batch count does not depend
-               on the shuffle.
+               (seed, epoch), then sorted largest first (stably), are dealt to ranks: the ``whole`` largest
+               whole, each to the rank holding fewest samples; the rest split by sample stride over all ranks,
+               as one stream dealt sample by sample in turn (the ranks' shares within one sample). Each rank
+               reads a split shard in full and keeps its share, so ``whole`` is the count that gives the most
+               batches per rank, the most whole among counts giving as many. Each rank splits its pieces over
+               its workers the same way, with its own count: the most whole that still fills the rank's
+               batches, and never all whole when it has fewer pieces than workers (some would idle). A worker
+               can fill floor(its samples / batch size) batches; every rank yields the same number, the fewest
+               any rank can fill (at most ``num_batches``); the rest of the epoch is dropped. Sizes come from
+               the shard index. The layout (which sizes are whole, which split, where) is a function of the
+               sorted sizes alone, so the batch count and quotas do not depend on the shuffle, which only
+               decides which of equal-size shards goes where. E.g. 7 x 500 + 246 samples, batch 64, 4 ranks:
+               all whole gives ranks 1000, 1000, 1000, 746 samples, 11 batches each (25% dropped); the 4
+               largest whole and 4 split give each ~936, 14 batches (4% dropped).
 ``resampled``  an endless stream per worker: whole shards drawn with replacement from all shards by a
                generator seeded with (seed, epoch, rank, worker); ``num_batches`` per rank and epoch.
 ``cycle``      the shards split once by rank then worker (by sample stride when there are fewer shards than
@@ -34,9 +40,11 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 MODES = ("exact", "resampled", "cycle")
 Piece = tuple[str, int, int]  # (url, stride, offset)
+Share = tuple[int, int, int]  # (shard position, stride, offset)
 
 
 def check_mode(mode: str) -> str:
@@ -48,34 +56,109 @@ def check_mode(mode: str) -> str:
 def piece_size(piece: Piece, counts: Mapping[str, int]) -> int:
     """Samples of ``piece``: the indices i < count with i % stride == offset."""
     url, stride, offset = piece
-    return max(0, (counts[url] - offset + stride - 1) // stride)
+    return share_size(counts[url], stride, offset)
 
 
-def split_piece(piece: Piece, parts: int) -> list[Piece]:
-    """``parts`` disjoint pieces that together hold ``piece``'s samples (stride s, offset o -> s*parts, o +
-    s*j)."""
-    url, stride, offset = piece
-    return [(url, stride * parts, offset + stride * j) for j in range(parts)]
+def share_size(size: int, stride: int, offset: int) -> int:
+    """Samples ``i < size`` with ``i % stride == offset``."""
+    return max(0, (size - offset + stride - 1) // stride)
 
 
-def deal(
-    pieces: Sequence[Piece], counts: Mapping[str, int], parts: int, split_rest: bool
-) -> list[list[Piece]]:
-    """Pieces to ``parts`` lists balanced by samples: largest first (ties keep the given order), each to the
-    part holding fewest (lowest index on ties). ``split_rest``: the ``len % parts`` smallest are split over
-    all parts."""
-    ordered = sorted(pieces, key=lambda p: -piece_size(p, counts))  # stable
-    rest = len(ordered) % parts if split_rest else 0
-    out: list[list[Piece]] = [[] for _ in range(parts)]
+def deal(sizes: Sequence[int], parts: int, whole: int) -> list[list[Share]]:
+    """Pieces of ``sizes`` (largest first) to ``parts`` lists of shares ``(index, stride, offset)``: the
+    first ``whole`` whole, each to the part holding fewest samples (lowest index on ties); the rest split as
+    one stream dealt sample by sample in turn (part ``p`` takes the stream positions ``p mod parts``), so
+    that the split shares of the parts differ by at most one sample. Empty shares are left out, but for
+    offset 0 (the reader that counts a shard's damage)."""
+    out: list[list[Share]] = [[] for _ in range(parts)]
     heap = [(0, j) for j in range(parts)]
-    for piece in ordered[: len(ordered) - rest]:
+    for i in range(whole):
         load, j = heapq.heappop(heap)
-        out[j].append(piece)
-        heapq.heappush(heap, (load + piece_size(piece, counts), j))
-    for piece in ordered[len(ordered) - rest :]:
-        for j, sub in enumerate(split_piece(piece, parts)):
-            out[j].append(sub)
+        out[j].append((i, 1, 0))
+        heapq.heappush(heap, (load + sizes[i], j))
+    position = 0
+    for i in range(whole, len(sizes)):
+        for j in range(parts):
+            offset = (j - position) % parts
+            if offset < max(1, sizes[i]):
+                out[j].append((i, parts, offset))
+        position += sizes[i]
     return out
+
+
+def most_batches(sizes: Sequence[int], parts: int, batch_size: int, cap: int) -> tuple[int, int]:
+    """``(batches, whole)``: the most batches ``sum(load // batch_size)`` over the parts, at most ``cap``,
+    over the choices of how many of ``sizes`` (largest first) ``deal`` gives whole, and the most whole among
+    the choices that reach it. All whole is no choice when it would leave a part empty (fewer pieces than
+    parts)."""
+    loads, heap, rest = [0] * parts, [(0, j) for j in range(parts)], sum(sizes)
+    best = (-1, 0)
+    for whole in range(len(sizes) + 1):
+        if whole:
+            load, j = heapq.heappop(heap)
+            loads[j] = load + sizes[whole - 1]
+            heapq.heappush(heap, (loads[j], j))
+            rest -= sizes[whole - 1]
+        if 0 < whole == len(sizes) < parts:
+            continue
+        each, extra = divmod(rest, parts)  # the split stream: parts below `extra` take one more
+        got = min(cap, sum((loads[j] + each + (j < extra)) // batch_size for j in range(parts)))
+        if got >= best[0]:
+            best = (got, whole)
+    return best
+
+
+def _sorted_shares(shares: list[Share], sizes: Sequence[int]) -> tuple[list[Share], list[int]]:
+    """A rank's shares largest first (stable) and their sizes."""
+    sized = sorted(((share_size(sizes[i], s, o), (i, s, o)) for i, s, o in shares), key=lambda t: -t[0])
+    return [share for _, share in sized], [n for n, _ in sized]
+
+
+@lru_cache(maxsize=16)
+def exact_layout(
+    sizes: tuple[int, ...], world_size: int, workers: int, batch_size: int, cap: int
+) -> tuple[int, int, list[list[list[Share]]]]:
+    """``(batches, whole, shares[rank][worker])`` of exact mode for shards of ``sizes`` (largest first): the
+    ``whole`` largest dealt whole to ranks, the rest split by stride over all ranks; each rank likewise over
+    its workers. ``whole`` is chosen for the most batches per rank (at most ``cap``; a rank's batches: the
+    most its workers can fill with the best choice of its own split), the most whole among ties. Candidates
+    are tried from all whole down, skipping those whose bound (least whole load + an even share of the split
+    rest) cannot beat the best so far, and stopping at the bound of all (``total // world_size``). Cached (a
+    plan per epoch and worker, the same sizes): callers must not change the lists."""
+    total, count = sum(sizes), len(sizes)
+    bounds, heap, rest = [], [0] * world_size, total
+    for whole in range(count + 1):
+        if whole:
+            heapq.heapreplace(heap, heap[0] + sizes[whole - 1])
+            rest -= sizes[whole - 1]
+        bounds.append(min(cap, (heap[0] + -(-rest // world_size)) // batch_size))
+    limit = min(cap, total // world_size // batch_size)
+    best: tuple[int, int, list[tuple[list[Share], list[int]]]] = (-1, count, [])
+    for whole in range(count, -1, -1):
+        if bounds[whole] <= best[0]:
+            continue
+        ranks = [_sorted_shares(shares, sizes) for shares in deal(sizes, world_size, whole)]
+        got = limit
+        for _, share_sizes in ranks:  # the fewest any rank fills; stop once it cannot beat the best
+            got = min(got, most_batches(share_sizes, workers, batch_size, limit)[0])
+            if got <= best[0]:
+                break
+        if got > best[0]:
+            best = (got, whole, ranks)
+        if got >= limit:
+            break
+    batches, whole, ranks = best
+    layout = []
+    for shares, share_sizes in ranks:  # each rank splits as little as its share of `batches` allows
+        mine = deal(share_sizes, workers, most_batches(share_sizes, workers, batch_size, batches)[1])
+        layout.append([[compose(shares[j], s, o) for j, s, o in sub] for sub in mine])
+    return batches, whole, layout
+
+
+def compose(outer: Share, stride: int, offset: int) -> Share:
+    """The share ``(stride, offset)`` of the samples of share ``outer``, as a share of its shard."""
+    i, s, o = outer
+    return (i, s * stride, o + s * offset)
 
 
 def worker_share(total: int, caps: Sequence[int]) -> list[int]:
@@ -164,9 +247,11 @@ def make_plan(
     order = list(urls)
     if order_seed is not None:
         random.Random(order_seed).shuffle(order)
-    by_rank = deal([(u, 1, 0) for u in order], sizes, world_size, split_rest=True)
-    pieces = [deal(mine, sizes, workers, split_rest=len(mine) < workers) for mine in by_rank]
+    positions = sorted(order, key=lambda u: -sizes[u])  # largest first, the shuffle's order among ties
+    batches, whole, layout = exact_layout(
+        tuple(sizes[u] for u in positions), world_size, workers, batch_size, num_batches
+    )
+    pieces = [[[(positions[i], s, o) for i, s, o in shares] for shares in rank] for rank in layout]
     caps = [[sum(piece_size(p, sizes) for p in ps) // batch_size for ps in rank] for rank in pieces]
-    batches = min(num_batches, *(sum(c) for c in caps))
     quotas = [worker_share(batches, c) for c in caps]
-    return Plan(pieces, quotas, batches, split_shards=len(urls) % world_size)
+    return Plan(pieces, quotas, batches, split_shards=len(urls) - whole)

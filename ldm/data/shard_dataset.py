@@ -204,8 +204,8 @@ class ShardDataset(IterableDataset):
             )
         if plan.split_shards:
             line += (
-                f"; {plan.split_shards} shard(s) read by every rank, each keeping its share (a shard count"
-                f" divisible by {self.world_size} avoids these reads)"
+                f"; {plan.split_shards} shard(s) read by every rank, each keeping its share (split so that"
+                " uneven shards leave the ranks even)"
             )
         return line
 
