@@ -24,9 +24,9 @@ samples; the report splits CPU per epoch into fixed + per sample from the two un
 
 After every read at once rank 0 gathers the keys over gloo and checks them against the tar members listed
 independently: no key twice, none outside the dataset, every rank the same batch count, and the keys not
-read exactly the samples the plan drops per epoch (whole shards dealt to ranks, ranks evened out to the
-fewest batches any can fill, partial batches). It also counts the keys read at least once over a repeat's
-epochs (the shuffle by epoch moves the drop). About 1.5 minutes on 2 busy cores.
+read exactly the samples the plan drops per epoch (ranks evened out to the fewest batches any can fill,
+partial batches; ldm.data.plan splits shards so that this drop is small). It also counts the keys read at
+least once over a repeat's epochs (the shuffle by epoch moves the drop). About 1.5 minutes on 2 busy cores.
 
     python bench/data_ranks.py [--repeats 3] [--epochs 3] [--workers 0,2] [--batch 64] [--shards PATTERN]
 """
