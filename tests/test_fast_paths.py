@@ -143,6 +143,12 @@ def test_generate_projects_the_context_once_with_the_same_images(monkeypatch: py
 
     cached = run()
     assert calls[0] == layers
+    with torch.inference_mode():  # inference tensors have no version counter
+        assert torch.equal(run(), cached)
+    with cross_attention_cache(net):  # a block inside another: the outer cache stays on
+        run()
+        assert all(m.kv_cache == {} for m in net.modules() if isinstance(m, Attention) and m.is_cross)
+    assert calls[0] == 3 * layers
     monkeypatch.setattr(ldm.generate, "cross_attention_cache", lambda _: contextlib.nullcontext())
     calls[0] = 0
     plain = run()

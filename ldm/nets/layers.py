@@ -154,7 +154,7 @@ class Attention(nn.Module):
         per cross-attention layer while sampling), so object ids never become guards of a compiled graph."""
         cache = self.kv_cache
         assert cache is not None
-        key = (id(ctx), ctx._version, None if mask is None else (id(mask), mask._version))
+        key = (id(ctx), _version(ctx), None if mask is None else (id(mask), _version(mask)))
         if key in cache and cache[key][0]() is ctx and cache[key][1]() is mask:
             return cache[key][2]
         for dead in [k for k, entry in cache.items() if entry[0]() is None]:
@@ -182,6 +182,12 @@ class Attention(nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))  # (B, N, C)
 
 
+def _version(t: Tensor) -> int:
+    """The tensor's in-place version counter; inference tensors (made under ``torch.inference_mode``) have
+    none and cannot be changed in place outside it."""
+    return -1 if t.is_inference() else t._version
+
+
 @contextmanager
 def cross_attention_cache(module: nn.Module) -> Iterator[None]:
     """Within the block, every cross-attention layer of ``module`` computes the keys and values of a context
@@ -190,13 +196,14 @@ def cross_attention_cache(module: nn.Module) -> Iterator[None]:
     once), so this saves the two context projections per layer and step; outputs are unchanged. The caches
     are dropped on exit, so weights changed afterwards (training) are never met by stale keys."""
     layers = [m for m in module.modules() if isinstance(m, Attention) and m.is_cross]
+    outer = [layer.kv_cache for layer in layers]  # a block inside another leaves the outer one's cache on
     for layer in layers:
         layer.kv_cache = {}
     try:
         yield
     finally:
-        for layer in layers:
-            layer.kv_cache = None
+        for layer, cache in zip(layers, outer, strict=True):
+            layer.kv_cache = cache
 
 
 class _GatedProjection(torch.autograd.Function):
