@@ -21,19 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
+from ldm.config_utils import compose_config
 from ldm.convert.diffusers_unet import unet_to_diffusers
 from ldm.nets.unet import UNet
 
-SD15 = dict(
-    model_channels=320,
-    channel_mult=(1, 2, 4, 4),
-    num_res_blocks=2,
-    attention_resolutions=(1, 2, 4),
-    num_heads=8,
-    context_dim=768,
-)
+SD15 = ["net=unet_sd", "net.gradient_checkpointing=false"]  # configs/net/unet_sd.yaml: the SD 1.x UNet
 SMOKE = dict(
     model_channels=16,
     channel_mult=(1, 2),
@@ -214,14 +209,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")  # TF32, as train.py sets it on a GPU
     sides = [int(s) for s in (args.latents or ("8" if args.smoke else "32,64")).split(",")]
     compiles = [c == "on" for c in (args.compile or ("off" if args.smoke else "off,on")).split(",")]
     ckpts = [c == "on" for c in args.ckpt.split(",")]
     steps = args.steps or (1 if args.smoke else 10)
     tokens = 8 if args.smoke else args.tokens
     torch.manual_seed(0)
-    base = UNet(**(SMOKE if args.smoke else SD15))
+    base = UNet(**SMOKE) if args.smoke else instantiate(compose_config("train", SD15).net)
     name, peak = peak_flops(device)
     params = sum(p.numel() for p in base.parameters()) / 1e6
     rows: list[dict[str, Any]] = []
